@@ -1,0 +1,71 @@
+"""The job's event log: ``events.jsonl``, one JSON object per line, appended by the driver and every Ray worker.
+
+The service reads it to report stage, progress and metrics, so its shape is a contract:
+``{"ts": <unix seconds>, "kind": ..., "stage": ... | null, ...fields}`` with kinds
+``job_started``, ``stage_started``, ``stage_finished``, ``stage_skipped``, ``progress`` (done, total),
+``metrics`` (step, values), ``log`` (message), ``error`` (message), ``job_finished`` (status).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    # NaN/inf are not JSON; a metric that blew up must still be readable, so it becomes a string.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+class EventLog:
+    """Appends events to ``<job_dir>/events.jsonl``; safe to use from several processes on one filesystem."""
+
+    def __init__(self, job_dir: str | os.PathLike[str]):
+        self.path = Path(job_dir) / EVENTS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, kind: str, stage: str | None = None, **fields: Any) -> dict[str, Any]:
+        event = {"ts": time.time(), "kind": kind, "stage": stage, **_jsonable(fields)}
+        line = (json.dumps(event, allow_nan=False) + "\n").encode()
+        # One write() on an O_APPEND descriptor: lines from concurrent workers never interleave.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        return event
+
+    def progress(self, stage: str, done: int, total: int, **fields: Any) -> None:
+        self.emit("progress", stage, done=done, total=total, **fields)
+
+    def metrics(self, stage: str, step: int, values: dict[str, Any], **fields: Any) -> None:
+        self.emit("metrics", stage, step=step, values=values, **fields)
+
+
+def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[dict[str, Any]]:
+    """Events from line ``offset`` on; a torn last line (a writer mid-append) is left for the next read."""
+    path = Path(job_dir) / EVENTS_FILE
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for i, raw in enumerate(fh):
+            if i < offset:
+                continue
+            if not raw.endswith(b"\n"):
+                return
+            yield json.loads(raw)

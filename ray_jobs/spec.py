@@ -1,0 +1,290 @@
+"""The job spec: one document for REST, CLI and the driver.
+
+Imports only pydantic and yaml so the service and the clients can validate specs without torch or Ray.
+Every field has a default, so `JobSpec()` is the quickstart-shaped job; unknown fields and impossible values
+raise `SpecError` whose messages name the field path (``distill.beta: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LOSSES = ("dpo", "ipo", "distill", "e-dpo", "p-dpo")
+LABELLED_LOSSES = frozenset({"dpo", "ipo", "p-dpo"})
+FAMILIES = ("min", "example_min", "mean", "hull")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LengthBias(_Strict):
+    """The paper's induced length shift (PAPER.md §4.1)."""
+
+    rho: float = Field(
+        0.8, ge=0.0, le=1.0, description="Fraction of kept pairs whose longer response is preferred."
+    )
+    min_ratio: float = Field(
+        1.1, ge=1.0, description="Pairs count as length-different when longer/shorter >= this ratio."
+    )
+
+
+class LoraSpec(_Strict):
+    r: PositiveInt = Field(16, description="LoRA rank.")
+    alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None lets PEFT choose."
+    )
+
+
+class DataSpec(_Strict):
+    source: str = Field(
+        "builtin:reviews",
+        description="builtin:reviews, a local .jsonl/.json/.parquet/.csv(.gz) file or save_to_disk folder, "
+        "or a Hugging Face hub id.",
+    )
+    format: Literal[
+        "auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"
+    ] = Field("auto", description="Row format; auto detects it from the columns.")
+    split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
+    test_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt)."
+    )
+    seed: int = 0
+    apply_chat_template: bool = Field(
+        True, description="Render prompts with the reference tokenizer's chat template when it has one."
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="What a malformed row does: fail the job or skip."
+    )
+    max_pairs: PositiveInt | None = Field(None, description="Keep at most this many pairs after validation.")
+    num_prompts: PositiveInt = Field(
+        200, description="builtin:reviews only: how many of its prompts to sample candidates for."
+    )
+    length_bias: LengthBias | None = None
+
+
+class MemberOverride(_Strict):
+    """Per-member changes, so one family can mix backbones, learning rates or LoRA ranks."""
+
+    backbone: str | None = None
+    lr: PositiveFloat | None = None
+    lora_r: PositiveInt | None = None
+    seed: int | None = None
+
+
+class EnsembleSpec(_Strict):
+    size: int = Field(3, ge=0, le=64, description="Number of reward models K; 0 skips the ensemble stage.")
+    backbone: str = Field("builtin:minilm-l6", description="Encoder or causal LM under a scalar reward head.")
+    diversity: Literal["seed", "bootstrap", "disjoint"] = "bootstrap"
+    members: list[MemberOverride] = Field(default_factory=list, description="Overrides for member 0, 1, ...")
+    epochs: PositiveInt = 2
+    lr: PositiveFloat = 2.0e-5
+    batch_size: PositiveInt = 16
+    gradient_accumulation_steps: PositiveInt = 1
+    max_length: int = Field(256, ge=8)
+    margin: float = Field(0.0, ge=0.0, description="Constant margin m in -log σ(r_w - r_l - m).")
+    center_rewards_coefficient: float = Field(0.0, ge=0.0, description="Weight of the (r_w + r_l)² penalty.")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="Epochs without held-out improvement."
+    )
+    lora: LoraSpec | None = None
+    seed: int = 0
+    workers_per_member: PositiveInt = 1
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="Fractions let several members share one GPU.")
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Members trained at once; None = all that fit."
+    )
+    max_retries: int = Field(1, ge=0, description="Retries of a failed member before the stage fails.")
+
+    @model_validator(mode="after")
+    def _members_fit(self) -> EnsembleSpec:
+        if len(self.members) > self.size:
+            raise ValueError(f"members has {len(self.members)} overrides but size is {self.size}")
+        return self
+
+
+class GenerationSpec(_Strict):
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="auto = vLLM when it loads, else HF generate."
+    )
+    samples_per_prompt: int = Field(
+        2, ge=0, description="Responses sampled from π_ref per prompt (0 = none)."
+    )
+    pairing: Literal["all", "random"] = Field(
+        "all", description="All distinct pairs per prompt, or one random pair."
+    )
+    max_new_tokens: PositiveInt = 48
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    max_prompts: PositiveInt | None = Field(
+        None, description="Sample for at most this many training prompts."
+    )
+    include_dataset_pairs: bool = Field(True, description="Also distil on the dataset's own pairs.")
+    kl_samples_per_prompt: int = Field(
+        1, ge=0, description="π_ref samples per prompt for the forward-KL term (used when distill.alpha > 0)."
+    )
+    replicas: PositiveInt = Field(
+        1, description="Generation engines run in parallel (one per GPU or CPU worker)."
+    )
+    batch_size: PositiveInt = 16
+    max_model_len: PositiveInt = 1024
+
+
+class ScoreSpec(_Strict):
+    batch_size: PositiveInt = 16
+    max_length: int = Field(512, ge=8, description="Token budget of prompt + response when scoring.")
+    replicas: PositiveInt = 1
+
+
+class DistillSpec(_Strict):
+    loss: Literal["dpo", "ipo", "distill", "e-dpo", "p-dpo"] = "e-dpo"
+    beta: PositiveFloat = Field(0.1, description="KL strength β of the implicit reward β·log(π/π_ref).")
+    alpha: float = Field(0.0, ge=0.0, description="Weight of the forward KL(π_ref‖π) term; > 0 for p-dpo.")
+    family: Literal["min", "example_min", "mean", "hull"] = Field(
+        "min", description="e-dpo's reduction over members."
+    )
+    member: int | None = Field(
+        None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
+    )
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    lr: PositiveFloat = 5.0e-6
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    max_length: int = Field(512, ge=8, description="Token budget of prompt + response.")
+    lora: LoraSpec | None = None
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    bf16: bool = Field(True, description="bf16 weights on GPU (ignored on CPU).")
+    compile: bool = Field(False, description="torch.compile the policy.")
+    checkpoint_every: PositiveInt = Field(50, description="Save a resumable checkpoint every N steps.")
+    log_every: PositiveInt = 1
+    max_failures: int = Field(
+        2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _alpha_for_pdpo(self) -> DistillSpec:
+        if self.loss == "p-dpo" and self.alpha <= 0:
+            raise ValueError("loss p-dpo needs alpha > 0 (with alpha = 0 it is plain dpo)")
+        return self
+
+
+class EvaluateSpec(_Strict):
+    oracle: str | None = Field(
+        "builtin:vader", description="builtin:vader, a reward-model path, or None to skip."
+    )
+    num_prompts: PositiveInt = 64
+    max_new_tokens: PositiveInt = 48
+    temperature: float = Field(0.7, ge=0.0)
+    seed: int = 0
+
+
+class ReuseSpec(_Strict):
+    """Start from an earlier job's artifacts instead of recomputing them (a job id or a job folder)."""
+
+    ensemble: str | None = None
+    pairs: str | None = None
+
+
+class JobSpec(_Strict):
+    name: str = Field("job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    reference: str = Field("builtin:smollm2-135m", description="π_ref and the policy's starting point.")
+    data: DataSpec = Field(default_factory=DataSpec)
+    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    score: ScoreSpec = Field(default_factory=ScoreSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    reuse: ReuseSpec = Field(default_factory=ReuseSpec)
+
+    @model_validator(mode="after")
+    def _ensemble_for_distillation(self) -> JobSpec:
+        needs_rewards = self.distill.loss not in LABELLED_LOSSES
+        if (
+            needs_rewards
+            and self.ensemble.size == 0
+            and self.reuse.ensemble is None
+            and self.reuse.pairs is None
+        ):
+            raise ValueError(
+                f"ensemble.size must be >= 1 for loss {self.distill.loss} (it distils reward models)"
+            )
+        if self.distill.member is not None and self.distill.member >= max(self.ensemble.size, 1):
+            raise ValueError(
+                f"distill.member {self.distill.member} is not below ensemble.size {self.ensemble.size}"
+            )
+        return self
+
+    @property
+    def needs_rewards(self) -> bool:
+        return self.distill.loss not in LABELLED_LOSSES
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `errors` lists ``{"field": "a.b", "message": ...}`` for API bodies."""
+
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+
+def _friendly(err: dict[str, Any]) -> dict[str, str]:
+    field = ".".join(str(p) for p in err["loc"]) or "spec"
+    kind, ctx = err["type"], err.get("ctx") or {}
+    messages = {
+        "extra_forbidden": "unknown field",
+        "greater_than": f"must be > {ctx.get('gt')}",
+        "greater_than_equal": f"must be >= {ctx.get('ge')}",
+        "less_than": f"must be < {ctx.get('lt')}",
+        "less_than_equal": f"must be <= {ctx.get('le')}",
+    }
+    message = messages.get(kind) or str(err["msg"]).removeprefix("Value error, ")
+    return {"field": field, "message": message}
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a mapping (parsed YAML/JSON) into a JobSpec, raising SpecError that names each bad field."""
+    if isinstance(data, JobSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": f"must be a mapping, got {type(data).__name__}"}])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_friendly(e) for e in exc.errors()]) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec from a .yaml/.yml or .json file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError([{"field": "spec", "message": f"{path} is not valid YAML: {exc}"}]) from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError([{"field": "spec", "message": f"{path} is not valid JSON: {exc}"}]) from None
+    return parse_spec(data or {})

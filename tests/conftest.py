@@ -1,0 +1,59 @@
+"""Shared fixtures: one real local Ray cluster per pytest session, offline Hugging Face, a private model cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No machine here reaches a model hub; anything that tries must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Built-in model conversions are slow (SmolLM2's GGUF takes ~20 s): keep them across test runs.
+os.environ.setdefault("RMDISTILL_CACHE", str(Path.home() / ".cache" / "rmdistill-tests"))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip: a user's clone has no shared folder."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray head (2 CPUs, no dashboard), started once and shared by every test that needs Ray.
+
+    address="local" forces a fresh cluster: a bare ray.init() would attach to any `ray start` head on the machine.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Path:
+    """Folder of the deterministic tiny causal LM (vLLM-loadable: head size >= 32)."""
+    from ray_jobs.models.registry import resolve_model_path
+
+    return resolve_model_path("tiny:llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert() -> Path:
+    """Folder of the deterministic tiny encoder used as a reward-model backbone."""
+    from ray_jobs.models.registry import resolve_model_path
+
+    return resolve_model_path("tiny:bert")
