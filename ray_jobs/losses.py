@@ -57,9 +57,7 @@ def ipo(pi_a, pi_b, ref_a, ref_b, beta: float) -> torch.Tensor:
 def _reward_gap(r_a: torch.Tensor, r_b: torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
     if r_a.shape != r_b.shape or r_a.dim() != ndim or r_a.shape[0] != batch:
         want = "[B]" if ndim == 1 else "[B, K]"
-        raise ValueError(
-            f"r_a and r_b must both be {want} with B={batch}, got {tuple(r_a.shape)}, {tuple(r_b.shape)}"
-        )
+        raise ValueError(f"r_a and r_b must both be {want} with B={batch}, got {tuple(r_a.shape)}, {tuple(r_b.shape)}")
     _check_finite(r_a=r_a, r_b=r_b)
     return r_a - r_b
 
@@ -117,9 +115,7 @@ class FamilyStats:
     weights: torch.Tensor | None = field(default=None)  # hull mixture weights [K]
 
 
-def ensemble_distill(
-    pi_a, pi_b, ref_a, ref_b, r_a, r_b, beta: float, family: str = "min", return_stats: bool = False
-):
+def ensemble_distill(pi_a, pi_b, ref_a, ref_b, r_a, r_b, beta: float, family: str = "min", return_stats: bool = False):
     """e-DPO: distillation against K reward models (r_* are ``[B, K]``), reduced by ``family``.
 
     - ``min``: min_k mean_b (β h_b − Δr_bk)², the paper's pessimistic member-min (PAPER.md §2.4).
@@ -166,9 +162,7 @@ def forward_kl(pi_s: torch.Tensor, ref_s: torch.Tensor) -> torch.Tensor:
     π_ref has mass, which is what stops DPO's collapse (PAPER.md §2.3e).
     """
     if pi_s.shape != ref_s.shape or pi_s.dim() != 1:
-        raise ValueError(
-            f"pi_s and ref_s must be 1-D of one shape, got {tuple(pi_s.shape)}, {tuple(ref_s.shape)}"
-        )
+        raise ValueError(f"pi_s and ref_s must be 1-D of one shape, got {tuple(pi_s.shape)}, {tuple(ref_s.shape)}")
     if pi_s.numel() == 0:
         raise ValueError("forward_kl needs at least one reference sample")
     _check_finite(pi_s=pi_s, ref_s=ref_s)

@@ -28,9 +28,7 @@ class _Strict(BaseModel):
 class LengthBias(_Strict):
     """The paper's induced length shift (PAPER.md §4.1)."""
 
-    rho: float = Field(
-        0.8, ge=0.0, le=1.0, description="Fraction of kept pairs whose longer response is preferred."
-    )
+    rho: float = Field(0.8, ge=0.0, le=1.0, description="Fraction of kept pairs whose longer response is preferred.")
     min_ratio: float = Field(
         1.1, ge=1.0, description="Pairs count as length-different when longer/shorter >= this ratio."
     )
@@ -40,9 +38,7 @@ class LoraSpec(_Strict):
     r: PositiveInt = Field(16, description="LoRA rank.")
     alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; None lets PEFT choose."
-    )
+    target_modules: list[str] | None = Field(None, description="Module names to adapt; None lets PEFT choose.")
 
 
 class DataSpec(_Strict):
@@ -51,20 +47,16 @@ class DataSpec(_Strict):
         description="builtin:reviews, a local .jsonl/.json/.parquet/.csv(.gz) file or save_to_disk folder, "
         "or a Hugging Face hub id.",
     )
-    format: Literal[
-        "auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"
-    ] = Field("auto", description="Row format; auto detects it from the columns.")
-    split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
-    test_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt)."
+    format: Literal["auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"] = (
+        Field("auto", description="Row format; auto detects it from the columns.")
     )
+    split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt).")
     seed: int = 0
     apply_chat_template: bool = Field(
         True, description="Render prompts with the reference tokenizer's chat template when it has one."
     )
-    on_error: Literal["fail", "skip"] = Field(
-        "fail", description="What a malformed row does: fail the job or skip."
-    )
+    on_error: Literal["fail", "skip"] = Field("fail", description="What a malformed row does: fail the job or skip.")
     max_pairs: PositiveInt | None = Field(None, description="Keep at most this many pairs after validation.")
     num_prompts: PositiveInt = Field(
         200, description="builtin:reviews only: how many of its prompts to sample candidates for."
@@ -93,17 +85,13 @@ class EnsembleSpec(_Strict):
     max_length: int = Field(256, ge=8)
     margin: float = Field(0.0, ge=0.0, description="Constant margin m in -log σ(r_w - r_l - m).")
     center_rewards_coefficient: float = Field(0.0, ge=0.0, description="Weight of the (r_w + r_l)² penalty.")
-    early_stopping_patience: PositiveInt | None = Field(
-        None, description="Epochs without held-out improvement."
-    )
+    early_stopping_patience: PositiveInt | None = Field(None, description="Epochs without held-out improvement.")
     lora: LoraSpec | None = None
     seed: int = 0
     workers_per_member: PositiveInt = 1
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: float = Field(0.0, ge=0.0, description="Fractions let several members share one GPU.")
-    max_concurrent: PositiveInt | None = Field(
-        None, description="Members trained at once; None = all that fit."
-    )
+    max_concurrent: PositiveInt | None = Field(None, description="Members trained at once; None = all that fit.")
     max_retries: int = Field(1, ge=0, description="Retries of a failed member before the stage fails.")
 
     @model_validator(mode="after")
@@ -114,29 +102,19 @@ class EnsembleSpec(_Strict):
 
 
 class GenerationSpec(_Strict):
-    engine: Literal["auto", "vllm", "hf"] = Field(
-        "auto", description="auto = vLLM when it loads, else HF generate."
-    )
-    samples_per_prompt: int = Field(
-        2, ge=0, description="Responses sampled from π_ref per prompt (0 = none)."
-    )
-    pairing: Literal["all", "random"] = Field(
-        "all", description="All distinct pairs per prompt, or one random pair."
-    )
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when it loads, else HF generate.")
+    samples_per_prompt: int = Field(2, ge=0, description="Responses sampled from π_ref per prompt (0 = none).")
+    pairing: Literal["all", "random"] = Field("all", description="All distinct pairs per prompt, or one random pair.")
     max_new_tokens: PositiveInt = 48
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
-    max_prompts: PositiveInt | None = Field(
-        None, description="Sample for at most this many training prompts."
-    )
+    max_prompts: PositiveInt | None = Field(None, description="Sample for at most this many training prompts.")
     include_dataset_pairs: bool = Field(True, description="Also distil on the dataset's own pairs.")
     kl_samples_per_prompt: int = Field(
         1, ge=0, description="π_ref samples per prompt for the forward-KL term (used when distill.alpha > 0)."
     )
-    replicas: PositiveInt = Field(
-        1, description="Generation engines run in parallel (one per GPU or CPU worker)."
-    )
+    replicas: PositiveInt = Field(1, description="Generation engines run in parallel (one per GPU or CPU worker).")
     batch_size: PositiveInt = 16
     max_model_len: PositiveInt = 1024
 
@@ -151,9 +129,7 @@ class DistillSpec(_Strict):
     loss: Literal["dpo", "ipo", "distill", "e-dpo", "p-dpo"] = "e-dpo"
     beta: PositiveFloat = Field(0.1, description="KL strength β of the implicit reward β·log(π/π_ref).")
     alpha: float = Field(0.0, ge=0.0, description="Weight of the forward KL(π_ref‖π) term; > 0 for p-dpo.")
-    family: Literal["min", "example_min", "mean", "hull"] = Field(
-        "min", description="e-dpo's reduction over members."
-    )
+    family: Literal["min", "example_min", "mean", "hull"] = Field("min", description="e-dpo's reduction over members.")
     member: int | None = Field(
         None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
     )
@@ -174,9 +150,7 @@ class DistillSpec(_Strict):
     compile: bool = Field(False, description="torch.compile the policy.")
     checkpoint_every: PositiveInt = Field(50, description="Save a resumable checkpoint every N steps.")
     log_every: PositiveInt = 1
-    max_failures: int = Field(
-        2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints."
-    )
+    max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -187,9 +161,7 @@ class DistillSpec(_Strict):
 
 
 class EvaluateSpec(_Strict):
-    oracle: str | None = Field(
-        "builtin:vader", description="builtin:vader, a reward-model path, or None to skip."
-    )
+    oracle: str | None = Field("builtin:vader", description="builtin:vader, a reward-model path, or None to skip.")
     num_prompts: PositiveInt = 64
     max_new_tokens: PositiveInt = 48
     temperature: float = Field(0.7, ge=0.0)
@@ -217,19 +189,10 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _ensemble_for_distillation(self) -> JobSpec:
         needs_rewards = self.distill.loss not in LABELLED_LOSSES
-        if (
-            needs_rewards
-            and self.ensemble.size == 0
-            and self.reuse.ensemble is None
-            and self.reuse.pairs is None
-        ):
-            raise ValueError(
-                f"ensemble.size must be >= 1 for loss {self.distill.loss} (it distils reward models)"
-            )
+        if needs_rewards and self.ensemble.size == 0 and self.reuse.ensemble is None and self.reuse.pairs is None:
+            raise ValueError(f"ensemble.size must be >= 1 for loss {self.distill.loss} (it distils reward models)")
         if self.distill.member is not None and self.distill.member >= max(self.ensemble.size, 1):
-            raise ValueError(
-                f"distill.member {self.distill.member} is not below ensemble.size {self.ensemble.size}"
-            )
+            raise ValueError(f"distill.member {self.distill.member} is not below ensemble.size {self.ensemble.size}")
         return self
 
     @property
