@@ -1,0 +1,159 @@
+"""One resolver from a model reference to a local Hugging Face folder, and loaders built on it.
+
+References: ``builtin:smollm2-135m``, ``builtin:minilm-l6``, ``tiny:llama``, ``tiny:bert`` (materialised once into
+``model_cache()``), an existing local folder, or anything else shaped like a hub id (``org/name``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ray_jobs.artifacts import model_cache
+from ray_jobs.models import builtins, tiny
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ray_jobs.spec import LoraSpec
+
+
+class ModelNotFoundError(ValueError):
+    """A model reference that names nothing loadable here."""
+
+
+# Versioned folder names: changing a recipe means bumping the suffix, never reusing a stale cached folder.
+_MATERIALISED: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "tiny:llama": ("tiny-llama-v1", tiny.build_tiny_llama),
+    "tiny:bert": ("tiny-bert-v1", tiny.build_tiny_bert),
+    "builtin:smollm2-135m": ("smollm2-135m-instruct", builtins.convert_smollm2),
+}
+_NOT_A_MODEL = {"builtin:vader": "builtin:vader is an oracle, not a model: load it with ray_jobs.models.oracle"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def known_refs() -> list[str]:
+    return sorted([*_MATERIALISED, "builtin:minilm-l6"])
+
+
+def materialise(name: str, build: Callable[[Path], None], cache: Path | None = None) -> Path:
+    """Build a model folder once: in a temp folder, renamed into place under a file lock.
+
+    Concurrent Ray workers asking at once wait for the first builder; a folder that exists is always complete.
+    """
+    from filelock import FileLock
+
+    cache = cache or model_cache()
+    target = cache / name
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{name}.lock")):
+        if target.is_dir():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(ref: str | os.PathLike[str]) -> Path | str:
+    """Map a model reference to a local folder (Path), or return it unchanged (str) when it is a hub id."""
+    text = os.fspath(ref)
+    if text in _MATERIALISED:
+        name, build = _MATERIALISED[text]
+        return materialise(name, build)
+    if text == "builtin:minilm-l6":
+        return builtins.minilm_dir()
+    if text in _NOT_A_MODEL:
+        raise ModelNotFoundError(_NOT_A_MODEL[text])
+    if text.startswith(("builtin:", "tiny:")):
+        raise ModelNotFoundError(f"unknown model {text!r}; built-in models are {', '.join(known_refs())}")
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if isinstance(ref, os.PathLike) or not _HUB_ID.match(text) or text.startswith((".", "~")):
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text
+
+
+def _from_pretrained(ref: str | os.PathLike[str], loader: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a from_pretrained on a resolved reference, turning 'not found / hub unreachable' into one clear error."""
+    location = resolve_model_path(ref)
+    try:
+        return loader(location, **kwargs)
+    except OSError as err:
+        if isinstance(location, str):
+            raise ModelNotFoundError(
+                f"model {location!r} is not a local path, and loading it from the Hugging Face hub failed "
+                f"(the hub is unreachable or offline, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): "
+                f"download it elsewhere and pass a local path, or use one of {', '.join(known_refs())}. ({err})"
+            ) from err
+        raise ModelNotFoundError(f"model folder {str(location)!r} ({ref}) could not be loaded: {err}") from err
+
+
+def load_tokenizer(ref: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token always set (EOS, else UNK, doubles as padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(ref, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelNotFoundError(f"tokenizer of {ref!r} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_causal_lm(
+    ref: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ref)
+    model = _from_pretrained(ref, AutoModelForCausalLM.from_pretrained, dtype=dtype).to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_reward_model(
+    ref: str | os.PathLike[str], lora: LoraSpec | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A scalar-head reward model (num_labels=1) over an encoder or a causal LM (scored at the last real token).
+
+    A fresh head is initialised from torch's global RNG: seed it first for reproducible members.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(ref)
+    # Causal-LM heads find the last real token through pad_token_id; without it they only accept batch size 1.
+    model = _from_pretrained(
+        ref,
+        AutoModelForSequenceClassification.from_pretrained,
+        num_labels=1,
+        dtype=dtype,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if lora is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+        model = get_peft_model(model, config)
+    return model, tokenizer
