@@ -1,0 +1,181 @@
+"""The data stage: any supported source → validated normal-form pairs → data/{train,test}.parquet + summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ray_jobs.artifacts import staging
+from ray_jobs.data.errors import DatasetError
+from ray_jobs.data.formats import EXTRACTORS, FORMATS, Renderer, detect_format
+from ray_jobs.data.length_bias import apply_length_bias
+from ray_jobs.data.reviews import label_by_oracle, reviews_records
+from ray_jobs.data.sources import read_source
+from ray_jobs.data.split import split_by_prompt
+from ray_jobs.data.validate import collect
+from ray_jobs.events import EventLog
+from ray_jobs.spec import JobSpec
+
+STAGE = "data"
+BUILTIN_REVIEWS = "builtin:reviews"
+COLUMNS = ("prompt", "response_a", "response_b", "label")
+_STEPS = 4
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [("prompt", pa.string()), ("response_a", pa.string()), ("response_b", pa.string()), ("label", pa.int8())]
+    )
+
+
+def read_pairs(
+    source: str,
+    format: str = "auto",
+    *,
+    split: str = "train",
+    renderer: Renderer | None = None,
+    on_error: Literal["fail", "skip"] = "fail",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Normal-form rows from a file, folder or hub id, plus {format, rows_read, skipped}."""
+    records = read_source(source, split)
+    if not records:
+        raise DatasetError(f"{source}: no rows")
+    fmt = detect_format(records) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown data format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    collected = collect(records, EXTRACTORS[fmt], on_error=on_error, source=source)
+    render = renderer or Renderer(None)
+    rows = [render.pair(pair, fmt) for pair in collected.rows]
+    return rows, {"format": fmt, "rows_read": collected.rows_read, "skipped": collected.skipped}
+
+
+def load_preference_data(
+    source: str,
+    format: str = "auto",
+    *,
+    split: str = "train",
+    tokenizer: Any | None = None,
+    apply_chat_template: bool = True,
+    on_error: Literal["fail", "skip"] = "fail",
+) -> Any:
+    """A `datasets.Dataset` of normal-form rows {prompt, response_a, response_b, label (1 = a preferred, 0, None)}.
+
+    `tokenizer` (a tokenizer or a model reference) renders prompts with its chat template; without one, text
+    prompts are kept as they are and conversational data is refused.
+    """
+    import datasets
+
+    if isinstance(tokenizer, str | os.PathLike):
+        from ray_jobs.models.registry import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    rows, _ = read_pairs(
+        source, format, split=split, renderer=Renderer(tokenizer, apply_chat_template), on_error=on_error
+    )
+    table = _table(rows)
+    return datasets.Dataset(table)
+
+
+def _table(rows: list[dict[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=_schema())
+
+
+def _builtin_reviews(spec: JobSpec, renderer: Renderer, events: EventLog) -> tuple[list[dict[str, Any]], dict]:
+    records, sampled = reviews_records(spec, renderer, events)
+    # Generated text is never the user's fault: bad candidates (empty, identical) are always skipped and counted.
+    collected = collect(records, EXTRACTORS["unlabeled"], on_error="skip", source=BUILTIN_REVIEWS)
+    unlabeled = [{"prompt": p.prompt, "response_a": p.response_a, "response_b": p.response_b} for p in collected.rows]
+    rows, ties = label_by_oracle(unlabeled)
+    skipped = {**collected.skipped, **({"oracle tie": ties} if ties else {})}
+    return rows, {"format": "builtin:reviews", "rows_read": collected.rows_read, "skipped": skipped, **sampled}
+
+
+def _renderer(spec: JobSpec) -> Renderer:
+    # The tokenizer only matters when prompts are templated or data is conversational; loading it is cheap
+    # next to reading data, so it is always loaded and the Renderer decides.
+    from ray_jobs.models.registry import load_tokenizer
+
+    return Renderer(load_tokenizer(spec.reference), spec.data.apply_chat_template)
+
+
+def _cap(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) -> list[dict[str, Any]]:
+    if max_pairs is None or len(rows) <= max_pairs:
+        return rows
+    keep = np.random.default_rng(seed).choice(len(rows), max_pairs, replace=False)
+    return [rows[i] for i in sorted(keep.tolist())]
+
+
+def prepare_data(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
+    """Run the data stage; returns (and writes as data/summary.json) what was read, skipped, kept and split."""
+    data = spec.data
+    events.emit("log", STAGE, message=f"reading preference data from {data.source}")
+    renderer = _renderer(spec)
+    if data.source == BUILTIN_REVIEWS:
+        rows, summary = _builtin_reviews(spec, renderer, events)
+    else:
+        rows, summary = read_pairs(
+            data.source, data.format, split=data.split, renderer=renderer, on_error=data.on_error
+        )
+    summary = {"source": data.source, **summary, "valid": len(rows)}
+    if summary["skipped"]:
+        events.emit("log", STAGE, message=f"skipped invalid rows: {summary['skipped']}")
+    events.progress(STAGE, 1, _STEPS)
+
+    if data.length_bias is not None:
+        bias = data.length_bias
+        rows, report = apply_length_bias(rows, bias.rho, bias.min_ratio, data.seed)
+        if not rows:
+            raise DatasetError(
+                f"length_bias (min_ratio {bias.min_ratio}) left no pairs: of {report.pairs_in}, "
+                f"{report.unlabeled} are unlabeled and {report.length_different} are length-different"
+            )
+        summary["length_bias"] = report.as_dict()
+    rows = _cap(rows, data.max_pairs, data.seed)
+    if not rows:
+        raise DatasetError(f"{data.source}: no valid pairs")
+    events.progress(STAGE, 2, _STEPS)
+
+    is_test = split_by_prompt([r["prompt"] for r in rows], data.test_fraction, data.seed)
+    train = [r for r, t in zip(rows, is_test, strict=True) if not t]
+    test = [r for r, t in zip(rows, is_test, strict=True) if t]
+    summary.update(
+        kept=len(rows),
+        labelled=sum(r["label"] is not None for r in rows),
+        train=len(train),
+        test=len(test),
+        train_prompts=len({r["prompt"] for r in train}),
+        test_prompts=len({r["prompt"] for r in test}),
+    )
+    events.progress(STAGE, 3, _STEPS)
+
+    import pyarrow.parquet as pq
+
+    with staging(job_dir, STAGE) as out:
+        pq.write_table(_table(train), out / "train.parquet")
+        pq.write_table(_table(test), out / "test.parquet")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    events.progress(STAGE, 4, _STEPS)
+    events.emit("log", STAGE, message=f"data: {len(train)} train / {len(test)} test pairs ({summary['format']})")
+    return summary
+
+
+def load_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"]) -> Any:
+    """A finished job's data split as a `datasets.Dataset` in the normal form."""
+    import datasets
+
+    return datasets.Dataset.from_parquet(str(Path(job_dir) / STAGE / f"{split}.parquet"))
+
+
+def ray_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"]) -> Any:
+    """A finished job's data split as a Ray Dataset (needs a running Ray)."""
+    import ray
+
+    return ray.data.read_parquet(str(Path(job_dir) / STAGE / f"{split}.parquet"))
