@@ -1,0 +1,135 @@
+"""What a valid spec must still pass before it runs: its paths stay inside the data roots, and the cluster can
+ever provide what it asks for (a job must never wait forever on a placement group it cannot get).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ray_jobs.spec import JobSpec
+from service.errors import ApiError
+from service.ray_backend import ClusterResources
+
+MODEL_PREFIXES = ("builtin:", "tiny:")
+# A relative value with one of these suffixes is meant as a file, never a hub id: it must exist in a data root.
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".txt", ".arrow", ".safetensors", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _ref_fields(spec: JobSpec) -> Iterator[tuple[str, str]]:
+    yield "data.source", spec.data.source
+    yield "reference", spec.reference
+    if spec.ensemble.size:
+        yield "ensemble.backbone", spec.ensemble.backbone
+    for i, member in enumerate(spec.ensemble.members):
+        if member.backbone:
+            yield f"ensemble.members.{i}.backbone", member.backbone
+    if spec.evaluate.oracle:
+        yield "evaluate.oracle", spec.evaluate.oracle
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _confine(field: str, value: str, roots: tuple[Path, ...]) -> str:
+    """The absolute path a local reference means, or the value unchanged when it is a builtin/hub reference."""
+    if value.startswith(MODEL_PREFIXES):
+        return value
+    if "://" in value or "\\" in value or "\x00" in value:
+        raise ApiError(
+            403,
+            f"{field}: {value!r} is not a path inside the data roots",
+            [{"field": field, "message": "forbidden path"}],
+        )
+    raw = Path(value).expanduser()
+    explicit = raw.is_absolute() or value.startswith((".", "~")) or ".." in raw.parts
+    candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if not _inside(resolved, roots):
+            # Resolved symlinks and `..` count: the target, not the spelling, must lie in a root.
+            if explicit or resolved.exists():
+                roots_text = ", ".join(str(r) for r in roots)
+                raise ApiError(
+                    403,
+                    f"{field}: {value!r} resolves outside the data roots ({roots_text})",
+                    [{"field": field, "message": "path outside the data roots"}],
+                )
+            continue
+        if resolved.exists():
+            return str(resolved)
+    if explicit or value.endswith(FILE_SUFFIXES) or not HUB_ID.match(value):
+        raise ApiError(
+            422,
+            f"{field}: {value!r} was not found in the data roots ({', '.join(str(r) for r in roots)})",
+            [{"field": field, "message": "not found in the data roots"}],
+        )
+    return value  # a hub id
+
+
+def confine_path(field: str, value: str, roots: tuple[Path, ...]) -> str:
+    """An existing local path inside the data roots, as an absolute path; 403/422 naming `field` otherwise."""
+    roots = tuple(r.resolve() for r in roots)
+    confined = _confine(field, value, roots)
+    if not Path(confined).is_absolute():
+        raise ApiError(
+            422,
+            f"{field}: {value!r} was not found in the data roots",
+            [{"field": field, "message": "not found in the data roots"}],
+        )
+    return confined
+
+
+def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[str], str | None]) -> JobSpec:
+    """Rewrite every local path of the spec to its absolute location inside a data root, or refuse the spec.
+
+    `job_dir_of(job_id)` gives the folder of one of the caller's own jobs (for reuse.*), None otherwise.
+    """
+    roots = tuple(r.resolve() for r in roots)
+    data = spec.model_dump(mode="json")
+    for field, value in _ref_fields(spec):
+        confined = _confine(field, value, roots)
+        target = data
+        *parents, leaf = field.split(".")
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[leaf] = confined
+    for name in ("ensemble", "pairs"):
+        value = getattr(spec.reuse, name)
+        if value is not None:
+            data["reuse"][name] = job_dir_of(value) or _confine(f"reuse.{name}", value, roots)
+    return JobSpec.model_validate(data)
+
+
+def _refuse(field: str, message: str) -> ApiError:
+    return ApiError(409, f"{field}: {message}", [{"field": field, "message": message}])
+
+
+def check_resources(spec: JobSpec, cluster: ClusterResources) -> None:
+    """Refuse a spec whose workers could never be placed on this cluster (409 naming the field)."""
+    trains_ensemble = spec.ensemble.size > 0 and spec.reuse.ensemble is None and spec.reuse.pairs is None
+    have = f"the cluster has {cluster.cpus:g} CPUs and {cluster.gpus:g} GPUs on {cluster.nodes} node(s)"
+    if spec.distill.use_gpu:
+        if cluster.gpus == 0:
+            raise _refuse("distill.use_gpu", f"asks for GPUs but {have}")
+        if spec.distill.num_workers > cluster.gpus:
+            raise _refuse("distill.num_workers", f"{spec.distill.num_workers} GPU workers asked but {have}")
+    elif spec.distill.num_workers > cluster.cpus:
+        raise _refuse("distill.num_workers", f"{spec.distill.num_workers} one-CPU workers asked but {have}")
+    if trains_ensemble:
+        ens = spec.ensemble
+        if ens.gpus_per_worker > 0 and cluster.gpus == 0:
+            raise _refuse("ensemble.gpus_per_worker", f"asks for GPUs but {have}")
+        if ens.gpus_per_worker > cluster.max_node_gpus and cluster.gpus > 0:
+            raise _refuse("ensemble.gpus_per_worker", f"{ens.gpus_per_worker:g} GPUs per worker but {have}")
+        if ens.cpus_per_worker > cluster.max_node_cpus:
+            raise _refuse("ensemble.cpus_per_worker", f"{ens.cpus_per_worker:g} CPUs per worker but {have}")
+        if ens.workers_per_member * ens.cpus_per_worker > cluster.cpus:
+            message = f"{ens.workers_per_member} workers of {ens.cpus_per_worker:g} CPUs per member but {have}"
+            raise _refuse("ensemble.workers_per_member", message)
+        if ens.workers_per_member * ens.gpus_per_worker > cluster.gpus and ens.gpus_per_worker > 0:
+            message = f"{ens.workers_per_member} workers of {ens.gpus_per_worker:g} GPUs per member but {have}"
+            raise _refuse("ensemble.workers_per_member", message)

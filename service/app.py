@@ -1,0 +1,149 @@
+"""The FastAPI application: job API, policies, the serving routes, health and metrics.
+
+`create_app(settings)` builds it; the lifespan opens the store (running migrations), connects to or starts Ray,
+reconciles non-final jobs before the first request, follows jobs in the background, and undoes it all on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service import jobs_api, policies_api
+from service.auth import current_owner
+from service.errors import error_response, install_error_handlers
+from service.follower import JobFollower
+from service.metrics import LatencyMiddleware, metrics_response
+from service.ray_backend import RayBackend, RayUnavailable
+from service.settings import Settings
+from service.store import Store
+
+log = logging.getLogger("rmdistill.service")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body over the {self.max_bytes}-byte limit"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await error_response(413, too_large)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # HTTPException, not ApiError: FastAPI turns other errors raised while reading a body into 400.
+                    raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _optional(module: str, name: str) -> Any:
+    """The serving helper's module attribute, or None while that module does not exist yet."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        log.warning("%s is not available; its routes are off", module)
+        return None
+
+
+def _mark_orphaned(store: Store) -> None:
+    reason = "the service stopped, and with it the embedded Ray head that ran this job"
+    for job in store.active_jobs():
+        store.transition(job.id, "failed", reason, error=reason)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    for folder in (settings.data_dir, settings.jobs_dir, *settings.data_roots[:1]):
+        folder.mkdir(parents=True, exist_ok=True)
+    store = app.state.store = Store(settings.database_url)
+    backend = app.state.backend = RayBackend(settings.data_dir, settings.ray_address, settings.ray_num_cpus)
+    try:
+        await asyncio.to_thread(backend.start)
+    except RayUnavailable as exc:
+        # Stay up: reads work, submissions answer 503 with this reason.
+        log.error("Ray is unavailable: %s", exc)
+    follower = JobFollower(store, backend, settings.poll_interval_s)
+    await asyncio.to_thread(follower.sync_all)
+    task = asyncio.create_task(follower.run())
+    engine_manager = _optional("service.engines", "EngineManager")
+    app.state.engines = engine_manager(max_loaded=settings.max_loaded_policies) if engine_manager else None
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if app.state.engines is not None:
+            await app.state.engines.shutdown()
+        if backend.embedded:
+            await asyncio.to_thread(backend.stop)
+            _mark_orphaned(store)
+        store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    app = FastAPI(
+        title="rmdistill",
+        version="0.1.0",
+        summary="Robust preference optimization through reward-model distillation, as a Ray service.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    @app.exception_handler(RayUnavailable)
+    async def _ray_unavailable(request: Request, exc: RayUnavailable) -> JSONResponse:
+        return error_response(503, f"Ray is unavailable: {exc}")
+
+    # The last added is outermost: the size limit rejects before any work; latency covers everything else.
+    app.add_middleware(LatencyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    app.include_router(jobs_api.router)
+    app.include_router(policies_api.router)
+    serving_router = _optional("service.serving", "router")
+    if serving_router is not None:
+        app.include_router(serving_router)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness; open without a token")
+    def healthz(request: Request) -> dict[str, Any]:
+        backend: RayBackend = request.app.state.backend
+        return {
+            "status": "ok",
+            "ray": {"address": backend.address or None, "embedded": backend.embedded},
+            "auth": settings.auth_enabled,
+        }
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", dependencies=[Depends(current_owner)])
+    def metrics(request: Request) -> Any:
+        return metrics_response(request.app.state.store)
+
+    return app

@@ -1,0 +1,70 @@
+"""One JSON error shape for every failure: ``{"error": {"message": ..., "fields": [{"field", "message"}]}}``.
+
+Handlers are installed by `install_error_handlers`; request-validation errors name the field (dotted path, without
+FastAPI's "body"/"query" prefix) so a person can fix the request without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("rmdistill.service")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        fields: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.fields, self.headers = status, message, fields or [], headers
+
+
+def error_body(message: str, fields: list[dict[str, str]] | None = None) -> dict:
+    return {"error": {"message": message, "fields": fields or []}}
+
+
+def error_response(status: int, message: str, fields: list[dict[str, str]] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, fields), status_code=status)
+
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.fields), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            {
+                "field": "body" if e.get("type") == "json_invalid" else _field_path(e.get("loc", ())),
+                "message": str(e.get("msg")),
+            }
+            for e in exc.errors()
+        ]
+        message = "invalid request: " + "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return error_response(422, message, fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the service log")

@@ -1,0 +1,110 @@
+"""Follows every non-final job: Ray's status plus the job's event log decide its state, recorded as transitions.
+
+The same pass runs once at start-up before the service answers, which is the reconciliation: a job that kept
+running while the service was down is followed again; one whose Ray job vanished is marked failed with the reason
+(or given the final status its event log recorded, when it finished before the cluster forgot it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from service.progress import summarize
+from service.ray_backend import RayBackend, RayUnavailable
+from service.store import Job, Store, utcnow
+
+log = logging.getLogger("rmdistill.follower")
+
+RAY_TO_STATE = {"SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "cancelled"}
+# A job row without a Ray submission id this long after creation was never submitted (the service died mid-way).
+UNSUBMITTED_GRACE_S = 120
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def register_job_policy(store: Store, job: Job) -> None:
+    """A succeeded job's policy folder becomes a servable policy whose id is the job id."""
+    policy_dir = Path(job.job_dir) / "policy"
+    if not policy_dir.is_dir():
+        return
+    meta = _read_json(policy_dir / "rmdistill.json")
+    summary = {"policy": meta, "eval": _read_json(Path(job.job_dir) / "eval" / "report.json")}
+    spec = job.spec or {}
+    store.add_policy(
+        policy_id=job.id,
+        job_id=job.id,
+        owner=job.owner,
+        path=str(policy_dir),
+        base_model=meta.get("reference") or spec.get("reference"),
+        loss=meta.get("loss") or (spec.get("distill") or {}).get("loss"),
+        summary=summary,
+    )
+
+
+class JobFollower:
+    def __init__(self, store: Store, backend: RayBackend, interval_s: float = 1.0):
+        self.store, self.backend, self.interval_s = store, backend, interval_s
+        self._warned_unavailable = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sync_all)
+            await asyncio.sleep(self.interval_s)
+
+    def sync_all(self) -> None:
+        for job in self.store.active_jobs():
+            try:
+                self.sync(job)
+            except RayUnavailable as exc:
+                # The cluster may come back (a restarting head): keep the jobs as they are and retry next pass.
+                if not self._warned_unavailable:
+                    log.warning("cannot follow jobs: %s", exc)
+                self._warned_unavailable = True
+                return
+            except Exception:
+                log.exception("following job %s failed", job.id)
+        self._warned_unavailable = False
+
+    def sync(self, job: Job) -> None:
+        view = summarize(job.job_dir)
+        if view["stage"] != job.stage:
+            self.store.update_job(job.id, stage=view["stage"])
+        if job.ray_submission_id is None:
+            if (utcnow() - job.created_at).total_seconds() > UNSUBMITTED_GRACE_S:
+                self._fail(job, "the job was never submitted to Ray (the service stopped while submitting it)")
+            return
+        info = self.backend.info(job.ray_submission_id)
+        if info is None:
+            if view["finished"] in RAY_TO_STATE.values():
+                self._finish(job, view["finished"], "final status from the event log; the Ray job is gone", view)
+            else:
+                reason = (
+                    f"the Ray job {job.ray_submission_id} no longer exists on the cluster at {self.backend.address}"
+                )
+                self._fail(job, reason)
+            return
+        if info.status == "RUNNING":
+            self.store.transition(job.id, "running", "Ray job running", expect="pending")
+        elif info.status in RAY_TO_STATE:
+            self._finish(job, RAY_TO_STATE[info.status], f"Ray job {info.status}: {info.message}".strip(), view)
+
+    def _finish(self, job: Job, state: str, reason: str, view: dict[str, Any]) -> None:
+        if state == "succeeded":
+            register_job_policy(self.store, job)
+            self.store.transition(job.id, "succeeded", reason, error=None)
+        elif state == "failed":
+            self._fail(job, view["error"] or reason)
+        else:
+            self.store.transition(job.id, state, reason)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        self.store.transition(job.id, "failed", reason, error=reason)

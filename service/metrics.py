@@ -1,0 +1,53 @@
+"""Prometheus metrics in the default registry (the serving routes add their own counters beside these).
+
+Defined once at import: several apps in one process (tests, restarts) share them instead of registering twice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Response
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
+
+from service.store import STATES, Store
+
+JOBS = Gauge("rmdistill_jobs", "Jobs in the store by state.", ["state"])
+REQUEST_LATENCY = Histogram(
+    "rmdistill_http_request_duration_seconds",
+    "HTTP request latency by route template (not raw path, to keep label cardinality bounded).",
+    ["method", "route", "status"],
+)
+
+
+def metrics_response(store: Store) -> Response:
+    counts = store.count_by_state()
+    for state in STATES:
+        JOBS.labels(state).set(counts.get(state, 0))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class LatencyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through unbuffered."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def record_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            REQUEST_LATENCY.labels(scope["method"], template, str(status[0])).observe(time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""Alembic migrations, run programmatically by `service.store.migrate` (no alembic.ini)."""

@@ -1,0 +1,314 @@
+"""Jobs run as Ray jobs through Ray's job submission API, so their status, logs and stop are Ray's own.
+
+Two modes:
+- embedded (no ray_address): the service starts a private Ray head (`ray start --head --block` with the dashboard,
+  free ports, its own --temp-dir) as a child process group and stops it on shutdown. It never runs `ray stop`,
+  which would end every Ray instance on the machine, including other people's.
+- cluster (ray_address = dashboard URL or GCS address): use that cluster; it outlives the service, so a restarted
+  service re-attaches to jobs that kept running.
+
+The service process never joins a cluster as a driver: submission, status, logs, stop and the resource totals all
+go through the dashboard's HTTP API. Ray 2.60 turns token authentication on by default and every party must agree,
+so RAY_AUTH_MODE (default "disabled") is set alike for this process, the embedded head and every job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("rmdistill.ray")
+
+# Environment a job needs to find the same data folder, model cache and offline settings as the service.
+PASSTHROUGH_ENV = (
+    "RMDISTILL_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
+# Ray's unix socket paths must stay under 107 bytes: <temp-dir>/session_<40 chars>/sockets/plasma_store.
+MAX_TEMP_DIR_LEN = 40
+
+
+class RayUnavailable(RuntimeError):
+    """The cluster cannot be reached (HTTP 503)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def auth_mode() -> str:
+    """The RAY_AUTH_MODE every party uses; set in this process so the submission client agrees with the head."""
+    return os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _alive_nodes(dashboard_url: str) -> list[Any]:
+    from ray.util.state import list_nodes
+
+    return list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
+
+
+class LocalRayHead:
+    """A private single-node Ray head with the dashboard, started as its own process group."""
+
+    def __init__(self, root: Path, num_cpus: int | None = None, env: dict[str, str] | None = None):
+        self.root = Path(root)
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.env = env or {}
+        temp = self.root / "ray"
+        if len(str(temp)) > MAX_TEMP_DIR_LEN:
+            temp = Path("/tmp") / f"rmd-ray-{hashlib.sha256(str(self.root).encode()).hexdigest()[:10]}"
+        self.temp_dir = temp
+        self.process: subprocess.Popen[bytes] | None = None
+        self.dashboard_url = ""
+        self.gcs_address = ""
+        self._pid_file = self.root / "ray-head.json"
+
+    def start(self, timeout_s: float = 180.0) -> LocalRayHead:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._kill_leftover()
+        ports = {
+            "port": free_port(),
+            "dashboard-port": free_port(),
+            "ray-client-server-port": free_port(),
+            "dashboard-agent-listen-port": free_port(),
+            "dashboard-agent-grpc-port": free_port(),
+            "runtime-env-agent-port": free_port(),
+            "metrics-export-port": free_port(),
+            "node-manager-port": free_port(),
+            "object-manager-port": free_port(),
+        }
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in ports.items()),
+        ]
+        env = {**os.environ, **self.env, "RAY_AUTH_MODE": auth_mode(), "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        self._log_path = self.root / "ray-head.log"
+        with self._log_path.open("wb") as out:
+            # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
+            self.process = subprocess.Popen(
+                cmd, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+        self.gcs_address = f"127.0.0.1:{ports['port']}"
+        self._pid_file.write_text(json.dumps({"pid": self.process.pid, "temp_dir": str(self.temp_dir)}))
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded Ray head up at %s (temp dir %s)", self.dashboard_url, self.temp_dir)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        # The dashboard answers before the node registers; a submission in that gap fails, so wait for an ALIVE node.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                tail = self._log_path.read_text(errors="replace")[-2000:]
+                raise RayUnavailable(f"the embedded Ray head exited with {self.process.returncode}:\n{tail}")
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2).read()
+                if _alive_nodes(self.dashboard_url):
+                    return
+            except Exception:  # not up yet; any failure means "poll again"
+                pass
+            time.sleep(0.5)
+        raise RayUnavailable(f"the embedded Ray head did not come up within {timeout_s:.0f} s (log: {self._log_path})")
+
+    def stop(self, timeout_s: float = 40.0) -> None:
+        """SIGTERM lets `ray start --block` drain and stop its own processes; SIGKILL whatever is left after that."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("Ray head did not stop within %.0f s; killing it", timeout_s)
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._kill_strays()
+        self._pid_file.unlink(missing_ok=True)
+
+    def _kill_strays(self) -> None:
+        # Workers run in their own sessions; the private temp dir on their command line marks them as ours.
+        marker = str(self.temp_dir)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(marker in part for part in proc.info.get("cmdline") or ()):
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    proc.kill()
+
+    def _kill_leftover(self) -> None:
+        """A head left behind by a service that crashed holds the temp dir: end it before starting a new one."""
+        if self._pid_file.exists():
+            log.warning("stopping a Ray head left over from an earlier run (%s)", self._pid_file)
+            self._kill_strays()
+            self._pid_file.unlink(missing_ok=True)
+
+
+@dataclass
+class RayJobInfo:
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str
+    exit_code: int | None
+
+
+@dataclass
+class ClusterResources:
+    cpus: float
+    gpus: float
+    max_node_cpus: float
+    max_node_gpus: float
+    nodes: int
+
+
+class RayBackend:
+    """Submits, follows, stops and reads the logs of pipeline jobs on one Ray cluster."""
+
+    def __init__(self, data_dir: Path, address: str | None = None, num_cpus: int | None = None):
+        self.data_dir = data_dir
+        self.requested_address = address
+        self.num_cpus = num_cpus
+        self.head: LocalRayHead | None = None
+        self._client: Any = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.requested_address is None
+
+    def job_env(self) -> dict[str, str]:
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env.setdefault("RMDISTILL_CACHE", str(self.data_dir / "cache"))
+        return {**env, "RMDISTILL_HOME": str(self.data_dir), "RAY_AUTH_MODE": auth_mode()}
+
+    def start(self) -> None:
+        auth_mode()
+        if self.embedded:
+            self.head = LocalRayHead(self.data_dir, self.num_cpus, env=self.job_env()).start()
+
+    def stop(self) -> None:
+        if self.head is not None:
+            self.head.stop()
+            self.head = None
+        self._client = None
+
+    @property
+    def address(self) -> str:
+        if self.head is not None:
+            return self.head.dashboard_url
+        return self.requested_address or ""
+
+    def client(self) -> Any:
+        """The JobSubmissionClient, created on first use (creating it already talks to the cluster)."""
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            if not self.address:
+                raise RayUnavailable("the embedded Ray head is not running")
+            try:
+                self._client = JobSubmissionClient(self.address)
+            except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError alike
+                raise RayUnavailable(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
+        return self._client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                raise LookupError(str(exc)) from None
+            raise
+        except (ConnectionError, OSError) as exc:
+            self._client = None
+            raise RayUnavailable(f"cannot reach the Ray cluster at {self.address} to {what}: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith(("requests", "urllib3")):
+                self._client = None
+                raise RayUnavailable(f"cannot reach the Ray cluster at {self.address} to {what}: {exc}") from None
+            raise
+
+    def submit(self, job_id: str, job_dir: Path) -> str:
+        python = shlex.quote(sys.executable)
+        entrypoint = (
+            f"{python} -m ray_jobs.pipeline --spec {shlex.quote(str(job_dir / 'spec.json'))} "
+            f"--job-dir {shlex.quote(str(job_dir))}"
+        )
+        client = self.client()
+        return self._call(
+            "submit the job",
+            client.submit_job,
+            entrypoint=entrypoint,
+            submission_id=f"rmdistill-{job_id}",
+            runtime_env={"env_vars": self.job_env()},
+            metadata={"rmdistill_job_id": job_id},
+        )
+
+    def info(self, submission_id: str) -> RayJobInfo | None:
+        """Status of a Ray job; None when the cluster has no such job (it vanished)."""
+        client = self.client()
+        try:
+            details = self._call("read the job status", client.get_job_info, submission_id)
+        except LookupError:
+            return None
+        return RayJobInfo(str(details.status.value), details.message or "", details.driver_exit_code)
+
+    def stop_job(self, submission_id: str) -> bool:
+        client = self.client()
+        try:
+            return bool(self._call("stop the job", client.stop_job, submission_id))
+        except LookupError:
+            return False
+
+    def logs(self, submission_id: str) -> str | None:
+        client = self.client()
+        try:
+            return self._call("read the job logs", client.get_job_logs, submission_id)
+        except LookupError:
+            return None
+
+    def resources(self) -> ClusterResources:
+        dashboard = self.client().get_address()
+        try:
+            nodes = _alive_nodes(dashboard)
+        except Exception as exc:  # the state API wraps HTTP failures in several types
+            raise RayUnavailable(f"cannot list the nodes of the Ray cluster at {dashboard}: {exc}") from None
+        totals = [n.resources_total or {} for n in nodes]
+        return ClusterResources(
+            cpus=sum(t.get("CPU", 0.0) for t in totals),
+            gpus=sum(t.get("GPU", 0.0) for t in totals),
+            max_node_cpus=max((t.get("CPU", 0.0) for t in totals), default=0.0),
+            max_node_gpus=max((t.get("GPU", 0.0) for t in totals), default=0.0),
+            nodes=len(totals),
+        )

@@ -1,0 +1,86 @@
+"""Service configuration: explicit arguments (the CLI's options) over environment variables over defaults.
+
+Plain pydantic rather than pydantic-settings so the server extra needs no extra package. Tokens are hashed the
+moment they are read: the process never keeps a plain token after start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _split(value: str | None, sep: str) -> list[str]:
+    return [part.strip() for part in (value or "").split(sep) if part.strip()]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Field(description="Jobs, database, datasets and the embedded Ray head's files live here.")
+    database_url: str = Field("", description="Any SQLAlchemy URL; empty = SQLite file in data_dir.")
+    token_hashes: frozenset[str] = Field(frozenset(), description="sha256 hex of each accepted bearer token.")
+    data_roots: tuple[Path, ...] = Field((), description="Folders specs may read from; data_dir/datasets is added.")
+    max_body_bytes: int = Field(1 << 20, gt=0)
+    ray_address: str | None = Field(
+        None, description="Existing cluster (dashboard URL or GCS address); None = embedded."
+    )
+    ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded head; None = all of them.")
+    max_loaded_policies: int = Field(2, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tokens" in data:
+            data = dict(data)
+            tokens = data.pop("tokens") or []
+            data["token_hashes"] = frozenset(data.get("token_hashes", ())) | {hash_token(t) for t in tokens}
+        return data
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        data_dir = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'rmdistill.db'}")
+        roots = [data_dir / "datasets", *(Path(r).expanduser().resolve() for r in self.data_roots)]
+        object.__setattr__(self, "data_roots", tuple(dict.fromkeys(roots)))
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.token_hashes)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from RMDISTILL_* / RAY_ADDRESS, with non-None keyword overrides winning."""
+        env = os.environ
+        values: dict[str, Any] = {
+            "host": env.get("RMDISTILL_HOST", "127.0.0.1"),
+            "port": int(env.get("RMDISTILL_PORT", "8000")),
+            "data_dir": Path(env.get("RMDISTILL_HOME", "~/.rmdistill")),
+            "database_url": env.get("RMDISTILL_DATABASE_URL", ""),
+            "tokens": _split(env.get("RMDISTILL_TOKENS"), ","),
+            "data_roots": tuple(Path(p) for p in _split(env.get("RMDISTILL_DATA_ROOTS"), os.pathsep)),
+            "max_body_bytes": int(env.get("RMDISTILL_MAX_BODY_BYTES", str(1 << 20))),
+            "ray_address": env.get("RAY_ADDRESS") or None,
+            "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
+            "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
