@@ -133,7 +133,9 @@ def _conversational(r: dict[str, Any]) -> Pair:
     chosen = _messages(require(r, "chosen"), "chosen") if isinstance(r.get("chosen"), list) else None
     rejected = _messages(require(r, "rejected"), "rejected") if isinstance(r.get("rejected"), list) else None
     if r.get("prompt") is not None:
-        prompt = _messages(r["prompt"], "prompt")
+        prompt = (
+            _messages(r["prompt"], "prompt") if isinstance(r["prompt"], list) else check_text(r["prompt"], "prompt")
+        )
         a = _reply(chosen, "chosen") if chosen else check_text(require(r, "chosen"), "chosen")
         b = _reply(rejected, "rejected") if rejected else check_text(require(r, "rejected"), "rejected")
     else:

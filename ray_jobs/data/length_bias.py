@@ -45,27 +45,30 @@ def longer_is_preferred(row: dict[str, Any], min_ratio: float) -> bool | None:
     return (la > lb) == (row["label"] == 1)
 
 
-def subsample_counts(longer: int, shorter: int, rho: float) -> tuple[int, int]:
-    """(longer-preferred, shorter-preferred) to keep: the largest total with the ratio closest to rho."""
+def subsample_counts(longer: int, shorter: int, rho: float, limit: int | None = None) -> tuple[int, int]:
+    """(longer-preferred, shorter-preferred) to keep: the largest total (at most `limit`) with the ratio nearest rho."""
     if rho >= 1.0:
-        return longer, 0
-    if rho <= 0.0:
-        return 0, shorter
-    total = int(min(longer / rho, shorter / (1.0 - rho)))
+        total = longer
+    elif rho <= 0.0:
+        total = shorter
+    else:
+        total = int(min(longer / rho, shorter / (1.0 - rho)))
+    if limit is not None:
+        total = min(total, limit)
     keep_longer = min(longer, round(rho * total))
     return keep_longer, min(shorter, total - keep_longer)
 
 
 def apply_length_bias(
-    rows: Sequence[dict[str, Any]], rho: float, min_ratio: float, seed: int
+    rows: Sequence[dict[str, Any]], rho: float, min_ratio: float, seed: int, limit: int | None = None
 ) -> tuple[list[dict[str, Any]], LengthBiasReport]:
-    """The kept rows (in their original order) and what was achieved; deterministic for a seed."""
+    """The kept rows (in their original order, at most `limit`) and what was achieved; deterministic for a seed."""
     longer_idx, shorter_idx = [], []
     for i, row in enumerate(rows):
         flag = longer_is_preferred(row, min_ratio)
         if flag is not None:
             (longer_idx if flag else shorter_idx).append(i)
-    n_long, n_short = subsample_counts(len(longer_idx), len(shorter_idx), rho)
+    n_long, n_short = subsample_counts(len(longer_idx), len(shorter_idx), rho, limit)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(longer_idx, n_long, replace=False).tolist() if n_long else []
     chosen += rng.choice(shorter_idx, n_short, replace=False).tolist() if n_short else []

@@ -78,8 +78,7 @@ def load_preference_data(
     rows, _ = read_pairs(
         source, format, split=split, renderer=Renderer(tokenizer, apply_chat_template), on_error=on_error
     )
-    table = _table(rows)
-    return datasets.Dataset(table)
+    return datasets.Dataset(_table(rows))
 
 
 def _table(rows: list[dict[str, Any]]) -> Any:
@@ -129,18 +128,20 @@ def prepare_data(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLo
         events.emit("log", STAGE, message=f"skipped invalid rows: {summary['skipped']}")
     events.progress(STAGE, 1, _STEPS)
 
+    if not rows:
+        raise DatasetError(f"{data.source}: no valid pairs")
     if data.length_bias is not None:
         bias = data.length_bias
-        rows, report = apply_length_bias(rows, bias.rho, bias.min_ratio, data.seed)
+        # max_pairs is applied inside, so the cap keeps the requested rho instead of blurring it.
+        rows, report = apply_length_bias(rows, bias.rho, bias.min_ratio, data.seed, limit=data.max_pairs)
         if not rows:
             raise DatasetError(
                 f"length_bias (min_ratio {bias.min_ratio}) left no pairs: of {report.pairs_in}, "
                 f"{report.unlabeled} are unlabeled and {report.length_different} are length-different"
             )
         summary["length_bias"] = report.as_dict()
-    rows = _cap(rows, data.max_pairs, data.seed)
-    if not rows:
-        raise DatasetError(f"{data.source}: no valid pairs")
+    else:
+        rows = _cap(rows, data.max_pairs, data.seed)
     events.progress(STAGE, 2, _STEPS)
 
     is_test = split_by_prompt([r["prompt"] for r in rows], data.test_fraction, data.seed)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def label_by_oracle(rows: list[dict[str, Any]], oracle_ref: str = ORACLE) -> tup
     return labelled, len(rows) - len(labelled)
 
 
-def reviews_records(spec: JobSpec, render: Any, events: EventLog | None = None) -> tuple[list, dict[str, Any]]:
+def reviews_records(
+    spec: JobSpec, render: Callable[[str], str], events: EventLog | None = None
+) -> tuple[list, dict[str, Any]]:
     """Numbered unlabeled records of sampled review pairs, with what was sampled."""
     gen = spec.generation
     n = max(2, gen.samples_per_prompt)
