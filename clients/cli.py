@@ -1,3 +1,186 @@
-import typer
+"""`rmdistill`: run the service, submit and follow jobs, chat with a policy.
 
-app = typer.Typer(help="rmdistill")
+Client commands talk to --url (env RMDISTILL_URL) with --token (env RMDISTILL_TOKEN); `serve` needs the
+server extra and is imported only when it runs, so the client install stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from clients.sdk import Client, RmdistillError
+
+app = typer.Typer(help="rmdistill: robust preference optimization through reward-model distillation.")
+console = Console()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="RMDISTILL_URL", help="Service URL."),
+    token: str | None = typer.Option(None, envvar="RMDISTILL_TOKEN", help="Bearer token."),
+) -> None:
+    ctx.obj = {"url": url, "token": token}
+
+
+def _client(ctx: typer.Context) -> Client:
+    return Client(ctx.obj["url"], ctx.obj["token"])
+
+
+def _fail(exc: RmdistillError) -> typer.Exit:
+    console.print(f"[red]error {exc.status}[/red]: {exc.message}")
+    for field in exc.fields:
+        console.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, envvar="RMDISTILL_HOST", help="Bind address (default 127.0.0.1)."),
+    port: int = typer.Option(None, envvar="RMDISTILL_PORT", help="Port (default 8000)."),
+    data_dir: Path = typer.Option(None, envvar="RMDISTILL_HOME", help="Data folder (default ~/.rmdistill)."),
+    database_url: str = typer.Option(None, envvar="RMDISTILL_DATABASE_URL", help="SQLAlchemy URL."),
+    tokens: str = typer.Option(None, envvar="RMDISTILL_TOKENS", help="Comma-separated bearer tokens."),
+    ray_address: str = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster; none = embedded."),
+    data_root: list[Path] = typer.Option(None, help="Extra folders specs may read data from (repeatable)."),
+) -> None:
+    """Start the service (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.from_env(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        database_url=database_url,
+        tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
+        ray_address=ray_address,
+        data_roots=tuple(data_root) if data_root else None,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+def _follow(client: Client, job_id: str) -> str:
+    """Show the job's stages as progress bars until it ends; returns the final state."""
+    tasks: dict[str, TaskID] = {}
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[note]}")) as bars:
+
+        def bar(stage: str) -> TaskID:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=None, note="")
+            return tasks[stage]
+
+        for event in client.follow(job_id):
+            kind, stage = event.get("kind"), event.get("stage")
+            if kind == "stage_started":
+                bar(stage)
+            elif kind == "progress" and stage:
+                bars.update(bar(stage), completed=event.get("done"), total=event.get("total"))
+            elif kind == "metrics" and stage:
+                values = ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event["values"].items()
+                )
+                bars.update(bar(stage), note=values[:80])
+            elif kind in ("stage_finished", "stage_skipped") and stage:
+                task = bar(stage)
+                total = bars.tasks[task].total or 1
+                bars.update(task, completed=total, total=total, note="skipped" if kind == "stage_skipped" else "done")
+            elif kind in ("log", "error"):
+                bars.console.print(f"[{'red' if kind == 'error' else 'dim'}]{stage or ''} {event.get('message')}")
+    return client.wait(job_id)["state"]
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (.yaml or .json)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Show progress until the job ends."),
+) -> None:
+    """Submit a job spec."""
+    with _client(ctx) as client:
+        try:
+            job = client.submit(spec)
+            console.print(f"submitted [bold]{job['id']}[/bold] ({job['state']})")
+            if follow:
+                state = _follow(client, job["id"])
+                console.print(f"job {job['id']}: [bold]{state}[/bold]")
+                if state != "succeeded":
+                    raise typer.Exit(1)
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+
+
+@app.command()
+def status(ctx: typer.Context, job_id: str) -> None:
+    """A job's state, stage, progress, metrics and artifacts."""
+    with _client(ctx) as client:
+        try:
+            job: dict[str, Any] = client.get(job_id)
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+    job.pop("spec", None)
+    console.print_json(json.dumps(job))
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    state: str | None = typer.Option(None, help="Only jobs in this state."),
+    limit: int = typer.Option(20, help="How many."),
+) -> None:
+    """List jobs, newest first."""
+    with _client(ctx) as client:
+        try:
+            page = client.list(state=state, limit=limit)
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+    table = Table("id", "name", "state", "stage", "created")
+    for job in page["items"]:
+        table.add_row(job["id"], job["name"], job["state"], job["stage"] or "", job["created_at"] or "")
+    console.print(table)
+    console.print(f"{len(page['items'])} of {page['total']}")
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: str) -> None:
+    """Stop a job."""
+    with _client(ctx) as client:
+        try:
+            console.print(f"{job_id}: {client.cancel(job_id)['state']}")
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+
+
+@app.command()
+def logs(ctx: typer.Context, job_id: str) -> None:
+    """The Ray job's driver log."""
+    with _client(ctx) as client:
+        try:
+            typer.echo(client.logs(job_id))
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    policy: str,
+    message: str,
+    max_tokens: int = typer.Option(64, help="Most tokens to generate."),
+) -> None:
+    """Send one user message to a policy and print its answer."""
+    with _client(ctx) as client:
+        try:
+            answer = client.chat(policy, message, max_tokens=max_tokens)
+        except RmdistillError as exc:
+            raise _fail(exc) from None
+    typer.echo(answer["choices"][0]["message"]["content"])

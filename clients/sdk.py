@@ -1,0 +1,170 @@
+"""Python SDK for the rmdistill service (httpx only: works from the light client install).
+
+from clients.sdk import Client
+with Client("http://127.0.0.1:8000", token="...") as rm:
+    job = rm.submit({"name": "demo", "reference": "tiny:llama"})
+    for event in rm.follow(job["id"]):
+        print(event["kind"], event.get("stage"))
+    rm.wait(job["id"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class RmdistillError(RuntimeError):
+    """An error answer from the service: HTTP status, its message and the fields it names."""
+
+    def __init__(self, status: int, message: str, fields: list[dict[str, str]] | None = None):
+        self.status, self.message, self.fields = status, message, fields or []
+        super().__init__(f"HTTP {status}: {message}")
+
+
+def _load_spec(spec: dict[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return spec
+    path = Path(spec)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, str]]:
+    """(id, event, data) for each server-sent event; comments (keep-alives) are skipped."""
+    event_id, kind, data = None, "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event_id, kind, "\n".join(data)
+            kind, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id":
+            event_id = value
+        elif name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        base_url = base_url or os.environ.get("RMDISTILL_URL", "http://127.0.0.1:8000")
+        token = token if token is not None else os.environ.get("RMDISTILL_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code < 400:
+            return response
+        response.read()
+        try:
+            error = response.json()["error"]
+            message, fields = error["message"], error.get("fields")
+        except (ValueError, KeyError, TypeError):
+            message, fields = response.text, None
+        raise RmdistillError(response.status_code, message, fields)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._check(self._http.request(method, path, **kwargs))
+
+    # -- jobs --
+    def submit(self, spec: dict[str, Any] | str | Path) -> dict[str, Any]:
+        """Submit a spec (a mapping, or a .yaml/.json file); the service validates it and answers with the job."""
+        return self._request("POST", "/v1/jobs", json=_load_spec(spec)).json()
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list(self, state: str | None = None, name: str | None = None, limit: int = 50, offset: int = 0) -> dict:
+        params = {k: v for k, v in {"state": state, "name": name, "limit": limit, "offset": offset}.items() if v}
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def events(self, job_id: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}/events", params={"offset": offset, "limit": limit}).json()
+
+    def follow(self, job_id: str, offset: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's events as they happen (SSE); ends after job_finished or the service's final `end` event.
+
+        A dropped connection is resumed from the last event id, so no event is seen twice or lost.
+        """
+        last_id = str(offset)
+        while True:
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
+            try:
+                with self._http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30.0, read=None)
+                ) as response:
+                    self._check(response)
+                    for event_id, _, data in parse_sse(response.iter_lines()):
+                        last_id = event_id or last_id
+                        event = json.loads(data)
+                        yield event
+                        if event.get("kind") in ("job_finished", "end"):
+                            return
+                return
+            except httpx.TransportError:
+                time.sleep(1.0)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def logs(self, job_id: str) -> str:
+        return self._request("GET", f"/v1/jobs/{job_id}/logs").text
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
+        """Poll until the job is final; TimeoutError (with the last state) after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job["state"] in FINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} (stage {job.get('stage')}) after {timeout} s")
+            time.sleep(poll_s)
+
+    # -- policies --
+    def policies(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/policies").json()["items"]
+
+    def policy(self, policy_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/policies/{policy_id}").json()
+
+    def register_policy(self, path: str, policy_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        return self._request("POST", "/v1/policies", json={"path": path, "id": policy_id, **fields}).json()
+
+    def chat(self, policy: str, messages: list[dict[str, str]] | str, **params: Any) -> dict[str, Any]:
+        """OpenAI-style chat completion from a policy (a plain string becomes one user message)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body = {"model": policy, "messages": messages, **params}
+        return self._request("POST", "/v1/chat/completions", json=body, timeout=300.0).json()
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz").json()
