@@ -100,7 +100,7 @@ def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[s
     for name in ("ensemble", "pairs"):
         value = getattr(spec.reuse, name)
         if value is not None:
-            data["reuse"][name] = job_dir_of(value) or _confine(f"reuse.{name}", value, roots)
+            data["reuse"][name] = job_dir_of(value) or confine_path(f"reuse.{name}", value, roots)
     return JobSpec.model_validate(data)
 
 

@@ -1,0 +1,354 @@
+"""End to end through HTTP: uvicorn on a free port, real SQLite, real Ray heads started with `ray start`, the real
+pipeline on a tiny spec.
+
+The embedded-mode server starts its own Ray head; the restart test starts a separate head (the service's
+RAY_ADDRESS mode) so the head outlives the first server. Neither is the session's in-process `ray_cluster`, and
+this process never calls ray.init on them: it talks to them over the dashboard's HTTP API only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from clients.sdk import Client, RmdistillError
+from service.app import create_app
+from service.ray_backend import LocalRayHead, free_port
+from service.settings import Settings
+from service.store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
+
+TOKEN_A, TOKEN_B = "token-alice", "token-bob"
+JOB_TIMEOUT_S = 300
+
+
+class Server:
+    """uvicorn in a thread; `stop()` runs the app's shutdown (lifespan exit) before returning."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 240) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(120)
+
+    def client(self, token: str | None = TOKEN_A) -> Client:
+        return Client(self.url, token=token or "")
+
+
+def write_prefs(root: Path, n: int = 24) -> Path:
+    """A small standard-format preference file inside the data root."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "prefs.jsonl"
+    adjectives = ["great", "lovely", "fine", "dull", "awful", "bright", "calm", "odd"]
+    with path.open("w") as fh:
+        for i in range(n):
+            good, bad = adjectives[i % 4], adjectives[4 + i % 4]
+            row = {
+                "prompt": f"Review {i}: the film was",
+                "chosen": f" {good} and I liked it a lot.",
+                "rejected": f" {bad}.",
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def tiny_spec(name: str, max_steps: int = 2) -> dict[str, Any]:
+    return {
+        "name": name,
+        "reference": "tiny:llama",
+        "data": {"source": "prefs.jsonl", "test_fraction": 0.25, "apply_chat_template": False},
+        "ensemble": {"size": 2, "backbone": "tiny:bert", "epochs": 1, "batch_size": 8, "max_length": 64},
+        "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
+        "score": {"max_length": 64},
+        "distill": {"loss": "e-dpo", "max_steps": max_steps, "batch_size": 4, "max_length": 64},
+        "evaluate": {"oracle": "builtin:vader", "num_prompts": 4, "max_new_tokens": 6},
+    }
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ray_status(dashboard_url: str, submission_id: str) -> str:
+    body = httpx.get(f"{dashboard_url}/api/jobs/{submission_id}", timeout=10).json()
+    return body["status"]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# No cluster behind RAY_ADDRESS
+
+
+def test_unreachable_ray_is_503_and_reads_still_work(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = Server(Settings(data_dir=tmp_path, ray_address=dead, poll_interval_s=0.2)).start()
+    try:
+        write_prefs(tmp_path / "datasets")
+        with server.client(None) as client:
+            with pytest.raises(RmdistillError) as err:
+                client.submit(tiny_spec("nowhere"))
+            assert err.value.status == 503
+            assert "Ray is unavailable" in err.value.message and dead in err.value.message
+            assert client.list()["total"] == 0  # refused before a job row or folder was made
+            assert client.health()["ray"] == {"address": dead, "embedded": False}
+        assert list((tmp_path / "jobs").iterdir()) == []
+    finally:
+        server.stop()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Embedded mode: the service starts (and stops) its own Ray head
+
+
+@pytest.fixture(scope="class")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("svc")
+    write_prefs(home / "datasets")
+    settings = Settings(data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5)
+    server = Server(settings).start()
+    yield server
+    server.stop()
+    head_pid = json.loads((home / "ray-head.json").read_text())["pid"] if (home / "ray-head.json").exists() else None
+    assert head_pid is None, "the embedded Ray head was not stopped with the service"
+
+
+@pytest.fixture(scope="class")
+def completed(embedded: Server) -> dict[str, Any]:
+    """One tiny job submitted over HTTP and followed over SSE to its end."""
+    with embedded.client() as client:
+        job = client.submit(tiny_spec("tiny-e2e"))
+        assert job["state"] == "pending" and job["ray_submission_id"] == f"rmdistill-{job['id']}"
+        events = list(client.follow(job["id"]))
+        final = client.wait(job["id"], timeout=60)
+    return {"submitted": job, "events": events, "job": final}
+
+
+class TestEmbedded:
+    def test_health_is_open_and_metrics_need_a_token(self, embedded: Server) -> None:
+        health = httpx.get(f"{embedded.url}/healthz").json()
+        assert health["status"] == "ok" and health["ray"]["embedded"] is True and health["auth"] is True
+        assert httpx.get(f"{embedded.url}/v1/jobs").status_code == 401
+        assert httpx.get(f"{embedded.url}/metrics").status_code == 401
+        assert httpx.get(f"{embedded.url}/openapi.json").json()["paths"]["/v1/jobs"]
+
+    def test_tokens(self, embedded: Server) -> None:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN_A}"}):
+            response = httpx.get(f"{embedded.url}/v1/jobs", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["message"].startswith(("missing bearer token", "invalid bearer token"))
+        assert httpx.get(f"{embedded.url}/v1/jobs", headers={"Authorization": f"Bearer {TOKEN_A}"}).status_code == 200
+
+    def test_bad_spec_is_422_naming_the_field(self, embedded: Server) -> None:
+        with embedded.client() as client:
+            for spec, field, message in [
+                ({"distill": {"beta": -1}}, "distill.beta", "must be > 0"),
+                ({"distill": {"betta": 1}}, "distill.betta", "unknown field"),
+                ({"ensemble": {"size": 2, "members": [{}, {}, {}]}}, "ensemble", "3 overrides"),
+            ]:
+                with pytest.raises(RmdistillError) as err:
+                    client.submit(spec)
+                assert err.value.status == 422
+                assert err.value.fields[0]["field"] == field and message in err.value.fields[0]["message"]
+        bad_json = httpx.post(
+            f"{embedded.url}/v1/jobs",
+            content=b"{not json",
+            headers={"Authorization": f"Bearer {TOKEN_A}", "Content-Type": "application/json"},
+        )
+        assert bad_json.status_code == 422 and bad_json.json()["error"]["fields"][0]["field"] == "body"
+        assert (
+            httpx.get(f"{embedded.url}/v1/jobs?limit=0", headers={"Authorization": f"Bearer {TOKEN_A}"}).json()[
+                "error"
+            ]["fields"][0]["field"]
+            == "limit"
+        )
+
+    def test_paths_outside_the_data_roots_are_refused(self, embedded: Server) -> None:
+        home = embedded.settings.data_dir
+        (home / "datasets" / "escape.jsonl").symlink_to(home / "rmdistill.db")
+        before = set((home / "jobs").iterdir())
+        with embedded.client() as client:
+            for field, source, status in [
+                ("data.source", "/etc/passwd", 403),
+                ("data.source", "../rmdistill.db", 403),
+                ("data.source", "escape.jsonl", 403),  # a symlink out of the root counts by its target
+                ("data.source", "missing.jsonl", 422),
+                ("reference", str(home / "jobs"), 403),
+                ("evaluate.oracle", "~/.ssh", 403),
+            ]:
+                spec = tiny_spec("paths")
+                target = spec
+                *parents, leaf = field.split(".")
+                for part in parents:
+                    target = target[part]
+                target[leaf] = source
+                with pytest.raises(RmdistillError) as err:
+                    client.submit(spec)
+                assert (err.value.status, err.value.fields[0]["field"]) == (status, field), source
+            with pytest.raises(RmdistillError) as err:
+                client.register_policy("/etc")
+            assert err.value.status == 403 and err.value.fields[0]["field"] == "path"
+        assert set((home / "jobs").iterdir()) == before
+
+    def test_impossible_resources_are_refused(self, embedded: Server) -> None:
+        with embedded.client() as client:
+            for section, values, field in [
+                ("distill", {"use_gpu": True}, "distill.use_gpu"),
+                ("distill", {"num_workers": 64}, "distill.num_workers"),
+                ("ensemble", {"gpus_per_worker": 1}, "ensemble.gpus_per_worker"),
+                ("ensemble", {"workers_per_member": 3}, "ensemble.workers_per_member"),
+            ]:
+                spec = tiny_spec("big")
+                spec[section].update(values)
+                with pytest.raises(RmdistillError) as err:
+                    client.submit(spec)
+                assert err.value.status == 409 and err.value.fields[0]["field"] == field
+                assert "the cluster has 2 CPUs and 0 GPUs" in err.value.message
+
+    def test_body_limit(self, embedded: Server) -> None:
+        response = httpx.post(
+            f"{embedded.url}/v1/jobs",
+            json={"name": "x" * (2 << 20)},
+            headers={"Authorization": f"Bearer {TOKEN_A}"},
+        )
+        assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+    def test_job_succeeds_with_artifacts(self, embedded: Server, completed: dict[str, Any]) -> None:
+        job, events = completed["job"], completed["events"]
+        assert job["state"] == "succeeded", job.get("error")
+        kinds = [e["kind"] for e in events]
+        assert kinds[0] == "job_started" and kinds[-1] == "job_finished" and events[-1]["status"] == "succeeded"
+        started = [e["stage"] for e in events if e["kind"] == "stage_started"]
+        assert {"data", "ensemble", "policy"} <= set(started) or {"data", "ensemble", "distill"} <= set(started)
+        job_dir = Path(job["job_dir"])
+        assert job_dir == embedded.settings.data_dir / "jobs" / job["id"]
+        for stage in ("data", "ensemble", "samples", "pairs", "policy", "eval"):
+            assert job["artifacts"][stage] == str(job_dir / stage) and (job_dir / stage).is_dir()
+        assert len(list((job_dir / "ensemble").glob("member-*"))) == 2
+        assert (job_dir / "eval" / "report.json").is_file()
+        assert [t["to"] for t in job["transitions"]] == ["pending", "running", "succeeded"]
+        assert job["started_at"] <= job["finished_at"]
+        # The served spec is the confined one: the relative dataset path became absolute inside the root.
+        assert json.loads((job_dir / "spec.json").read_text())["data"]["source"] == str(
+            embedded.settings.data_dir / "datasets" / "prefs.jsonl"
+        )
+        with embedded.client() as client:
+            page = client.events(job["id"])
+            assert page["events"] == events and page["next_offset"] == len(events)
+            assert client.events(job["id"], offset=len(events) - 1)["events"] == events[-1:]
+            assert "Running entrypoint" in client.logs(job["id"])
+            assert [j["id"] for j in client.list(state="succeeded", name="tiny-e2e")["items"]] == [job["id"]]
+            assert client.list(state="failed", name="tiny-e2e")["total"] == 0
+            policy = client.policy(job["id"])
+            assert policy["path"] == str(job_dir / "policy") and policy["loss"] == "e-dpo"
+            assert policy["base_model"] == "tiny:llama"
+            assert job["id"] in [p["id"] for p in client.policies()]
+        metrics = httpx.get(f"{embedded.url}/metrics", headers={"Authorization": f"Bearer {TOKEN_A}"}).text
+        assert 'rmdistill_jobs{state="succeeded"} 1.0' in metrics
+        assert 'rmdistill_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}' in metrics
+
+    def test_other_owners_get_404(self, embedded: Server, completed: dict[str, Any]) -> None:
+        job_id = completed["job"]["id"]
+        with embedded.client(TOKEN_B) as bob:
+            for call in (bob.get, bob.events, bob.logs, bob.cancel, bob.policy):
+                with pytest.raises(RmdistillError) as err:
+                    call(job_id)
+                assert err.value.status == 404
+            assert bob.list()["total"] == 0 and bob.policies() == []
+            with pytest.raises(RmdistillError) as err:
+                list(bob.follow(job_id))
+            assert err.value.status == 404
+            # Reusing someone else's job by id does not resolve to their folder.
+            spec = tiny_spec("steal")
+            spec["reuse"] = {"pairs": job_id}
+            with pytest.raises(RmdistillError) as err:
+                bob.submit(spec)
+            assert err.value.status == 422 and err.value.fields[0]["field"] == "reuse.pairs"
+
+    def test_cancel_stops_the_ray_job(self, embedded: Server, completed: dict[str, Any]) -> None:
+        with embedded.client() as client:
+            job = client.submit(tiny_spec("to-cancel", max_steps=500))
+            wait_for(lambda: client.get(job["id"])["stage"] is not None, 180, "the job to start a stage")
+            assert client.cancel(job["id"])["state"] == "cancelling"
+            final = client.wait(job["id"], timeout=120)
+            with pytest.raises(RmdistillError) as err:
+                client.cancel(job["id"])
+            assert err.value.status == 409
+        assert final["state"] == "cancelled"
+        assert [t["to"] for t in final["transitions"]][-2:] == ["cancelling", "cancelled"]
+        assert "policy" not in final["artifacts"] and final["policy_id"] is None
+        dashboard = embedded.client().health()["ray"]["address"]
+        assert ray_status(dashboard, job["ray_submission_id"]) == "STOPPED"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# RAY_ADDRESS mode: a separately started head that outlives a service restart
+
+
+def test_restart_reattaches_to_a_running_job(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("ext")
+    write_prefs(home / "datasets")
+    head = LocalRayHead(tmp_path_factory.mktemp("exthead"), num_cpus=2, env={"RMDISTILL_HOME": str(home)}).start()
+    try:
+        settings = Settings(data_dir=home, ray_address=head.dashboard_url, poll_interval_s=0.5)
+        first = Server(settings).start()
+        with first.client(None) as client:
+            job = client.submit(tiny_spec("restarted"))
+            wait_for(lambda: client.get(job["id"])["state"] == "running", 120, "the job to run")
+        first.stop()
+        assert ray_status(head.dashboard_url, job["ray_submission_id"]) in ("PENDING", "RUNNING")
+
+        # A job the store thinks is running but that Ray never heard of: reconciliation must fail it.
+        store = Store(settings.database_url)
+        store.create_job(job_id="job-ghost", name="ghost", owner=None, spec={}, job_dir=str(home / "jobs" / "ghost"))
+        store.update_job("job-ghost", ray_submission_id="rmdistill-job-ghost")
+        store.transition("job-ghost", "running", "test")
+        store.close()
+
+        second = Server(settings).start()
+        try:
+            with second.client(None) as client:
+                ghost = client.get("job-ghost")  # reconciled before the first request was served
+                assert ghost["state"] == "failed" and "no longer exists" in ghost["error"]
+                events = list(client.follow(job["id"]))
+                final = client.wait(job["id"], timeout=JOB_TIMEOUT_S)
+            assert final["state"] == "succeeded", final.get("error")
+            assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
+            assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
+            assert {"policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+        finally:
+            second.stop()
+        assert ray_status(head.dashboard_url, job["ray_submission_id"]) == "SUCCEEDED"  # the head outlived both
+    finally:
+        head.stop()
