@@ -1,0 +1,528 @@
+"""Policy engines: one Ray actor per loaded policy, and the manager that loads, caches and evicts them.
+
+An actor owns one model (vLLM when it loads, transformers otherwise) and a request queue: requests that arrive while
+a batch is generating are collected and run together as the next batch, so concurrent HTTP clients share forward
+passes. The manager lives in the FastAPI process; it loads a policy on first use, keeps at most ``max_loaded``
+actors (least recently used evicted first) and restarts an actor that died, retrying the request once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "vllm", "hf")
+
+
+class EngineRequestError(ValueError):
+    """The request cannot be served by this policy (prompt too long, no chat template...): a client error."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The policy's engine could not be loaded or died twice in a row: a server-side error."""
+
+
+@dataclass
+class SamplingRequest:
+    """One client request; ``prompt`` is sent as is, ``messages`` go through the policy's chat template."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    text: str
+    # Incremental decodes of each token: "".join(pieces) == text, what a stream sends chunk by chunk.
+    pieces: list[str]
+    token_ids: list[int]
+    # Log-probability of each generated token under the policy (unwarped: temperature and top-p not applied).
+    token_logprobs: list[float] | None
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_tokens: int
+    samples: list[Sample]
+    engine: str
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+
+@dataclass
+class _Raw:
+    """What a backend returns per sample: generated ids without the EOS, their log-probs, whether EOS ended it."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    eos: bool
+
+
+def resolve_engine(engine: str | None = None) -> str:
+    choice = (engine or os.environ.get("RMDISTILL_SERVING_ENGINE") or "auto").lower()
+    if choice not in ENGINES:
+        raise ValueError(f"RMDISTILL_SERVING_ENGINE={choice!r}: expected one of {', '.join(ENGINES)}")
+    return choice
+
+
+# --------------------------------------------------------------------------------------------------- model folders
+def _materialise(path: str) -> Path:
+    """A plain HF folder for ``path``: itself, or a PEFT adapter merged into its base (cached by content)."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        return folder
+    from ray_jobs.artifacts import model_cache
+
+    stamp = max(p.stat().st_mtime_ns for p in folder.iterdir())
+    key = hashlib.sha256(f"{folder.resolve()}:{stamp}".encode()).hexdigest()[:16]
+    merged = model_cache() / "merged-policies" / key
+    if merged.is_dir():
+        return merged
+    base = _adapter_base(folder)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_jobs.models.registry import resolve_model_path
+
+    base_path = resolve_model_path(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).merge_and_unload()
+    tok_source = folder if (folder / "tokenizer_config.json").is_file() else base_path
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: a concurrent loader never sees a half-written folder.
+    tmp = Path(tempfile.mkdtemp(dir=merged.parent))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
+    try:
+        os.replace(tmp, merged)
+    except OSError:  # another loader won the race; its folder is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return merged
+
+
+def _adapter_base(folder: Path) -> str:
+    meta = folder / "rmdistill.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        for key in ("base_model", "reference"):
+            if info.get(key):
+                return str(info[key])
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise EngineUnavailableError(f"{folder}: adapter names no base model (adapter_config.json, rmdistill.json)")
+    return str(base)
+
+
+# -------------------------------------------------------------------------------------------------------- backends
+class _HFBackend:
+    name = "hf"
+
+    def __init__(self, folder: Path, max_model_len: int, max_batch_rows: int = 32) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        self.max_model_len = min(max_model_len, getattr(self.model.config, "max_position_embeddings", max_model_len))
+        self.max_batch_rows = max_batch_rows
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos = sorted(eos)
+
+    def run(self, batch: list[tuple[list[int], SamplingRequest]]) -> list[list[_Raw]]:
+        """Requests with the same sampling settings share one ``generate`` call (rows = prompts x n)."""
+        out: list[list[_Raw]] = [[] for _ in batch]
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, (_, req) in enumerate(batch):
+            groups.setdefault((req.temperature, req.top_p), []).append(i)
+        for (temperature, top_p), members in groups.items():
+            rows = [(i, ids) for i in members for ids in [batch[i][0]] * batch[i][1].n]
+            for start in range(0, len(rows), self.max_batch_rows):
+                chunk = rows[start : start + self.max_batch_rows]
+                for (i, _), raw in zip(chunk, self._generate(chunk, batch, temperature, top_p), strict=True):
+                    out[i].append(raw)
+        return out
+
+    def _generate(self, rows, batch, temperature: float, top_p: float) -> list[_Raw]:
+        torch = self.torch
+        from transformers import GenerationConfig
+
+        reqs = [batch[i][1] for i, _ in rows]
+        width = max(len(ids) for _, ids in rows)
+        pad = self.tokenizer.pad_token_id
+        # Left padding keeps every prompt's last token at the same position, where generation starts.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows], device=self.device)
+        want_logprobs = any(r.logprobs for r in reqs)
+        sampling = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_tokens for r in reqs),
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=0 if sampling else None,
+            pad_token_id=pad,
+            eos_token_id=self.eos,
+            return_dict_in_generate=True,
+            output_logits=want_logprobs,
+        )
+        with torch.no_grad():
+            gen = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+        new = gen.sequences[:, width:]
+        token_lp = None
+        if want_logprobs:
+            logits = torch.stack(gen.logits, dim=1).float()  # [rows, steps, vocab], before any warping
+            token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None])[..., 0]
+        results = []
+        for r, req in enumerate(reqs):
+            ids = new[r].tolist()[: req.max_tokens]
+            end = next((k for k, t in enumerate(ids) if t in self.eos), None)
+            kept = ids if end is None else ids[:end]
+            lps = token_lp[r, : len(kept)].tolist() if (token_lp is not None and req.logprobs) else None
+            results.append(_Raw(kept, lps, end is not None))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class _VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, folder: Path, max_model_len: int) -> None:
+        # The engine core is a subprocess; fork inside a Ray worker is unsafe (ENV.md: vLLM needs spawn).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", max_model_len)
+        self.max_model_len = min(max_model_len, limit)
+        self.llm = LLM(model=str(folder), enforce_eager=True, max_model_len=self.max_model_len, seed=0)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def run(self, batch: list[tuple[list[int], SamplingRequest]]) -> list[list[_Raw]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=req.n,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                max_tokens=req.max_tokens,
+                stop=req.stop or None,
+                logprobs=0 if req.logprobs else None,
+                seed=req.seed,
+            )
+            for _, req in batch
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in batch], params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for out, (_, req) in zip(outputs, batch, strict=True):
+            raws = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                hit_eos = bool(ids) and ids[-1] == eos
+                ids = ids[:-1] if hit_eos else ids
+                lps = [c.logprobs[k][t].logprob for k, t in enumerate(ids)] if req.logprobs and c.logprobs else None
+                raws.append(_Raw(ids, lps, hit_eos or c.finish_reason == "stop"))
+            results.append(raws)
+        return results
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+
+
+def _load_backend(folder: Path, engine: str, max_model_len: int) -> _HFBackend | _VLLMBackend:
+    if engine in ("auto", "vllm"):
+        if importlib.util.find_spec("vllm") is None:
+            if engine == "vllm":
+                raise EngineUnavailableError("RMDISTILL_SERVING_ENGINE=vllm but vLLM is not installed")
+        else:
+            try:
+                return _VLLMBackend(folder, max_model_len)
+            except Exception as exc:  # e.g. an attention head size vLLM's CPU build rejects
+                if engine == "vllm":
+                    raise
+                log.warning("vLLM could not load %s (%s); serving it with transformers", folder, exc)
+    return _HFBackend(folder, max_model_len)
+
+
+# ----------------------------------------------------------------------------------------------------------- actor
+def incremental_pieces(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    """Split the decoded text into one piece per token, holding back pieces that end inside a UTF-8 character."""
+    pieces, emitted = [], ""
+    for k in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:k], skip_special_tokens=True)
+        if text.endswith("\ufffd") and k < len(token_ids):
+            pieces.append("")
+            continue
+        pieces.append(text[len(emitted) :] if text.startswith(emitted) else "")
+        emitted = text if text.startswith(emitted) else emitted
+    return pieces
+
+
+def truncate_at_stop(pieces: list[str], stops: list[str]) -> tuple[int, int] | None:
+    """(tokens to keep, characters of the last kept piece) at the earliest stop string, or None."""
+    text = "".join(pieces)
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if not hits:
+        return None
+    cut, seen = min(hits), 0
+    for k, piece in enumerate(pieces):
+        if seen + len(piece) >= cut:
+            return k + 1, cut - seen
+        seen += len(piece)
+    return len(pieces), len(pieces[-1]) if pieces else 0
+
+
+class PolicyEngine:
+    """Ray actor body: one policy's model plus a batching request queue (an async actor)."""
+
+    def __init__(self, path: str, engine: str = "auto", max_model_len: int = 2048, batch_wait_s: float = 0.005):
+        self.backend = _load_backend(_materialise(path), engine, max_model_len)
+        self.batch_wait_s = batch_wait_s
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def info(self) -> dict[str, Any]:
+        return {"engine": self.backend.name, "max_model_len": self.backend.max_model_len, "pid": os.getpid()}
+
+    async def generate(self, req: SamplingRequest) -> GenerationResult:
+        prompt, ids = self._prepare(req)
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        done = asyncio.get_running_loop().create_future()
+        await self._queue.put((ids, req, done))
+        raws: list[_Raw] = await done
+        return GenerationResult(prompt, len(ids), [self._finish(r, req) for r in raws], self.backend.name)
+
+    def _prepare(self, req: SamplingRequest) -> tuple[str, list[int]]:
+        tok = self.backend.tokenizer
+        if req.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise EngineRequestError("this policy's tokenizer has no chat template: use /v1/completions")
+            prompt = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            # The template already writes every special token the model expects.
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = req.prompt or ""
+            ids = tok(prompt)["input_ids"]
+        if not ids:
+            raise EngineRequestError("the prompt is empty after tokenization")
+        limit = self.backend.max_model_len
+        if len(ids) + req.max_tokens > limit:
+            raise EngineRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds this policy's context of {limit}"
+            )
+        return prompt, ids
+
+    def _finish(self, raw: _Raw, req: SamplingRequest) -> Sample:
+        pieces = incremental_pieces(self.backend.tokenizer, raw.token_ids)
+        ids, lps, reason = raw.token_ids, raw.logprobs, "stop" if raw.eos else "length"
+        cut = truncate_at_stop(pieces, req.stop)
+        if cut is not None:
+            keep, chars = cut
+            pieces = pieces[: keep - 1] + [pieces[keep - 1][:chars]] if keep else []
+            ids, lps, reason = ids[:keep], (lps[:keep] if lps is not None else None), "stop"
+        return Sample("".join(pieces), pieces, ids, lps, reason)
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            # A short wait lets requests sent together land in the same batch.
+            await asyncio.sleep(self.batch_wait_s)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                outs = await asyncio.to_thread(self.backend.run, [(ids, req) for ids, req, _ in batch])
+            except Exception as exc:  # one bad batch fails its requests, not the actor
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (*_, done), out in zip(batch, outs, strict=True):
+                if not done.done():
+                    done.set_result(out)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.backend.close)
+
+
+# --------------------------------------------------------------------------------------------------------- manager
+@dataclass
+class _Loaded:
+    policy_id: str
+    actor: Any
+    inflight: int = 0
+    retired: bool = False
+    killed: bool = False
+
+
+class EngineManager:
+    """Loads policies into actors on first use; at most ``max_loaded`` at once, least recently used evicted first."""
+
+    def __init__(
+        self,
+        max_loaded: int = 2,
+        ray_address: str | None = None,
+        *,
+        engine: str | None = None,
+        num_cpus: float | None = None,
+        max_model_len: int = 2048,
+        load_timeout_s: float = 600.0,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.max_loaded = max_loaded
+        self.ray_address = ray_address
+        self.engine = resolve_engine(engine)
+        self.num_cpus = float(num_cpus if num_cpus is not None else os.environ.get("RMDISTILL_SERVING_NUM_CPUS", 1))
+        self.max_model_len = max_model_len
+        self.load_timeout_s = load_timeout_s
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._load_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()
+        self.loads = 0  # how many actors were started (a restart or a reload after eviction counts)
+
+    def loaded(self) -> list[str]:
+        """Loaded policy ids, least recently used first."""
+        return list(self._loaded)
+
+    def handle(self, policy_id: str) -> Any | None:
+        """The actor serving a loaded policy, or None."""
+        entry = self._loaded.get(policy_id)
+        return entry.actor if entry else None
+
+    async def generate(self, policy_id: str, path: str, request: SamplingRequest) -> GenerationResult:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        for attempt in range(2):
+            entry = await self._acquire(policy_id, path)
+            try:
+                return await entry.actor.generate.remote(request)
+            except RayTaskError as exc:
+                # Re-raised bare so callers see the actor's message, not a remote traceback.
+                if isinstance(exc.cause, EngineRequestError):
+                    raise EngineRequestError(str(exc.cause)) from None
+                raise
+            except RayActorError as exc:
+                self._forget(entry)
+                if attempt:
+                    raise EngineUnavailableError(f"the engine for {policy_id!r} died twice: {exc}") from exc
+                log.warning("engine for %s died (%s); restarting it and retrying", policy_id, exc)
+            finally:
+                self._release(entry)
+        raise AssertionError("unreachable")
+
+    async def actor(self, policy_id: str, path: str) -> Any:
+        """The loaded actor for a policy (loading it if needed): for callers that skip HTTP, e.g. the benchmark."""
+        entry = await self._acquire(policy_id, path)
+        self._release(entry)
+        return entry.actor
+
+    async def unload(self, policy_id: str) -> None:
+        entry = self._loaded.get(policy_id)
+        if entry is not None:
+            self._forget(entry)
+
+    async def shutdown(self) -> None:
+        for entry in list(self._loaded.values()):
+            entry.inflight = 0
+            self._forget(entry)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _acquire(self, policy_id: str, path: str) -> _Loaded:
+        entry = self._loaded.get(policy_id)
+        if entry is None:
+            async with self._load_lock:  # loads are serialised so two evictions never race
+                entry = self._loaded.get(policy_id) or await self._load(policy_id, path)
+        self._loaded.move_to_end(policy_id)
+        entry.inflight += 1
+        return entry
+
+    async def _load(self, policy_id: str, path: str) -> _Loaded:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.ray_address or "local", namespace="rmdistill", ignore_reinit_error=True)
+        while len(self._loaded) >= self.max_loaded:
+            self._forget(next(iter(self._loaded.values())))
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": self.num_cpus}
+        actor = ray.remote(PolicyEngine).options(**options).remote(path, self.engine, self.max_model_len)
+        try:
+            info = await asyncio.wait_for(actor.info.remote(), self.load_timeout_s)
+        except Exception as exc:  # a timeout, or the actor's __init__ raised
+            ray.kill(actor)
+            raise EngineUnavailableError(f"could not load policy {policy_id!r} from {path}: {exc}") from exc
+        log.info("loaded policy %s on %s (%s)", policy_id, info["engine"], options)
+        self.loads += 1
+        entry = _Loaded(policy_id, actor)
+        self._loaded[policy_id] = entry
+        return entry
+
+    def _release(self, entry: _Loaded) -> None:
+        entry.inflight -= 1
+        if entry.retired and entry.inflight <= 0:
+            self._kill(entry)
+
+    def _forget(self, entry: _Loaded) -> None:
+        """Stop routing to an actor; it is killed once its in-flight requests finish."""
+        if self._loaded.get(entry.policy_id) is entry:
+            del self._loaded[entry.policy_id]
+        if not entry.retired:
+            entry.retired = True
+            if entry.inflight <= 0:
+                self._kill(entry)
+
+    def _kill(self, entry: _Loaded) -> None:
+        if entry.killed:
+            return
+        entry.killed = True
+        task = asyncio.get_running_loop().create_task(self._close_actor(entry.actor))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_actor(actor: Any) -> None:
+        import ray
+
+        # vLLM's engine core is a subprocess: ask it to stop before the actor process is killed.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(actor.close.remote(), 30)
+        ray.kill(actor)

@@ -1,0 +1,298 @@
+"""OpenAI-compatible serving over a real uvicorn socket, engines in real Ray actors, the tiny Llama as the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@dataclass
+class _Policy:
+    id: str
+    path: str
+    job_id: str = "job-test"
+    base_model: str = "tiny:llama"
+    loss: str = "dpo"
+    created_at: float = 1_700_000_000.0
+    summary: dict = field(default_factory=dict)
+
+
+class _FolderStore:
+    """Stands in for service.store.Store (the two methods serving uses) over real policy folders."""
+
+    def __init__(self, policies: dict[str, Path]) -> None:
+        self.policies = {pid: _Policy(pid, str(path)) for pid, path in policies.items()}
+
+    def get_policy(self, policy_id: str, owner: str | None) -> _Policy | None:
+        return self.policies.get(policy_id)
+
+    def list_policies(self, owner: str | None) -> list[_Policy]:
+        return list(self.policies.values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_llama):
+    """The serving router on a small app, max_loaded=1 so switching policies exercises eviction."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from service.engines import EngineManager
+    from service.serving import router
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.engines = EngineManager(max_loaded=1, engine="hf", num_cpus=0.5)
+        yield
+        await app.state.engines.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.store = _FolderStore({"tiny": tiny_llama, "tiny-b": tiny_llama})
+    app.include_router(router)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield app, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """The same policy loaded in-process: what the server's answers are checked against."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    return model, tok
+
+
+def _greedy(reference, ids: list[int], max_new_tokens: int) -> str:
+    model, tok = reference
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_openai_client_lists_completes_and_matches_local_greedy(client, reference):
+    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-b"}
+    prompt = "the movie was"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    tok = reference[1]
+    assert out.choices[0].text == _greedy(reference, tok(prompt)["input_ids"], 8)
+    assert out.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+    assert 1 <= out.usage.completion_tokens <= 8
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    assert again.choices[0].text == out.choices[0].text
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(client, reference):
+    model, tok = reference
+    messages = [{"role": "user", "content": "tell me about the film"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    assert chat.choices[0].message.content == _greedy(reference, ids, 10)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(ids)
+
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+
+    plain = client.completions.create(model="tiny", prompt="a quiet", max_tokens=6, temperature=0)
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(model="tiny", prompt="a quiet", max_tokens=6, temperature=0, stream=True)
+    ]
+    assert len(pieces) >= 2 and "".join(pieces) == plain.choices[0].text
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server[1]}/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_fifty_concurrent_requests_all_answer_their_own_prompt(server, reference):
+    tok = reference[1]
+    prompts = [" ".join(["great"] * (k % 10 + 1) + [str(k)]) for k in range(50)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server[1], timeout=120) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 4, "temperature": 0})
+                    for p in prompts
+                )
+            )
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 50
+    # Each answer's prompt length matches its own prompt: batching never mixes requests up.
+    assert [r.json()["usage"]["prompt_tokens"] for r in responses] == [len(tok(p)["input_ids"]) for p in prompts]
+
+
+def test_unknown_model_is_openai_404(client, server):
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError) as err:
+        client.completions.create(model="no-such-policy", prompt="x", max_tokens=2)
+    assert err.value.status_code == 404
+    r = httpx.post(
+        f"{server[1]}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert r.status_code == 404
+    assert r.json() == {
+        "error": {
+            "message": "The model 'nope' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 0), ("max_tokens", 10**7), ("temperature", 2.5), ("top_p", 0), ("n", 17), ("stop", list("abcde"))],
+)
+def test_bad_sampling_values_are_openai_400(server, field, value):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, field: value}
+    r = httpx.post(f"{server[1]}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field and field in error["message"]
+
+
+def test_prompt_longer_than_the_context_is_400(server, tiny_llama):
+    import json
+
+    context = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    body = {"model": "tiny", "prompt": "word " * context, "max_tokens": 4}
+    r = httpx.post(f"{server[1]}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "exceeds this policy's context" in r.json()["error"]["message"]
+
+
+def test_generate_returns_samples_with_their_policy_logprobs(server, reference):
+    model, tok = reference
+    body = {"prompt": "the plot", "n": 3, "max_tokens": 6, "temperature": 1.0, "return_logprobs": "tokens"}
+    r = httpx.post(f"{server[1]}/v1/policies/tiny/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["samples"]) == 3 and out["engine"] == "hf"
+    prompt_ids = tok("the plot")["input_ids"]
+    for s in out["samples"]:
+        assert len(s["token_logprobs"]) == len(s["token_ids"]) == s["num_tokens"] >= 1
+        assert s["logprob"] == pytest.approx(sum(s["token_logprobs"]), abs=1e-5)
+        # Teacher-forced log-prob of the same tokens under the local copy of the policy.
+        ids = torch.tensor([prompt_ids + s["token_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        expected = logp[len(prompt_ids) - 1 :].gather(-1, ids[0, len(prompt_ids) :, None])[:, 0]
+        assert s["token_logprobs"] == pytest.approx(expected.tolist(), abs=1e-3)
+
+    stopped = httpx.post(
+        f"{server[1]}/v1/policies/tiny/generate",
+        json={"prompt": "the plot", "max_tokens": 6, "temperature": 0},
+        timeout=60,
+    ).json()["samples"][0]
+    stop = stopped["text"][2:4]
+    assert stop, "greedy sample too short to test stop strings"
+    cut = httpx.post(
+        f"{server[1]}/v1/policies/tiny/generate",
+        json={"prompt": "the plot", "max_tokens": 6, "temperature": 0, "stop": stop},
+        timeout=60,
+    ).json()["samples"][0]
+    assert cut["text"] == stopped["text"][: stopped["text"].find(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_usage_metrics_count_requests_and_tokens(client):
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value("rmdistill_serving_requests_total", policy="tiny", endpoint="completions", status="ok")
+    tokens = value("rmdistill_serving_completion_tokens_total", policy="tiny")
+    out = client.completions.create(model="tiny", prompt="count me", max_tokens=5, temperature=0)
+    assert value("rmdistill_serving_requests_total", policy="tiny", endpoint="completions", status="ok") == before + 1
+    assert value("rmdistill_serving_completion_tokens_total", policy="tiny") == tokens + out.usage.completion_tokens
+
+
+def test_least_recently_used_policy_is_unloaded_and_a_dead_actor_is_replaced(server, client):
+    import ray
+
+    engines = server[0].state.engines
+    client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
+    first = engines.handle("tiny")
+    loads = engines.loads
+    b = client.completions.create(model="tiny-b", prompt="a", max_tokens=2, temperature=0)
+    assert engines.loaded() == ["tiny-b"] and engines.loads == loads + 1
+    a = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
+    assert engines.loaded() == ["tiny"] and engines.loads == loads + 2
+    assert engines.handle("tiny") != first and a.choices[0].text == b.choices[0].text
+
+    ray.kill(engines.handle("tiny"), no_restart=True)
+    again = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
+    assert again.choices[0].text == a.choices[0].text and engines.loads == loads + 3
+
+
+@pytest.mark.vllm
+def test_vllm_engine_serves_deterministic_greedy_samples(ray_cluster, tiny_llama):
+    pytest.importorskip("vllm")
+    from service.engines import EngineManager, SamplingRequest
+
+    async def run():
+        engines = EngineManager(max_loaded=1, engine="vllm", num_cpus=1, max_model_len=256)
+        try:
+            greedy = SamplingRequest(prompt="the movie was", max_tokens=8, temperature=0, logprobs=True)
+            first = await engines.generate("v", str(tiny_llama), greedy)
+            second = await engines.generate("v", str(tiny_llama), greedy)
+            sampled = await engines.generate("v", str(tiny_llama), SamplingRequest(prompt="hi", n=3, max_tokens=4))
+            return first, second, sampled
+        finally:
+            await engines.shutdown()
+
+    first, second, sampled = asyncio.run(run())
+    assert first.engine == "vllm"
+    assert first.samples[0].text == second.samples[0].text
+    assert len(first.samples[0].token_logprobs) == len(first.samples[0].token_ids) >= 1
+    assert all(lp <= 0 for lp in first.samples[0].token_logprobs)
+    assert len(sampled.samples) == 3 and all(1 <= len(s.token_ids) <= 4 for s in sampled.samples)
