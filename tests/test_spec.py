@@ -1,0 +1,66 @@
+"""The job spec: defaults, loading, and errors that name the field (issue: Foundation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ray_jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+
+
+def test_every_field_has_a_default():
+    spec = parse_spec({})
+    assert spec == JobSpec()
+    assert (spec.distill.loss, spec.distill.family, spec.ensemble.size) == ("e-dpo", "min", 3)
+    assert spec.needs_rewards
+
+
+def test_importing_the_spec_does_not_import_torch_or_ray():
+    code = "import sys, ray_jobs.spec; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        ({"distill": {"beta": -1}}, "distill.beta", "must be > 0"),
+        ({"distill": {"beta": 0}}, "distill.beta", "must be > 0"),
+        ({"distill": {"loss": "kto"}}, "distill.loss", "dpo"),
+        ({"distill": {"bogus": 1}}, "distill.bogus", "unknown field"),
+        ({"nonsense": True}, "nonsense", "unknown field"),
+        ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "must be < 1"),
+        ({"data": {"length_bias": {"rho": 1.2}}}, "data.length_bias.rho", "must be <= 1"),
+        ({"ensemble": {"size": -1}}, "ensemble.size", "must be >= 0"),
+        ({"distill": {"loss": "p-dpo"}}, "distill", "alpha > 0"),
+        ({"ensemble": {"size": 0}}, "spec", "ensemble.size must be >= 1 for loss e-dpo"),
+        ({"name": "../etc"}, "name", "pattern"),
+    ],
+)
+def test_bad_values_name_the_field(data, field, message):
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    fields = {e["field"]: e["message"] for e in info.value.errors}
+    assert field in fields, fields
+    assert message in fields[field]
+    assert field in str(info.value)
+
+
+def test_labelled_losses_need_no_ensemble():
+    spec = parse_spec({"ensemble": {"size": 0}, "distill": {"loss": "p-dpo", "alpha": 0.1}})
+    assert not spec.needs_rewards
+
+
+def test_load_yaml_and_json(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: demo\ndistill:\n  loss: dpo\n  beta: 0.5\n")
+    assert load_spec(tmp_path / "a.yaml").distill.beta == 0.5
+    (tmp_path / "b.json").write_text(json.dumps({"distill": {"family": "hull"}}))
+    assert load_spec(tmp_path / "b.json").distill.family == "hull"
+    (tmp_path / "c.yaml").write_text("distill: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("- a list\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(tmp_path / "d.yaml")
