@@ -61,6 +61,7 @@ def materialise(name: str, build: Callable[[Path], None], cache: Path | None = N
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared by every job on the machine
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
