@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.data import DatasetError, load_preference_data, prepare_data
+from ray_jobs.data import DatasetError, load_preference_data, load_split, prepare_data, ray_split
 from ray_jobs.data.formats import common_prompt
 from ray_jobs.data.length_bias import apply_length_bias, words
 from ray_jobs.data.split import split_by_prompt
@@ -349,6 +349,17 @@ def test_prepare_data_writes_the_stage_folder(tmp_path, tiny_llama):
     assert set(test.column("prompt").to_pylist()).isdisjoint(train.column("prompt").to_pylist())
     assert sorted(train.to_pylist() + test.to_pylist(), key=str) == sorted(rows, key=str)
     assert [e["done"] for e in read_events(job) if e["kind"] == "progress"] == [1, 2, 3, 4]
+
+
+@pytest.mark.ray
+def test_stage_splits_read_back_as_datasets_and_ray_datasets(tmp_path, tiny_llama, ray_cluster):
+    path = write_jsonl(tmp_path / "d.jsonl", [{**GOOD, "prompt": f"p{i}"} for i in range(10)])
+    spec = parse_spec({"reference": str(tiny_llama), "data": {"source": str(path), "test_fraction": 0.2}})
+    summary = prepare_data(spec, tmp_path / "job", EventLog(tmp_path / "job"))
+    assert (summary["train"], summary["test"]) == (8, 2)
+    assert load_split(tmp_path / "job", "train")[0]["prompt"].startswith("<|im_start|>user\np")
+    ray_test = ray_split(tmp_path / "job", "test")
+    assert ray_test.count() == 2 and ray_test.schema().names == ["prompt", "response_a", "response_b", "label"]
 
 
 def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_data):

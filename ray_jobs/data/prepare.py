@@ -176,7 +176,11 @@ def load_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"])
 
 
 def ray_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"]) -> Any:
-    """A finished job's data split as a Ray Dataset (needs a running Ray)."""
+    """A finished job's data split as a Ray Dataset (needs a running Ray).
+
+    Read on the driver and handed over as Arrow: splits are small, and this needs no read tasks or shared storage.
+    """
+    import pyarrow.parquet as pq
     import ray
 
-    return ray.data.read_parquet(str(Path(job_dir) / STAGE / f"{split}.parquet"))
+    return ray.data.from_arrow(pq.read_table(Path(job_dir) / STAGE / f"{split}.parquet"))
