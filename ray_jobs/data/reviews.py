@@ -8,7 +8,6 @@ Candidates are cached per (reference, prompts, sampling settings), so jobs that 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -63,37 +62,23 @@ def _cache_path(reference: str, prompts: list[str], n: int, gen: GenerationSpec)
 def _generate(
     reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None
 ) -> list[list[str]]:
-    # The generation stage (vLLM through Ray Data where it runs) when present; transformers' generate otherwise.
-    if importlib.util.find_spec("ray_jobs.generate") is not None:
-        from ray_jobs.generate import generate_texts
+    # The generation stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
+    from ray_jobs.generate import generate_texts
 
-        return generate_texts(
-            reference,
-            prompts,
-            n,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            engine=gen.engine,
-            replicas=gen.replicas,
-            events=events,
-            stage="data",
-        )
-    from ray_jobs.models.hf_generate import hf_generate
-    from ray_jobs.models.registry import load_causal_lm
-
-    model, tokenizer = load_causal_lm(reference)
-    return hf_generate(
-        model,
-        tokenizer,
+    return generate_texts(
+        reference,
         prompts,
-        n=n,
+        n,
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_p=gen.top_p,
         seed=gen.seed,
+        engine=gen.engine,
+        replicas=gen.replicas,
+        events=events,
+        stage="data",
         batch_size=gen.batch_size,
+        max_model_len=gen.max_model_len,
     )
 
 
