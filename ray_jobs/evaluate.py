@@ -1,0 +1,176 @@
+"""Stage 5, evaluation: the trained policy against π_ref on held-out prompts; publishes ``eval/``.
+
+One sample per held-out prompt from each model, both scored by the oracle. The win rate counts ties as half a
+win and carries a 95% Wilson interval; KL(π‖π_ref) is the Monte-Carlo mean of log π − log π_ref over the
+policy's own samples (whole-response log-probs from `sequence_logps`, the quantity the losses use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ray_jobs.artifacts import stage_dir, staging
+from ray_jobs.events import EventLog
+from ray_jobs.spec import JobSpec
+
+REPORT = "report.json"
+Z95 = 1.959963984540054
+
+
+class EvaluationError(ValueError):
+    """The job folder lacks what evaluation needs; the message names the missing file or column."""
+
+
+def held_out_prompts(path: Path, limit: int) -> list[str]:
+    """Distinct prompts of the held-out split, in first-seen order, at most `limit` of them."""
+    if not path.exists():
+        raise EvaluationError(f"{path}: missing; evaluation samples the held-out prompts of the data stage")
+    df = pd.read_parquet(path, columns=None)
+    if "prompt" not in df.columns:
+        raise EvaluationError(f"{path}: no 'prompt' column")
+    prompts = [p for p in dict.fromkeys(df["prompt"].tolist()) if isinstance(p, str) and p]
+    if not prompts:
+        raise EvaluationError(f"{path}: no prompts to evaluate on")
+    return prompts[:limit]
+
+
+def win_rate(policy: list[float], reference: list[float]) -> dict[str, Any]:
+    """Share of prompts where the policy's reward beats the reference's (ties = ½), with a 95% Wilson interval."""
+    p, r = np.asarray(policy, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    n = len(p)
+    if n == 0 or len(r) != n:
+        raise ValueError(f"win_rate needs two equal non-empty score lists, got {len(p)} and {len(r)}")
+    wins, ties = int((p > r).sum()), int((p == r).sum())
+    rate = (wins + 0.5 * ties) / n
+    denom = 1 + Z95**2 / n
+    centre = (rate + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(rate * (1 - rate) / n + Z95**2 / (4 * n * n)) / denom
+    return {
+        "rate": rate,
+        "lo": max(0.0, centre - half),
+        "hi": min(1.0, centre + half),
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+        "interval": "wilson-95",
+    }
+
+
+def _sample(model_ref: str | Path, prompts: list[str], spec: JobSpec, events: EventLog) -> list[str]:
+    e = spec.evaluate
+    try:
+        from ray_jobs.generate import generate_texts
+    except ImportError:  # the generation stage is optional for evaluation: plain HF generate is enough
+        from ray_jobs.models.hf_generate import hf_generate
+        from ray_jobs.models.registry import load_causal_lm
+
+        model, tokenizer = load_causal_lm(str(model_ref))
+        out = hf_generate(model, tokenizer, prompts, 1, e.max_new_tokens, e.temperature, seed=e.seed)
+    else:
+        out = generate_texts(
+            model_ref,
+            prompts,
+            1,
+            max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature,
+            seed=e.seed,
+            engine=spec.generation.engine,
+            replicas=spec.generation.replicas,
+            events=events,
+            stage="evaluate",
+        )
+    return [texts[0] if texts else "" for texts in out]
+
+
+@torch.no_grad()
+def _logps(model_ref: str | Path, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
+    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+    from ray_jobs.models.registry import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(model_ref))
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), 16):
+        batch = tokenize_responses(tokenizer, prompts[i : i + 16], responses[i : i + 16], max_length)
+        out.append(sequence_logps(model, batch).double().numpy())
+    return np.concatenate(out)
+
+
+def kl_estimate(policy: str | Path, reference: str | Path, prompts: list[str], samples: list[str], max_length: int):
+    """Monte-Carlo KL(π‖π_ref) from the policy's samples, and its standard error."""
+    diff = _logps(policy, prompts, samples, max_length) - _logps(reference, prompts, samples, max_length)
+    sem = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
+    return float(diff.mean()), sem
+
+
+def _length_stats(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    words = [len(t.split()) for t in texts]
+    return {
+        "tokens": tokens,
+        "words": words,
+        "mean_tokens": float(np.mean(tokens)),
+        "mean_words": float(np.mean(words)),
+    }
+
+
+def run_evaluation(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
+    """Compare ``policy/`` with π_ref on held-out prompts; writes ``eval/report.json`` and PNG plots."""
+    from ray_jobs.evaluate_plots import write_plots
+    from ray_jobs.models.registry import load_tokenizer
+
+    job_dir = Path(job_dir)
+    e = spec.evaluate
+    policy = stage_dir(job_dir, "policy")
+    if not policy.is_dir():
+        raise EvaluationError(f"{policy}: missing; run the distillation stage first")
+    prompts = held_out_prompts(job_dir / "data" / "test.parquet", e.num_prompts)
+    events.emit("log", "evaluate", message=f"sampling policy and reference on {len(prompts)} held-out prompts")
+    policy_texts = _sample(policy, prompts, spec, events)
+    reference_texts = _sample(spec.reference, prompts, spec, events)
+    max_length = spec.distill.max_length + e.max_new_tokens
+    kl, kl_sem = kl_estimate(policy, spec.reference, prompts, policy_texts, max_length)
+    tokenizer = load_tokenizer(spec.reference)
+    lengths = {"policy": _length_stats(tokenizer, policy_texts), "reference": _length_stats(tokenizer, reference_texts)}
+    report: dict[str, Any] = {
+        "num_prompts": len(prompts),
+        "oracle": e.oracle,
+        "kl": {"estimate": kl, "stderr": kl_sem, "method": "mean over policy samples of log pi - log pi_ref"},
+        "lengths": {
+            side: {"mean_tokens": s["mean_tokens"], "mean_words": s["mean_words"]} for side, s in lengths.items()
+        },
+        "win_rate": None,
+        "reward": None,
+    }
+    scores: dict[str, list[float]] = {}
+    if e.oracle is not None:
+        from ray_jobs.models.oracle import load_oracle
+
+        oracle = load_oracle(e.oracle)
+        scores = {
+            "policy": [float(s) for s in oracle.score(prompts, policy_texts)],
+            "reference": [float(s) for s in oracle.score(prompts, reference_texts)],
+        }
+        report["win_rate"] = win_rate(scores["policy"], scores["reference"])
+        report["reward"] = {
+            "policy_mean": float(np.mean(scores["policy"])),
+            "reference_mean": float(np.mean(scores["reference"])),
+        }
+    report["examples"] = [
+        {"prompt": p, "policy": a, "reference": b}
+        for p, a, b in zip(prompts[:5], policy_texts[:5], reference_texts[:5], strict=True)
+    ]
+    with staging(job_dir, "eval") as out:
+        report["plots"] = write_plots(out, job_dir, scores, lengths)
+        (out / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths")}
+    events.metrics("evaluate", 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
+    return summary

@@ -1,0 +1,176 @@
+"""Distillation: every loss trains the real tiny Llama, Ray Train resumes from checkpoints, the paper's claim holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_distill_support import write_pairs
+
+from ray_jobs.distill import loop_config, run_distill, train_loop
+from ray_jobs.distill_data import PairsError, collate_pairs
+from ray_jobs.distill_loop import POLICY_INFO
+from ray_jobs.events import EventLog, read_events
+from ray_jobs.models.logps import sequence_logps, tokenize_responses
+from ray_jobs.models.registry import load_causal_lm
+from ray_jobs.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def pairs_job(tmp_path_factory, tiny_llama) -> Path:
+    job = tmp_path_factory.mktemp("distill-pairs")
+    write_pairs(job, tiny_llama)
+    return job
+
+
+def _config(tiny_llama: Path, job: Path, run: Path, steps: int, **distill) -> dict:
+    """Full-batch steps (all 32 pairs at once), so each step's loss is measured on the same data."""
+    spec = JobSpec(reference=str(tiny_llama), distill={"batch_size": 32, "lr": 2e-3, "max_steps": steps, **distill})
+    config = loop_config(spec, job)
+    config.update(job_dir=str(run), checkpoint_dir=None, output_dir=None)
+    return config
+
+
+def _losses(run: Path) -> list[float]:
+    return [e["values"]["loss"] for e in read_events(run) if e["kind"] == "metrics"]
+
+
+def test_collate_orients_labelled_pairs_so_a_is_chosen():
+    df = pd.DataFrame(
+        {
+            "prompt": ["p", "p", "p"],
+            "response_a": ["a0", "a1", "a2"],
+            "response_b": ["b0", "b1", "b2"],
+            "label": pd.array([1, 0, None], dtype="Int8"),
+            "ref_logp_a": [-1.0, -2.0, -3.0],
+            "ref_logp_b": [-4.0, -5.0, -6.0],
+            "rewards_a": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+            "rewards_b": [[0.0, 0.5], [0.1, 0.2], [0.3, 0.4]],
+        }
+    )
+    batch = collate_pairs(df)
+    assert batch["response_a"] == ["a0", "b1", "a2"]
+    assert batch["response_b"] == ["b0", "a1", "b2"]
+    assert batch["ref_a"].tolist() == [-1.0, -5.0, -3.0]
+    assert torch.allclose(batch["r_a"], torch.tensor([[1.0, 2.0], [0.1, 0.2], [5.0, 6.0]]))
+    assert batch["labelled"].tolist() == [True, True, False]
+
+
+LOSSES = [
+    {"loss": "dpo"},
+    {"loss": "ipo"},
+    {"loss": "p-dpo", "alpha": 0.1},
+    {"loss": "distill", "member": 1},
+    {"loss": "distill", "alpha": 0.1},
+    {"loss": "e-dpo", "family": "min"},
+    {"loss": "e-dpo", "family": "example_min"},
+    {"loss": "e-dpo", "family": "mean"},
+    {"loss": "e-dpo", "family": "hull"},
+]
+
+
+@pytest.mark.parametrize("distill", LOSSES, ids=lambda d: "-".join(str(v) for v in d.values()))
+def test_every_loss_lowers_its_training_loss(tiny_llama, pairs_job, tmp_path, distill):
+    train_loop(_config(tiny_llama, pairs_job, tmp_path, steps=4, **distill))
+    losses = _losses(tmp_path)
+    assert len(losses) == 4
+    assert losses[-1] < losses[0], losses
+    metrics = [e for e in read_events(tmp_path) if e["kind"] == "metrics"][-1]["values"]
+    if distill["loss"] == "e-dpo":
+        assert len(metrics["member_losses"]) == 3
+        if distill["family"] in ("min", "example_min"):
+            assert sum(metrics["member_argmin_counts"]) >= 1
+    if distill.get("alpha"):
+        assert np.isfinite(metrics["forward_kl"])
+    # dpo-style losses train on the 24 labelled pairs only, distillation on all 32.
+    labelled_only = distill["loss"] in ("dpo", "ipo", "p-dpo")
+    assert (metrics["logp_shift_a"] is None) == labelled_only
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_labelled_loss_without_labels_fails_clearly(tiny_llama, tmp_path):
+    job = tmp_path / "job"
+    write_pairs(job, tiny_llama, n_labelled=0, n_unlabelled=4)
+    with pytest.raises(PairsError, match="no labelled pairs"):
+        train_loop(_config(tiny_llama, job, tmp_path, steps=1, loss="dpo"))
+
+
+def _policy_logps(policy: Path, prompts: list[str], responses: list[str]) -> np.ndarray:
+    model, tokenizer = load_causal_lm(str(policy))
+    model.eval()
+    with torch.no_grad():
+        return sequence_logps(model, tokenize_responses(tokenizer, prompts, responses, 256)).double().numpy()
+
+
+def test_lora_policy_is_merged_and_reloads(tiny_llama, pairs_job, tmp_path):
+    config = _config(tiny_llama, pairs_job, tmp_path, steps=2, loss="dpo", lora={"r": 4, "alpha": 8.0})
+    config["output_dir"] = str(tmp_path / "policy")
+    train_loop(config)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    info = json.loads((tmp_path / "policy" / POLICY_INFO).read_text())
+    assert info["lora"]["r"] == 4 and info["steps"] == 2
+
+
+def test_dpo_displaces_chosen_likelihood_more_than_edpo(tiny_llama, pairs_job, tmp_path):
+    """The paper's claim (PAPER.md §3): on a length-biased set DPO lowers log π(chosen) below π_ref, e-DPO less."""
+    pairs = pd.read_parquet(pairs_job / "pairs" / "pairs.parquet")
+    labelled = pairs[pairs["label"].notna()]
+    a_chosen = labelled["label"].to_numpy() == 1
+    chosen = np.where(a_chosen, labelled["response_a"], labelled["response_b"]).tolist()
+    ref_chosen = np.where(a_chosen, labelled["ref_logp_a"], labelled["ref_logp_b"])
+    shift = {}
+    for loss in ("dpo", "e-dpo"):
+        config = _config(tiny_llama, pairs_job, tmp_path / loss, steps=15, loss=loss, lr=1e-2, seed=3)
+        config["output_dir"] = str(tmp_path / loss / "policy")
+        train_loop(config)
+        logps = _policy_logps(tmp_path / loss / "policy", labelled["prompt"].tolist(), chosen)
+        shift[loss] = float(np.mean(logps - ref_chosen))
+    assert shift["dpo"] < 0, shift
+    assert shift["dpo"] < shift["e-dpo"], shift
+
+
+@pytest.mark.ray
+def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
+    ray_cluster, tiny_llama, pairs_job, tmp_path, monkeypatch
+):
+    job = tmp_path / "job"
+    (job / "pairs").mkdir(parents=True)
+    for name in ("pairs.parquet", "ref_samples.parquet"):
+        (job / "pairs" / name).write_bytes((pairs_job / "pairs" / name).read_bytes())
+    spec = JobSpec(
+        reference=str(tiny_llama),
+        distill={
+            "loss": "e-dpo",
+            "family": "min",
+            "alpha": 0.05,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "max_steps": 4,
+            "checkpoint_every": 2,
+            "max_failures": 1,
+        },
+    )
+    monkeypatch.setenv("RMDISTILL_CRASH_AFTER_STEP", "2")
+    summary = run_distill(spec, job, EventLog(job))
+    assert summary["steps"] == 4
+    assert (job / ".crash-hook-step-2").exists()  # the hook really fired
+    events = list(read_events(job))
+    resumed = [e for e in events if e.get("resumed_step") is not None]
+    assert [e["resumed_step"] for e in resumed] == [2]
+    steps = [e["step"] for e in events if e["kind"] == "metrics" and e["stage"] == "distill"]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 ran once: the retry started at the checkpoint, not at 0
+    last = [e for e in events if e["kind"] == "metrics"][-1]["values"]
+    assert len(last["member_losses"]) == 3 and sum(last["member_argmin_counts"]) == 1
+    assert "forward_kl" in last
+    info = json.loads((job / "policy" / POLICY_INFO).read_text())
+    assert info["loss"] == "e-dpo" and info["family"] == "min" and info["steps"] == 4
+    prompts, responses = ["Write a short review of a film you enjoyed.\n"], ["the film was warm"]
+    policy, reference = _policy_logps(job / "policy", prompts, responses), _policy_logps(tiny_llama, prompts, responses)
+    assert abs(policy[0] - reference[0]) > 1e-3
