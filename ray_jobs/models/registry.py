@@ -93,7 +93,7 @@ def _from_pretrained(ref: str | os.PathLike[str], loader: Callable[..., Any], **
     location = resolve_model_path(ref)
     try:
         return loader(location, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # transformers raises ValueError for a folder with no usable tokenizer
         if isinstance(location, str):
             raise ModelNotFoundError(
                 f"model {location!r} is not a local path, and loading it from the Hugging Face hub failed "
@@ -137,8 +137,14 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
+    from ray_jobs.models.reward import is_pair_encoder
+
     tokenizer = load_tokenizer(ref)
-    # Causal-LM heads find the last real token through pad_token_id; without it they only accept batch size 1.
+    # Causal-LM heads read the rightmost token that is not pad_token_id. Where pad doubles as EOS (SmolLM2) that
+    # would skip the EOS ending the response, so padding moves to another token the text never contains.
+    pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
+    if pad_is_eos and not is_pair_encoder(tokenizer) and tokenizer.unk_token not in (None, tokenizer.eos_token):
+        tokenizer.pad_token = tokenizer.unk_token
     model = _from_pretrained(
         ref,
         AutoModelForSequenceClassification.from_pretrained,

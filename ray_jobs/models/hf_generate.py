@@ -1,0 +1,62 @@
+"""Batched sampling with transformers' ``generate``: the engine used where vLLM is absent or does not load."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def hf_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """``n`` completions of each already-rendered prompt (new text only, special tokens stripped).
+
+    Greedy when ``temperature == 0`` (then the n completions are identical). Sampling is seeded once per call, so
+    the same arguments give the same texts.
+    """
+    if n < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"n, max_new_tokens and batch_size must be >= 1, got {n}, {max_new_tokens}, {batch_size}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    # top_k=0 turns off transformers' default top-50 cut, so sampling means what vLLM's does: temperature + top_p.
+    options = {"temperature": temperature, "top_p": top_p, "top_k": 0} if sampling else {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Each prompt repeated n times in a row, so a batch slice holds whole groups or parts of them, in order.
+    flat = [p for p in prompts for _ in range(n)]
+    texts: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: every row's prompt must end at the last column
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(flat), batch_size):
+            enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                do_sample=sampling,
+                **options,
+            )
+            texts.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
