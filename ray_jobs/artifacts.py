@@ -12,6 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 STAGES = ("data", "ensemble", "samples", "pairs", "policy", "eval")
+# Pipeline stage name (as in events) -> the folder it publishes.
+STAGE_FOLDERS = {
+    "data": "data",
+    "ensemble": "ensemble",
+    "samples": "samples",
+    "pairs": "pairs",
+    "distill": "policy",
+    "evaluate": "eval",
+}
 
 
 def home() -> Path:

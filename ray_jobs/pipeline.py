@@ -50,8 +50,8 @@ def _stage_functions() -> dict[str, StageFn]:
         "ensemble": run_ensemble,
         "samples": run_generation,
         "pairs": run_scoring,
-        "policy": run_distill,
-        "eval": run_evaluation,
+        "distill": run_distill,
+        "evaluate": run_evaluation,
     }
 
 
@@ -60,9 +60,9 @@ def planned_stages(spec: JobSpec) -> list[str]:
     stages = ["data"]
     if spec.needs_rewards or spec.reuse.ensemble:
         stages.append("ensemble")
-    stages += ["samples", "pairs", "policy"]
+    stages += ["samples", "pairs", "distill"]
     if spec.evaluate.oracle:
-        stages.append("eval")
+        stages.append("evaluate")
     return stages
 
 
@@ -76,15 +76,20 @@ def resolve_job_ref(ref: str) -> Path:
     return path
 
 
+def _complete(job_dir: Path, stage: str) -> bool:
+    return artifacts.is_complete(job_dir, artifacts.STAGE_FOLDERS[stage])
+
+
 def _adopt(source_job: Path, job_dir: Path, stages: list[str], events: EventLog) -> None:
     """Copy finished stage folders of an earlier job (hard links where the filesystem allows)."""
     for stage in stages:
-        src = artifacts.stage_dir(source_job, stage)
-        if artifacts.is_complete(job_dir, stage) or not src.is_dir():
+        folder = artifacts.STAGE_FOLDERS[stage]
+        src = artifacts.stage_dir(source_job, folder)
+        if _complete(job_dir, stage) or not src.is_dir():
             continue
-        with artifacts.staging(job_dir, stage) as out:
+        with artifacts.staging(job_dir, folder) as out:
             shutil.copytree(src, out, dirs_exist_ok=True, copy_function=_link_or_copy)
-        events.emit("log", stage, message=f"reused {stage}/ from {source_job}")
+        events.emit("log", stage, message=f"reused {folder}/ from {source_job}")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -161,7 +166,7 @@ def run_job(
             _adopt(resolve_job_ref(spec.reuse.pairs), job_dir, ["data", "ensemble", "samples", "pairs"], events)
         if spec.reuse.ensemble:
             _adopt(resolve_job_ref(spec.reuse.ensemble), job_dir, ["ensemble"], events)
-        pending = [s for s in stages if not artifacts.is_complete(job_dir, s)]
+        pending = [s for s in stages if not _complete(job_dir, s)]
         for stage in stages:
             if stage not in pending:
                 events.emit("stage_skipped", stage, reason="complete")
@@ -174,8 +179,8 @@ def run_job(
             events.emit("stage_started", stage)
             start = time.time()
             summary = fns[stage](spec, job_dir, events) or {}
-            if not artifacts.is_complete(job_dir, stage):
-                raise RuntimeError(f"stage {stage} returned without publishing {stage}/")
+            if not _complete(job_dir, stage):
+                raise RuntimeError(f"stage {stage} returned without publishing {artifacts.STAGE_FOLDERS[stage]}/")
             seconds = round(time.time() - start, 2)
             summaries[stage] = summary
             events.emit("stage_finished", stage, seconds=seconds, summary=summary)

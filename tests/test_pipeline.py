@@ -1,0 +1,138 @@
+"""The job driver end to end on tiny models and a real local Ray: artifacts, events, resume, failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ray_jobs import artifacts
+from ray_jobs.events import read_events
+from ray_jobs.pipeline import main, planned_stages, run_job
+from ray_jobs.spec import parse_spec
+
+POSITIVE = ["I loved it, a wonderful and joyful time.", "Great work, truly delightful and warm.", "Superb, happy."]
+NEGATIVE = ["It was awful and boring.", "Terrible, I hated every minute.", "Sad, dull and bad."]
+
+
+def write_dataset(path: Path, n: int = 24) -> Path:
+    rows = [
+        {
+            "prompt": f"Write a short review of place number {i}.",
+            "chosen": POSITIVE[i % 3] + f" Visit {i}.",
+            "rejected": NEGATIVE[i % 3] + f" Visit {i}.",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_spec(source: Path, **distill) -> dict:
+    return {
+        "name": "tiny",
+        "reference": "tiny:llama",
+        "data": {"source": str(source), "test_fraction": 0.25},
+        "ensemble": {"size": 2, "backbone": "tiny:bert", "epochs": 1, "batch_size": 8, "cpus_per_worker": 0.5},
+        "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 8, "max_prompts": 8},
+        "score": {"batch_size": 16, "max_length": 96},
+        "distill": {"loss": "e-dpo", "max_steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 96, **distill},
+        "evaluate": {"oracle": "builtin:vader", "num_prompts": 4, "max_new_tokens": 8},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, ray_cluster, tiny_llama, tiny_bert):
+    root = tmp_path_factory.mktemp("pipeline")
+    spec = parse_spec(tiny_spec(write_dataset(root / "prefs.jsonl")))
+    job_dir = root / "job"
+    summaries = run_job(spec, job_dir)
+    return spec, job_dir, summaries
+
+
+def test_whole_pipeline_writes_the_designed_artifacts(finished_job):
+    spec, job_dir, summaries = finished_job
+    assert list(summaries) == planned_stages(spec) == ["data", "ensemble", "samples", "pairs", "distill", "evaluate"]
+    assert json.loads((job_dir / "spec.json").read_text())["distill"]["loss"] == "e-dpo"
+    train = pd.read_parquet(job_dir / "data" / "train.parquet")
+    test = pd.read_parquet(job_dir / "data" / "test.parquet")
+    assert len(train) + len(test) == 24 and not set(train.prompt) & set(test.prompt)
+    manifest = json.loads((job_dir / "ensemble" / "manifest.json").read_text())
+    assert len(manifest["members"]) == 2
+    for k in range(2):
+        assert (job_dir / "ensemble" / f"member-{k}" / "metrics.json").is_file()
+    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    expected = {"prompt", "response_a", "response_b", "source", "label", "ref_logp_a", "ref_logp_b"}
+    assert expected | {"rewards_a", "rewards_b"} <= set(pairs.columns)
+    assert set(pairs.source) <= {"dataset", "generated"} and (pairs.source == "dataset").sum() == len(train)
+    assert all(len(r) == 2 for r in pairs.rewards_a)
+    assert (job_dir / "policy" / "config.json").is_file()
+    report = json.loads((job_dir / "eval" / "report.json").read_text())
+    win = report["win_rate"]
+    assert 0.0 <= win["lo"] <= win["rate"] <= win["hi"] <= 1.0 and win["n"] == len(set(test.prompt))
+    assert not (job_dir / ".partial").exists() or not any((job_dir / ".partial").iterdir())
+
+
+def test_events_tell_the_story(finished_job):
+    _, job_dir, _ = finished_job
+    events = list(read_events(job_dir))
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "job_started" and events[-1] == {**events[-1], "kind": "job_finished", "status": "succeeded"}
+    finished = [e["stage"] for e in events if e["kind"] == "stage_finished"]
+    assert finished == ["data", "ensemble", "samples", "pairs", "distill", "evaluate"]
+    assert any(e["kind"] == "metrics" and e["stage"] == "distill" for e in events)
+    assert any(e["kind"] == "metrics" and e["stage"] == "ensemble" for e in events)
+
+
+def test_rerunning_a_finished_job_does_no_work(finished_job):
+    spec, job_dir, _ = finished_job
+    before = {p: p.stat().st_mtime_ns for p in job_dir.rglob("*") if p.is_file() and p.name != "events.jsonl"}
+    n_events = len(list(read_events(job_dir)))
+    assert run_job(spec, job_dir) == {}
+    new = list(read_events(job_dir, offset=n_events))
+    assert [e["kind"] for e in new].count("stage_skipped") == 6
+    assert not [e for e in new if e["kind"] == "stage_started"]
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_reuse_pairs_from_an_earlier_job_trains_another_loss(finished_job, tmp_path):
+    spec, job_dir, _ = finished_job
+    data = tiny_spec(Path(spec.data.source), loss="dpo")
+    data["reuse"] = {"pairs": str(job_dir)}
+    data["evaluate"]["oracle"] = None
+    summaries = run_job(parse_spec(data), tmp_path / "dpo-job")
+    assert list(summaries) == ["distill"]
+    assert (tmp_path / "dpo-job" / "pairs" / "pairs.parquet").is_file()
+    meta = json.loads((tmp_path / "dpo-job" / "policy" / "rmdistill.json").read_text())
+    assert meta["loss"] == "dpo"
+
+
+def test_a_bad_row_fails_the_data_stage_and_publishes_nothing(tmp_path, ray_cluster):
+    source = write_dataset(tmp_path / "prefs.jsonl")
+    with source.open("a") as fh:
+        fh.write(json.dumps({"prompt": "p", "chosen": "", "rejected": "x"}) + "\n")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(tiny_spec(source)))
+    job_dir = tmp_path / "job"
+    assert main(["--spec", str(spec_path), "--job-dir", str(job_dir)]) == 1
+    errors = [e for e in read_events(job_dir) if e["kind"] == "error"]
+    assert errors and errors[0]["stage"] == "data" and "25" in errors[0]["message"]
+    assert [e for e in read_events(job_dir)][-1]["status"] == "failed"
+    assert not artifacts.is_complete(job_dir, "data")
+
+
+def test_cli_rejects_a_bad_spec_naming_the_field(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("distill:\n  beta: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.pipeline", "--spec", str(spec_path), "--job-dir", str(tmp_path / "j")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "distill.beta: must be > 0" in proc.stderr
+    assert not (tmp_path / "j").exists()
