@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,10 @@ class _Raw:
     token_ids: list[int]
     logprobs: list[float] | None
     eos: bool
+
+
+# Called from the generating thread with (request index in the batch, sample index, token id) for each new token.
+TokenSink = Callable[[int, int, int], None]
 
 
 def resolve_engine(engine: str | None = None) -> str:
@@ -158,30 +163,32 @@ class _HFBackend:
             eos.add(self.tokenizer.eos_token_id)
         self.eos = sorted(eos)
 
-    def run(self, batch: list[tuple[list[int], SamplingRequest]]) -> list[list[_Raw]]:
+    def run(self, batch: list[tuple[list[int], SamplingRequest]], sink: TokenSink | None = None) -> list[list[_Raw]]:
         """Requests with the same sampling settings share one ``generate`` call (rows = prompts x n)."""
         out: list[list[_Raw]] = [[] for _ in batch]
         groups: dict[tuple[float, float], list[int]] = {}
         for i, (_, req) in enumerate(batch):
             groups.setdefault((req.temperature, req.top_p), []).append(i)
         for (temperature, top_p), members in groups.items():
-            rows = [(i, ids) for i in members for ids in [batch[i][0]] * batch[i][1].n]
+            rows = [(i, k, batch[i][0]) for i in members for k in range(batch[i][1].n)]
             for start in range(0, len(rows), self.max_batch_rows):
                 chunk = rows[start : start + self.max_batch_rows]
-                for (i, _), raw in zip(chunk, self._generate(chunk, batch, temperature, top_p), strict=True):
+                raws = self._generate(chunk, batch, temperature, top_p, sink)
+                for (i, _, _), raw in zip(chunk, raws, strict=True):
                     out[i].append(raw)
         return out
 
-    def _generate(self, rows, batch, temperature: float, top_p: float) -> list[_Raw]:
+    def _generate(self, rows, batch, temperature: float, top_p: float, sink: TokenSink | None) -> list[_Raw]:
         torch = self.torch
         from transformers import GenerationConfig
 
-        reqs = [batch[i][1] for i, _ in rows]
-        width = max(len(ids) for _, ids in rows)
+        reqs = [batch[i][1] for i, _, _ in rows]
+        width = max(len(ids) for *_, ids in rows)
         pad = self.tokenizer.pad_token_id
         # Left padding keeps every prompt's last token at the same position, where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows], device=self.device)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for *_, ids in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for *_, ids in rows], device=self.device)
+        streamer = _RowStreamer([(i, k, batch[i][1].max_tokens) for i, k, _ in rows], self.eos, sink) if sink else None
         want_logprobs = any(r.logprobs for r in reqs)
         sampling = temperature > 0
         config = GenerationConfig(
@@ -196,7 +203,9 @@ class _HFBackend:
             output_logits=want_logprobs,
         )
         with torch.no_grad():
-            gen = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            gen = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=config, streamer=streamer
+            )
         new = gen.sequences[:, width:]
         token_lp = None
         if want_logprobs:
@@ -215,22 +224,65 @@ class _HFBackend:
         pass
 
 
+class _RowStreamer:
+    """transformers streamer for a batch: forwards each row's new tokens until its EOS or its own max_tokens."""
+
+    def __init__(self, rows: list[tuple[int, int, int]], eos: list[int], sink: TokenSink) -> None:
+        self.rows, self.eos, self.sink = rows, set(eos), sink
+        self.counts = [0] * len(rows)
+        self.done = [False] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        for r, token in enumerate(value.reshape(-1).tolist()):
+            i, k, limit = self.rows[r]
+            if self.done[r]:
+                continue
+            if token in self.eos or self.counts[r] >= limit:
+                self.done[r] = True
+                continue
+            self.counts[r] += 1
+            self.sink(i, k, token)
+
+    def end(self) -> None:
+        pass
+
+
 class _VLLMBackend:
     name = "vllm"
 
     def __init__(self, folder: Path, max_model_len: int) -> None:
-        # The engine core is a subprocess; fork inside a Ray worker is unsafe (ENV.md: vLLM needs spawn).
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # The actor is already a dedicated process: keeping vLLM's engine core and worker in it avoids two spawns
+        # (each re-imports vLLM) and leaves no grandchildren to outlive a killed actor.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # Several policies may share a node: let the OS place threads (Ray sets their count to the actor's CPUs).
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import torch
         from transformers import AutoConfig
         from vllm import LLM
 
         limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit)
-        self.llm = LLM(model=str(folder), enforce_eager=True, max_model_len=self.max_model_len, seed=0)
+        self.llm = LLM(
+            model=str(folder),
+            enforce_eager=True,
+            max_model_len=self.max_model_len,
+            seed=0,
+            # vLLM's CPU build casts to bf16 by default, whose attention kernel dies of an illegal instruction in a
+            # Ray worker here; fp32 is what transformers serves too.
+            dtype="auto" if torch.cuda.is_available() else "float32",
+            distributed_executor_backend="uni",
+            disable_log_stats=True,
+        )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def run(self, batch: list[tuple[list[int], SamplingRequest]]) -> list[list[_Raw]]:
+    def run(self, batch: list[tuple[list[int], SamplingRequest]], sink: TokenSink | None = None) -> list[list[_Raw]]:
+        """One ``generate`` over the whole batch (vLLM schedules it); the offline API streams nothing, so a
+        streaming request receives its text when the batch ends."""
         from vllm import SamplingParams
 
         params = [
@@ -307,6 +359,44 @@ def truncate_at_stop(pieces: list[str], stops: list[str]) -> tuple[int, int] | N
     return len(pieces), len(pieces[-1]) if pieces else 0
 
 
+def _thread_sink(loop: asyncio.AbstractEventLoop, queues: list[asyncio.Queue | None]) -> TokenSink | None:
+    """A TokenSink the generating thread calls, handing tokens to the streaming requests' queues on the loop."""
+    if not any(q is not None for q in queues):
+        return None
+
+    def sink(i: int, k: int, token: int) -> None:
+        if queues[i] is not None:
+            loop.call_soon_threadsafe(queues[i].put_nowait, (k, token))
+
+    return sink
+
+
+class _StreamDecoder:
+    """Turns one sample's tokens into text deltas, holding back what might be the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # inside a multi-byte character
+            return ""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        self.stopped = bool(hits)
+        safe = min(hits) if hits else len(text) - self.holdback
+        if safe <= self.emitted:
+            return ""
+        delta, self.emitted = text[self.emitted : safe], safe
+        return delta
+
+
 class PolicyEngine:
     """Ray actor body: one policy's model plus a batching request queue (an async actor)."""
 
@@ -321,13 +411,37 @@ class PolicyEngine:
 
     async def generate(self, req: SamplingRequest) -> GenerationResult:
         prompt, ids = self._prepare(req)
+        raws: list[_Raw] = await self._enqueue(ids, req, None)
+        return GenerationResult(prompt, len(ids), [self._finish(r, req) for r in raws], self.backend.name)
+
+    async def stream(self, req: SamplingRequest) -> AsyncIterator[dict[str, Any] | GenerationResult]:
+        """Text deltas ``{"index": sample, "text": ...}`` as tokens are generated, then the GenerationResult.
+
+        The deltas of a sample join to exactly its final text: text that could still turn into a stop string is
+        held back until it cannot, and whatever the tokens did not deliver comes at the end.
+        """
+        prompt, ids = self._prepare(req)
+        tokens: asyncio.Queue = asyncio.Queue()
+        done = self._enqueue(ids, req, tokens)
+        decoders = [_StreamDecoder(self.backend.tokenizer, req.stop) for _ in range(req.n)]
+        while (item := await tokens.get()) is not None:
+            k, token = item
+            if text := decoders[k].push(token):
+                yield {"index": k, "text": text}
+        result = GenerationResult(prompt, len(ids), [self._finish(r, req) for r in await done], self.backend.name)
+        for k, sample in enumerate(result.samples):
+            if rest := sample.text[decoders[k].emitted :]:
+                yield {"index": k, "text": rest}
+        yield result
+
+    def _enqueue(self, ids: list[int], req: SamplingRequest, tokens: asyncio.Queue | None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
-        done = asyncio.get_running_loop().create_future()
-        await self._queue.put((ids, req, done))
-        raws: list[_Raw] = await done
-        return GenerationResult(prompt, len(ids), [self._finish(r, req) for r in raws], self.backend.name)
+            self._worker = loop.create_task(self._serve())
+        done = loop.create_future()
+        self._queue.put_nowait((ids, req, done, tokens))
+        return done
 
     def _prepare(self, req: SamplingRequest) -> tuple[str, list[int]]:
         tok = self.backend.tokenizer
@@ -367,16 +481,17 @@ class PolicyEngine:
             await asyncio.sleep(self.batch_wait_s)
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            sink = _thread_sink(asyncio.get_running_loop(), [tokens for *_, tokens in batch])
             try:
-                outs = await asyncio.to_thread(self.backend.run, [(ids, req) for ids, req, _ in batch])
+                outs = await asyncio.to_thread(self.backend.run, [(ids, req) for ids, req, *_ in batch], sink)
             except Exception as exc:  # one bad batch fails its requests, not the actor
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            for (*_, done), out in zip(batch, outs, strict=True):
+                outs = [exc] * len(batch)
+            # Tokens posted from the thread are queued before this runs, so the end marker comes after them.
+            for (_, _, done, tokens), out in zip(batch, outs, strict=True):
                 if not done.done():
-                    done.set_result(out)
+                    done.set_exception(out) if isinstance(out, Exception) else done.set_result(out)
+                if tokens is not None:
+                    tokens.put_nowait(None)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.backend.close)
@@ -393,7 +508,13 @@ class _Loaded:
 
 
 class EngineManager:
-    """Loads policies into actors on first use; at most ``max_loaded`` at once, least recently used evicted first."""
+    """Loads policies into actors on first use; at most ``max_loaded`` at once, least recently used evicted first.
+
+    Used from the API process's event loop. If that process is not yet a Ray driver, the first load connects it
+    to ``ray_address`` (else $RMDISTILL_SERVING_RAY_ADDRESS; a GCS ``host:port`` or ``ray://``; None starts a
+    private local Ray). ``engine`` (else $RMDISTILL_SERVING_ENGINE) is auto, vllm or hf; ``num_cpus`` (else
+    $RMDISTILL_SERVING_NUM_CPUS, default 1) is each actor's CPU share when the cluster has no GPU.
+    """
 
     def __init__(
         self,
@@ -408,7 +529,7 @@ class EngineManager:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.max_loaded = max_loaded
-        self.ray_address = ray_address
+        self.ray_address = ray_address or os.environ.get("RMDISTILL_SERVING_RAY_ADDRESS") or None
         self.engine = resolve_engine(engine)
         self.num_cpus = float(num_cpus if num_cpus is not None else os.environ.get("RMDISTILL_SERVING_NUM_CPUS", 1))
         self.max_model_len = max_model_len
@@ -428,12 +549,33 @@ class EngineManager:
         return entry.actor if entry else None
 
     async def generate(self, policy_id: str, path: str, request: SamplingRequest) -> GenerationResult:
+        # Run to exhaustion (one item) so the call's cleanup happens now, not when the generator is collected.
+        [result] = [item async for item in self._call(policy_id, path, request, stream=False)]
+        return result
+
+    def stream(
+        self, policy_id: str, path: str, request: SamplingRequest
+    ) -> AsyncIterator[dict[str, Any] | GenerationResult]:
+        """Text deltas ``{"index", "text"}`` while the policy generates, then the GenerationResult."""
+        return self._call(policy_id, path, request, stream=True)
+
+    async def _call(
+        self, policy_id: str, path: str, request: SamplingRequest, stream: bool
+    ) -> AsyncIterator[dict[str, Any] | GenerationResult]:
         from ray.exceptions import RayActorError, RayTaskError
 
         for attempt in range(2):
             entry = await self._acquire(policy_id, path)
+            started = False
             try:
-                return await entry.actor.generate.remote(request)
+                if stream:
+                    async for ref in entry.actor.stream.remote(request):
+                        item = await ref
+                        started = True
+                        yield item
+                else:
+                    yield await entry.actor.generate.remote(request)
+                return
             except RayTaskError as exc:
                 # Re-raised bare so callers see the actor's message, not a remote traceback.
                 if isinstance(exc.cause, EngineRequestError):
@@ -441,12 +583,12 @@ class EngineManager:
                 raise
             except RayActorError as exc:
                 self._forget(entry)
-                if attempt:
-                    raise EngineUnavailableError(f"the engine for {policy_id!r} died twice: {exc}") from exc
+                # A stream that already sent text cannot be replayed without duplicating it.
+                if attempt or started:
+                    raise EngineUnavailableError(f"the engine for {policy_id!r} died: {exc}") from exc
                 log.warning("engine for %s died (%s); restarting it and retrying", policy_id, exc)
             finally:
                 self._release(entry)
-        raise AssertionError("unreachable")
 
     async def actor(self, policy_id: str, path: str) -> Any:
         """The loaded actor for a policy (loading it if needed): for callers that skip HTTP, e.g. the benchmark."""
@@ -479,7 +621,13 @@ class EngineManager:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=self.ray_address or "local", namespace="rmdistill", ignore_reinit_error=True)
+            if (self.ray_address or "").startswith(("http://", "https://")):
+                # A dashboard URL serves job submission only; a driver connects through the GCS or ray://.
+                raise EngineUnavailableError(
+                    f"serving needs the cluster's GCS address (host:port), not the dashboard URL {self.ray_address}: "
+                    "set RMDISTILL_SERVING_RAY_ADDRESS"
+                )
+            ray.init(address=self.ray_address or "local", namespace="rmdistill", log_to_driver=False)
         while len(self._loaded) >= self.max_loaded:
             self._forget(next(iter(self._loaded.values())))
         gpus = ray.cluster_resources().get("GPU", 0) >= 1

@@ -107,33 +107,77 @@ def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: boo
     )
 
 
+def _record(policy_id: str, endpoint: str, start: float, results: list[GenerationResult] | None) -> None:
+    REQUESTS.labels(policy_id, endpoint, "ok" if results is not None else "error").inc()
+    LATENCY.labels(policy_id, endpoint).observe(time.perf_counter() - start)
+    if results:
+        PROMPT_TOKENS.labels(policy_id).inc(sum(r.prompt_tokens for r in results))
+        COMPLETION_TOKENS.labels(policy_id).inc(sum(r.completion_tokens for r in results))
+
+
 async def _run(request: Request, policy, endpoint: str, reqs: list[SamplingRequest]) -> list[GenerationResult]:
     engines = request.app.state.engines
-    start, status = time.perf_counter(), "error"
+    start, results = time.perf_counter(), None
     try:
-        results = await asyncio.gather(*(engines.generate(policy.id, str(policy.path), r) for r in reqs))
-        status = "ok"
+        results = list(await asyncio.gather(*(engines.generate(policy.id, str(policy.path), r) for r in reqs)))
+        return results
     finally:
-        REQUESTS.labels(policy.id, endpoint, status).inc()
-        LATENCY.labels(policy.id, endpoint).observe(time.perf_counter() - start)
-    PROMPT_TOKENS.labels(policy.id).inc(sum(r.prompt_tokens for r in results))
-    COMPLETION_TOKENS.labels(policy.id).inc(sum(r.completion_tokens for r in results))
-    return list(results)
+        _record(policy.id, endpoint, start, results)
+
+
+# A stream item: (choice index, text delta), or, last, every prompt's GenerationResult.
+StreamItem = tuple[int, str] | list[GenerationResult]
+
+
+async def _stream(request: Request, policy, endpoint: str, reqs: list[SamplingRequest]) -> AsyncIterator[StreamItem]:
+    """Deltas of every choice (prompt p's sample k is choice p * n + k), prompts one after another."""
+    engines = request.app.state.engines
+    start, results = time.perf_counter(), []
+    try:
+        for p, req in enumerate(reqs):
+            async for item in engines.stream(policy.id, str(policy.path), req):
+                if isinstance(item, GenerationResult):
+                    results.append(item)
+                else:
+                    yield p * req.n + item["index"], item["text"]
+    except BaseException:
+        _record(policy.id, endpoint, start, None)
+        raise
+    _record(policy.id, endpoint, start, results)
+    yield results
+
+
+async def _sse(
+    items: AsyncIterator[StreamItem],
+    on_delta: Callable[[int, str], list[dict]],
+    on_end: Callable[[list[GenerationResult]], list[dict]],
+) -> StreamingResponse:
+    """Server-sent events in OpenAI's framing. The first item is awaited here, so a request the engine refuses
+    (prompt too long...) still gets a proper error status instead of a 200 stream."""
+    first = await anext(items)
+
+    async def events() -> AsyncIterator[str]:
+        item = first
+        try:
+            while not isinstance(item, list):
+                for chunk in on_delta(*item):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                item = await anext(items)
+        except Exception as exc:  # the status line is gone: the error can only travel in the stream
+            error = {"message": str(exc), "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            return
+        for chunk in on_end(item):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _usage(results: list[GenerationResult]) -> dict[str, int]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------------------------------------- routes
@@ -149,26 +193,28 @@ async def completions(body: CompletionRequest, request: Request, owner: str | No
     policy = _policy(request, body.model, owner)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or 16
-    results = await _run(
-        request,
-        policy,
-        "completions",
-        [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts],
-    )
+    reqs = [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts]
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    samples = [s for r in results for s in r.samples]
     if body.stream:
-        chunks = [
-            _completion_chunk(ident, created, body.model, i, piece, None)
-            for i, s in enumerate(samples)
-            for piece in s.pieces
-            if piece
-        ]
-        chunks += [_completion_chunk(ident, created, body.model, i, "", s.finish_reason) for i, s in enumerate(samples)]
-        if body.stream_options and body.stream_options.include_usage:
-            chunks.append({**_completion_chunk(ident, created, body.model, 0, "", None), "choices": []})
-            chunks[-1]["usage"] = _usage(results)
-        return _sse(chunks)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def on_end(results: list[GenerationResult]) -> list[dict]:
+            samples = [s for r in results for s in r.samples]
+            chunks = [
+                _completion_chunk(ident, created, body.model, i, "", s.finish_reason) for i, s in enumerate(samples)
+            ]
+            if usage:
+                chunks.append({**_completion_chunk(ident, created, body.model, 0, "", None), "choices": []})
+                chunks[-1]["usage"] = _usage(results)
+            return chunks
+
+        return await _sse(
+            _stream(request, policy, "completions", reqs),
+            lambda i, text: [_completion_chunk(ident, created, body.model, i, text, None)],
+            on_end,
+        )
+    results = await _run(request, policy, "completions", reqs)
+    samples = [s for r in results for s in r.samples]
     choices = [
         {
             "text": s.text,
@@ -208,19 +254,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, owner:
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
-    [result] = await _run(request, policy, "chat", [_sampling(body, None, messages, max_tokens, body.logprobs)])
+    req = _sampling(body, None, messages, max_tokens, body.logprobs)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        chunks = []
-        for i, s in enumerate(result.samples):
-            chunks.append(_chat_chunk(ident, created, body.model, i, {"role": "assistant", "content": ""}, None))
-            chunks += [_chat_chunk(ident, created, body.model, i, {"content": p}, None) for p in s.pieces if p]
-            chunks.append(_chat_chunk(ident, created, body.model, i, {}, s.finish_reason))
-        if body.stream_options and body.stream_options.include_usage:
-            chunks.append(
-                {**_chat_chunk(ident, created, body.model, 0, {}, None), "choices": [], "usage": _usage([result])}
-            )
-        return _sse(chunks)
+        return await _sse(_stream(request, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
+    [result] = await _run(request, policy, "chat", [req])
     choices = [
         {
             "index": i,
@@ -242,6 +280,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, owner:
         "choices": choices,
         "usage": _usage([result]),
     }
+
+
+def _chat_stream_renderers(ident: str, created: int, body: ChatCompletionRequest):
+    """Chunk builders for a chat stream: each choice opens with the assistant role and closes with its reason."""
+    opened: set[int] = set()
+
+    def open_choice(i: int) -> list[dict]:
+        if i in opened:
+            return []
+        opened.add(i)
+        return [_chat_chunk(ident, created, body.model, i, {"role": "assistant", "content": ""}, None)]
+
+    def on_delta(i: int, text: str) -> list[dict]:
+        return [*open_choice(i), _chat_chunk(ident, created, body.model, i, {"content": text}, None)]
+
+    def on_end(results: list[GenerationResult]) -> list[dict]:
+        chunks = []
+        for i, sample in enumerate(results[0].samples):
+            chunks += [*open_choice(i), _chat_chunk(ident, created, body.model, i, {}, sample.finish_reason)]
+        if body.stream_options is not None and body.stream_options.include_usage:
+            chunks.append(
+                {**_chat_chunk(ident, created, body.model, 0, {}, None), "choices": [], "usage": _usage(results)}
+            )
+        return chunks
+
+    return on_delta, on_end
 
 
 def _chat_chunk(ident: str, created: int, model: str, index: int, delta: dict, finish: str | None) -> dict:

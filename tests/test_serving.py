@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,28 +15,7 @@ import torch
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@dataclass
-class _Policy:
-    id: str
-    path: str
-    job_id: str = "job-test"
-    base_model: str = "tiny:llama"
-    loss: str = "dpo"
-    created_at: float = 1_700_000_000.0
-    summary: dict = field(default_factory=dict)
-
-
-class _FolderStore:
-    """Stands in for service.store.Store (the two methods serving uses) over real policy folders."""
-
-    def __init__(self, policies: dict[str, Path]) -> None:
-        self.policies = {pid: _Policy(pid, str(path)) for pid, path in policies.items()}
-
-    def get_policy(self, policy_id: str, owner: str | None) -> _Policy | None:
-        return self.policies.get(policy_id)
-
-    def list_policies(self, owner: str | None) -> list[_Policy]:
-        return list(self.policies.values())
+ALICE, BOB = "alice-token", "bob-token"
 
 
 def _free_port() -> int:
@@ -48,41 +25,59 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_llama):
-    """The serving router on a small app, max_loaded=1 so switching policies exercises eviction."""
+def server(ray_cluster, tiny_llama, tmp_path_factory):
+    """The real service app on uvicorn, attached to the session's Ray; max_loaded=1 so switching policies evicts.
+
+    Alice registers the tiny Llama folder twice (two policy ids); Bob's token sees none of it.
+    """
     import uvicorn
-    from fastapi import FastAPI
 
-    from service.engines import EngineManager
-    from service.serving import router
+    from service.app import create_app
+    from service.settings import Settings
 
-    @asynccontextmanager
-    async def lifespan(app):
-        app.state.engines = EngineManager(max_loaded=1, engine="hf", num_cpus=0.5)
-        yield
-        await app.state.engines.shutdown()
-
-    app = FastAPI(lifespan=lifespan)
-    app.state.store = _FolderStore({"tiny": tiny_llama, "tiny-b": tiny_llama})
-    app.include_router(router)
+    env = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "0.5"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("serving-home"),
+        data_roots=(tiny_llama.parent,),
+        tokens=[ALICE, BOB],
+        # No jobs are submitted here: the address only keeps the app from starting its own embedded head.
+        ray_address=ray_cluster.get_runtime_context().gcs_address,
+        max_loaded_policies=1,
+    )
+    app = create_app(settings)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
+    deadline = time.time() + 60
     while not srv.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    for pid in ("tiny", "tiny-b"):
+        r = httpx.post(f"{url}/v1/policies", json={"path": str(tiny_llama), "id": pid}, headers=_auth(ALICE))
+        assert r.status_code == 201, r.text
+    yield app, url
     srv.should_exit = True
     thread.join(60)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _auth(token: str = ALICE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{server[1]}/v1", api_key=ALICE, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +135,18 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, reference):
     ]
     assert len(pieces) >= 2 and "".join(pieces) == plain.choices[0].text
 
+    # A stop string spanning tokens: the stream holds text back and ends exactly where the plain answer does.
+    stop = plain.choices[0].text[3:6]
+    cut = client.completions.create(model="tiny", prompt="a quiet", max_tokens=6, temperature=0, stop=stop)
+    streamed = client.completions.create(
+        model="tiny", prompt="a quiet", max_tokens=6, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text == plain.choices[0].text.split(stop)[0]
+
 
 def test_sse_wire_format_ends_with_done(server):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server[1]}/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{server[1]}/v1/completions", json=body, headers=_auth(), timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
@@ -155,7 +158,7 @@ def test_fifty_concurrent_requests_all_answer_their_own_prompt(server, reference
     prompts = [" ".join(["great"] * (k % 10 + 1) + [str(k)]) for k in range(50)]
 
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server[1], timeout=120) as http:
+        async with httpx.AsyncClient(base_url=server[1], headers=_auth(), timeout=120) as http:
             return await asyncio.gather(
                 *(
                     http.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 4, "temperature": 0})
@@ -175,9 +178,8 @@ def test_unknown_model_is_openai_404(client, server):
     with pytest.raises(NotFoundError) as err:
         client.completions.create(model="no-such-policy", prompt="x", max_tokens=2)
     assert err.value.status_code == 404
-    r = httpx.post(
-        f"{server[1]}/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
-    )
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(f"{server[1]}/v1/chat/completions", json=chat, headers=_auth())
     assert r.status_code == 404
     assert r.json() == {
         "error": {
@@ -189,13 +191,26 @@ def test_unknown_model_is_openai_404(client, server):
     }
 
 
+def test_serving_uses_the_job_api_auth_and_ownership(server):
+    from openai import AuthenticationError, NotFoundError, OpenAI
+
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    assert httpx.post(f"{server[1]}/v1/completions", json=body).status_code == 401
+    bob = OpenAI(base_url=f"{server[1]}/v1", api_key=BOB, max_retries=0)
+    assert bob.models.list().data == []
+    with pytest.raises(NotFoundError):
+        bob.completions.create(**body)
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{server[1]}/v1", api_key="wrong", max_retries=0).models.list()
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_tokens", 0), ("max_tokens", 10**7), ("temperature", 2.5), ("top_p", 0), ("n", 17), ("stop", list("abcde"))],
 )
 def test_bad_sampling_values_are_openai_400(server, field, value):
     body = {"model": "tiny", "prompt": "x", "max_tokens": 2, field: value}
-    r = httpx.post(f"{server[1]}/v1/completions", json=body, timeout=30)
+    r = httpx.post(f"{server[1]}/v1/completions", json=body, headers=_auth(), timeout=30)
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == field and field in error["message"]
@@ -206,14 +221,14 @@ def test_prompt_longer_than_the_context_is_400(server, tiny_llama):
 
     context = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
     body = {"model": "tiny", "prompt": "word " * context, "max_tokens": 4}
-    r = httpx.post(f"{server[1]}/v1/completions", json=body, timeout=60)
+    r = httpx.post(f"{server[1]}/v1/completions", json=body, headers=_auth(), timeout=60)
     assert r.status_code == 400 and "exceeds this policy's context" in r.json()["error"]["message"]
 
 
 def test_generate_returns_samples_with_their_policy_logprobs(server, reference):
     model, tok = reference
     body = {"prompt": "the plot", "n": 3, "max_tokens": 6, "temperature": 1.0, "return_logprobs": "tokens"}
-    r = httpx.post(f"{server[1]}/v1/policies/tiny/generate", json=body, timeout=60)
+    r = httpx.post(f"{server[1]}/v1/policies/tiny/generate", json=body, headers=_auth(), timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out["samples"]) == 3 and out["engine"] == "hf"
@@ -231,6 +246,7 @@ def test_generate_returns_samples_with_their_policy_logprobs(server, reference):
     stopped = httpx.post(
         f"{server[1]}/v1/policies/tiny/generate",
         json={"prompt": "the plot", "max_tokens": 6, "temperature": 0},
+        headers=_auth(),
         timeout=60,
     ).json()["samples"][0]
     stop = stopped["text"][2:4]
@@ -238,6 +254,7 @@ def test_generate_returns_samples_with_their_policy_logprobs(server, reference):
     cut = httpx.post(
         f"{server[1]}/v1/policies/tiny/generate",
         json={"prompt": "the plot", "max_tokens": 6, "temperature": 0, "stop": stop},
+        headers=_auth(),
         timeout=60,
     ).json()["samples"][0]
     assert cut["text"] == stopped["text"][: stopped["text"].find(stop)] and cut["finish_reason"] == "stop"
