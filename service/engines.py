@@ -538,6 +538,7 @@ class EngineManager:
         self._load_lock = asyncio.Lock()
         self._closing: set[asyncio.Task] = set()
         self.loads = 0  # how many actors were started (a restart or a reload after eviction counts)
+        self._own_ray = False  # whether this manager made the process a Ray driver (and so disconnects it)
 
     def loaded(self) -> list[str]:
         """Loaded policy ids, least recently used first."""
@@ -607,6 +608,12 @@ class EngineManager:
             self._forget(entry)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._own_ray:
+            import ray
+
+            # Disconnect before the app stops an embedded head, or the driver logs connection errors on exit.
+            ray.shutdown()
+            self._own_ray = False
 
     async def _acquire(self, policy_id: str, path: str) -> _Loaded:
         entry = self._loaded.get(policy_id)
@@ -628,6 +635,7 @@ class EngineManager:
                     "set RMDISTILL_SERVING_RAY_ADDRESS"
                 )
             ray.init(address=self.ray_address or "local", namespace="rmdistill", log_to_driver=False)
+            self._own_ray = True
         while len(self._loaded) >= self.max_loaded:
             self._forget(next(iter(self._loaded.values())))
         gpus = ray.cluster_resources().get("GPU", 0) >= 1

@@ -313,3 +313,31 @@ def test_vllm_engine_serves_deterministic_greedy_samples(ray_cluster, tiny_llama
     assert len(first.samples[0].token_logprobs) == len(first.samples[0].token_ids) >= 1
     assert all(lp <= 0 for lp in first.samples[0].token_logprobs)
     assert len(sampled.samples) == 3 and all(1 <= len(s.token_ids) <= 4 for s in sampled.samples)
+
+
+def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, reference):
+    import copy
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from service.engines import _materialise
+
+    base, tok = reference
+    # Non-zero LoRA weights, so serving the bare base by mistake would change the logits.
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), lora).eval()
+    adapter = tmp_path / "policy"
+    peft_model.save_pretrained(adapter)
+    (adapter / "rmdistill.json").write_text(json.dumps({"base_model": "tiny:llama", "loss": "dpo"}))
+
+    merged = _materialise(str(adapter))
+    assert merged != adapter and _materialise(str(adapter)) == merged
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = torch.tensor([tok("the film was long")["input_ids"]])
+    with torch.no_grad():
+        want, got, bare = peft_model(ids).logits, served(ids).logits, base(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, bare, atol=1e-3)
+    assert AutoTokenizer.from_pretrained(merged).chat_template == tok.chat_template
