@@ -84,9 +84,27 @@ class LocalRayHead:
         self.gcs_address = ""
         self._pid_file = self.root / "ray-head.json"
 
-    def start(self, timeout_s: float = 180.0) -> LocalRayHead:
+    def start(self, timeout_s: float = 180.0, attempts: int = 5) -> LocalRayHead:
+        """Start the head; retried because Ray gives a raylet only 30 s to register, which a loaded machine misses."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._kill_leftover()
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout_s)
+            except RayUnavailable as exc:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                log.warning("Ray head start %d/%d failed, retrying: %s", attempt, attempts, str(exc)[-300:])
+                continue
+            except BaseException:
+                self.stop()
+                raise
+            log.info("embedded Ray head up at %s (temp dir %s)", self.dashboard_url, self.temp_dir)
+            return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _start_once(self, timeout_s: float) -> None:
         ports = {
             "port": free_port(),
             "dashboard-port": free_port(),
@@ -114,7 +132,7 @@ class LocalRayHead:
         env = {**os.environ, **self.env, "RAY_AUTH_MODE": auth_mode(), "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         self._log_path = self.root / "ray-head.log"
-        with self._log_path.open("wb") as out:
+        with self._log_path.open("ab") as out:
             # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
             self.process = subprocess.Popen(
                 cmd, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -122,13 +140,7 @@ class LocalRayHead:
         self.dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
         self.gcs_address = f"127.0.0.1:{ports['port']}"
         self._pid_file.write_text(json.dumps({"pid": self.process.pid, "temp_dir": str(self.temp_dir)}))
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        log.info("embedded Ray head up at %s (temp dir %s)", self.dashboard_url, self.temp_dir)
-        return self
+        self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         # The dashboard answers before the node registers; a submission in that gap fails, so wait for an ALIVE node.

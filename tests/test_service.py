@@ -25,10 +25,11 @@ from service.ray_backend import LocalRayHead, free_port
 from service.settings import Settings
 from service.store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
+# The first full job dominates: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
 TOKEN_A, TOKEN_B = "token-alice", "token-bob"
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
 
 
 class Server:
@@ -45,7 +46,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 240) -> Server:
+    def start(self, timeout_s: float = 900) -> Server:
         self.thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
@@ -84,7 +85,15 @@ def tiny_spec(name: str, max_steps: int = 2) -> dict[str, Any]:
         "name": name,
         "reference": "tiny:llama",
         "data": {"source": "prefs.jsonl", "test_fraction": 0.25, "apply_chat_template": False},
-        "ensemble": {"size": 2, "backbone": "tiny:bert", "epochs": 1, "batch_size": 8, "max_length": 64},
+        # Half-CPU workers let both members train at once on the 2-CPU heads.
+        "ensemble": {
+            "size": 2,
+            "backbone": "tiny:bert",
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 64,
+            "cpus_per_worker": 0.5,
+        },
         "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
         "score": {"max_length": 64},
         "distill": {"loss": "e-dpo", "max_steps": max_steps, "batch_size": 4, "max_length": 64},
@@ -132,7 +141,7 @@ def test_unreachable_ray_is_503_and_reads_still_work(tmp_path: Path) -> None:
 # Embedded mode: the service starts (and stops) its own Ray head
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("svc")
     write_prefs(home / "datasets")
@@ -144,7 +153,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert head_pid is None, "the embedded Ray head was not stopped with the service"
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def completed(embedded: Server) -> dict[str, Any]:
     """One tiny job submitted over HTTP and followed over SSE to its end."""
     with embedded.client() as client:
@@ -334,15 +343,20 @@ class TestEmbedded:
 # RAY_ADDRESS mode: a separately started head that outlives a service restart
 
 
-def test_restart_reattaches_to_a_running_job(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_restart_reattaches_to_a_running_job(
+    tmp_path_factory: pytest.TempPathFactory, completed: dict[str, Any]
+) -> None:
+    """A second service on its own data folder, pointed at a separately started head; its job reuses the first
+    job's scored pairs (a data root of this service), so only distillation and evaluation run."""
     home = tmp_path_factory.mktemp("ext")
-    write_prefs(home / "datasets")
-    head = LocalRayHead(tmp_path_factory.mktemp("exthead"), num_cpus=2, env={"RMDISTILL_HOME": str(home)}).start()
+    earlier = Path(completed["job"]["job_dir"])
+    head = LocalRayHead(tmp_path_factory.mktemp("exthead"), num_cpus=2).start()
     try:
-        settings = Settings(data_dir=home, ray_address=head.dashboard_url, poll_interval_s=0.5)
+        settings = Settings(data_dir=home, ray_address=head.dashboard_url, data_roots=(earlier,), poll_interval_s=0.5)
+        spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}}
         first = Server(settings).start()
         with first.client(None) as client:
-            job = client.submit(tiny_spec("restarted"))
+            job = client.submit(spec)
             wait_for(lambda: client.get(job["id"])["state"] == "running", 120, "the job to run")
         first.stop()
         assert ray_status(head.dashboard_url, job["ray_submission_id"]) in ("PENDING", "RUNNING")
@@ -364,7 +378,10 @@ def test_restart_reattaches_to_a_running_job(tmp_path_factory: pytest.TempPathFa
             assert final["state"] == "succeeded", final.get("error")
             assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
             assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
-            assert {"policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+            assert {"pairs", "policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+            reused = {e["stage"] for e in events if e["kind"] == "log" and "reused" in e.get("message", "")}
+            assert {"data", "ensemble", "samples", "pairs"} <= reused
+            assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
         finally:
             second.stop()
         assert ray_status(head.dashboard_url, job["ray_submission_id"]) == "SUCCEEDED"  # the head outlived both
