@@ -377,6 +377,7 @@ def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_dat
     summary = prepare_data(spec, tmp_path / "job", EventLog(tmp_path / "job"))
     assert (summary["length_bias"]["kept"], summary["kept"], summary["train"] + summary["test"]) == (300, 300, 300)
     assert (summary["length_bias"]["longer_preferred_kept"], summary["length_bias"]["rho_achieved"]) == (60, 0.2)
+    assert summary["length_bias"]["length_unit"] == "words"
 
 
 def test_failed_prepare_leaves_no_data_folder(tmp_path, tiny_llama):

@@ -26,6 +26,7 @@ class LengthBiasReport:
     shorter_preferred_available: int
     kept: int
     longer_preferred_kept: int
+    length_unit: str = "words"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
