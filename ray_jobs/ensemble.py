@@ -1,0 +1,300 @@
+"""Stage 1: fit the family of K Bradley–Terry reward models, members in parallel on Ray.
+
+Each member is one Ray Train ``TorchTrainer`` run (DDP over ``workers_per_member`` workers, gloo on CPU), and the K
+runs are Ray Tune trials of one Tuner (the Train V2 + Tune pattern: the trial function builds and fits the trainer),
+so Tune provides the concurrency limit and the retry policy, and Train the per-member scaling. The trial itself
+holds only ``TRIAL_CPUS``; the Train workers reserve their own resources, so members share a node or a GPU freely.
+
+Outputs (published atomically with ``staging``): ``ensemble/member-<k>/`` (HF folder + metrics.json) and
+``ensemble/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_jobs.artifacts import stage_dir, staging
+from ray_jobs.events import EventLog
+from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, load_spec
+
+STAGE = "ensemble"
+MANIFEST = "manifest.json"
+# A trial only builds the trainer and waits on it; a tenth of a CPU lets K of them sit beside K members' workers.
+TRIAL_CPUS = 0.1
+# Test hook (see ray_jobs.ensemble_train): the first attempt of this member index raises after its first epoch.
+FAIL_ONCE_ENV = "RMDISTILL_FAIL_MEMBER_ONCE"
+
+
+class EnsembleError(RuntimeError):
+    """A member failed for good (after its retries), or the stage cannot start."""
+
+
+def _member_lora(spec: EnsembleSpec, lora_r: int | None) -> dict[str, Any] | None:
+    if lora_r is None:
+        return spec.lora.model_dump() if spec.lora else None
+    base = spec.lora or LoraSpec()
+    return base.model_copy(update={"r": lora_r}).model_dump()
+
+
+def member_configs(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[dict[str, Any]]:
+    """One JSON-able training config per member: the ensemble defaults with that member's overrides applied.
+
+    A member without a seed override gets ``seed + k``, so ``diversity: seed`` members differ by default.
+    """
+    fail_member = os.environ.get(FAIL_ONCE_ENV)
+    configs = []
+    for k in range(spec.size):
+        override = spec.members[k] if k < len(spec.members) else None
+        get = lambda name, default, o=override: default if o is None or getattr(o, name) is None else getattr(o, name)  # noqa: E731
+        configs.append(
+            {
+                "k": k,
+                "size": spec.size,
+                "backbone": get("backbone", spec.backbone),
+                "lr": get("lr", spec.lr),
+                "seed": get("seed", spec.seed + k),
+                "lora": _member_lora(spec, get("lora_r", None)),
+                "data_seed": spec.seed,
+                "diversity": spec.diversity,
+                "epochs": spec.epochs,
+                "batch_size": spec.batch_size,
+                "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+                "max_length": spec.max_length,
+                "margin": spec.margin,
+                "center_rewards_coefficient": spec.center_rewards_coefficient,
+                "early_stopping_patience": spec.early_stopping_patience,
+                "job_dir": str(job_dir),
+                "train_path": str(job_dir / "data" / "train.parquet"),
+                "test_path": str(job_dir / "data" / "test.parquet"),
+                "out_dir": str(out_root / f"member-{k}"),
+                "fail_once_marker": str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
+            }
+        )
+    return configs
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry: the plain loop, DDP-wrapped, reporting every epoch (Tune sees it via the callback)."""
+    import ray.train
+
+    from ray_jobs.ensemble_train import train_member
+
+    train_member(config, distributed=True, report=ray.train.report)
+
+
+def _bump_attempt(config: dict[str, Any]) -> int:
+    # Tune restarts a failed trial in a fresh actor, so the attempt count lives on the shared job folder.
+    counter = Path(config["out_dir"]).parent / ".attempts" / f"member-{config['k']}"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    with counter.open("a") as fh:
+        fh.write(f"{time.time()}\n")
+    return len(counter.read_text().splitlines())
+
+
+def _member_trial(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """Tune trial function: build and fit one member's TorchTrainer; raise so Tune retries a failed member."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = dict(trial_config["member"])
+    res = trial_config["resources"]
+    k = config["k"]
+    config["attempt"] = _bump_attempt(config)
+    config["launched_at"] = time.time()
+    events = EventLog(config["job_dir"])
+    events.emit(
+        "log", STAGE, message=f"member {k} started (attempt {config['attempt']})", event="member_started", member=k
+    )
+    shutil.rmtree(config["out_dir"], ignore_errors=True)  # a retry must not publish a half-written earlier attempt
+    # Train's preemption watcher is one more actor process per member; a preempted member is retried whole by Tune.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    worker_resources = {"CPU": res["cpus_per_worker"]}
+    if res["gpus_per_worker"] > 0:
+        worker_resources["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res["workers_per_member"],
+            use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker=worker_resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"member-{k}-attempt-{config['attempt']}",
+            storage_path=res["storage_path"],
+            callbacks=[TuneReportCallback()],
+            # Retries belong to Tune (whole member, counted in metrics.json), not to Train's worker restarts.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+    metrics = json.loads((Path(config["out_dir"]) / "metrics.json").read_text())
+    done = len(list(Path(config["out_dir"]).parent.glob("member-*/metrics.json")))
+    events.emit(
+        "log",
+        STAGE,
+        message=f"member {k} finished: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f}",
+        event="member_finished",
+        member=k,
+        accuracy=metrics["accuracy"],
+        loss=metrics["loss"],
+        attempt=metrics["attempt"],
+        node_id=metrics["node_id"],
+    )
+    events.progress(STAGE, done=done, total=config["size"])
+    return {key: metrics[key] for key in ("member", "accuracy", "loss", "epochs_run", "attempt")}
+
+
+def _max_concurrent(spec: EnsembleSpec) -> int:
+    """Members that fit on the cluster at once (spec.max_concurrent wins): more would only queue inside Train."""
+    import ray
+
+    if spec.max_concurrent:
+        return min(spec.max_concurrent, spec.size)
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0.0) / (spec.workers_per_member * spec.cpus_per_worker + TRIAL_CPUS)
+    if spec.gpus_per_worker > 0:
+        fits = min(fits, total.get("GPU", 0.0) / (spec.workers_per_member * spec.gpus_per_worker))
+    return max(1, min(spec.size, math.floor(fits + 1e-9)))
+
+
+def _fit_members(spec: EnsembleSpec, configs: list[dict[str, Any]], storage: Path) -> None:
+    from ray import tune
+
+    resources = {
+        "workers_per_member": spec.workers_per_member,
+        "cpus_per_worker": spec.cpus_per_worker,
+        "gpus_per_worker": spec.gpus_per_worker,
+        "storage_path": str(storage),
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(_member_trial, {"cpu": TRIAL_CPUS}),
+        param_space={"member": tune.grid_search(configs), "resources": resources},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=_max_concurrent(spec),
+            trial_name_creator=lambda t: f"member-{t.config['member']['k']}",
+            trial_dirname_creator=lambda t: f"member-{t.config['member']['k']}",
+        ),
+        run_config=tune.RunConfig(
+            name="ensemble",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    failed = [(r.config["member"]["k"], r.error) for r in results if r.error is not None]
+    if failed:
+        detail = "; ".join(f"member {k}: {type(e).__name__}: {e}" for k, e in failed)
+        raise EnsembleError(f"{len(failed)} of {spec.size} members failed after {spec.max_retries} retries: {detail}")
+
+
+def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
+    """Summarise the members: accuracies, where they ran, and their disagreement on the held-out pairs."""
+    members = [json.loads((out_root / f"member-{k}" / "metrics.json").read_text()) for k in range(spec.size)]
+    margins = np.array([m["heldout_margins"] for m in members])  # [K, test pairs], r(preferred) - r(rejected)
+    keys = ("accuracy", "loss", "epochs_run", "best_epoch", "attempt", "backbone", "lr", "seed", "lora_r")
+    return {
+        "size": spec.size,
+        "backbone": spec.backbone,
+        "backbones": sorted({m["backbone"] for m in members}),
+        "diversity": spec.diversity,
+        "members": [
+            {"path": f"member-{m['member']}", "member": m["member"], **{key: m[key] for key in keys}}
+            | {
+                "node_id": m["node_id"],
+                "node_ip": m["node_ip"],
+                "start_time": m["start_time"],
+                "end_time": m["end_time"],
+            }
+            for m in members
+        ],
+        "accuracies": [m["accuracy"] for m in members],
+        "mean_member_accuracy": float(np.mean([m["accuracy"] for m in members])),
+        # The ensemble-mean reward ranks a pair correctly when the mean margin is positive.
+        "ensemble_mean_accuracy": float(np.mean(margins.mean(axis=0) > 0)),
+        # Per-pair spread of the members' margins: the disagreement the pessimistic e-DPO loss exploits.
+        "margin_std": float(margins.std(axis=0).mean()),
+        "test_pairs": int(margins.shape[1]),
+        "nodes": sorted({m["node_id"] for m in members if m["node_id"]}),
+    }
+
+
+def run_ensemble(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
+    """Fit ``spec.ensemble.size`` members on the running Ray cluster and publish ``job_dir/ensemble``."""
+    import ray
+
+    if not ray.is_initialized():
+        raise EnsembleError("run_ensemble needs a running Ray: call ray.init() first (the pipeline driver does)")
+    ens = spec.ensemble
+    job_dir = Path(job_dir).resolve()
+    if ens.size == 0:
+        return {"size": 0, "skipped": True}
+    for split in ("train", "test"):
+        if not (job_dir / "data" / f"{split}.parquet").is_file():
+            raise EnsembleError(f"{job_dir / 'data' / split}.parquet is missing: run the data stage first")
+    started = time.time()
+    storage = job_dir / ".ray" / STAGE
+    with staging(job_dir, STAGE) as out_root:
+        configs = member_configs(ens, job_dir, out_root)
+        events.emit("log", STAGE, message=f"fitting {ens.size} reward models ({ens.diversity})", members=ens.size)
+        _fit_members(ens, configs, storage)
+        manifest = build_manifest(ens, out_root)
+        manifest["wall_time_s"] = time.time() - started
+        (out_root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for hidden in out_root.glob(".*"):
+            shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
+    shutil.rmtree(storage, ignore_errors=True)
+    summary = {k: manifest[k] for k in ("size", "accuracies", "ensemble_mean_accuracy", "margin_std", "nodes")}
+    events.metrics(STAGE, step=0, values={k: summary[k] for k in ("ensemble_mean_accuracy", "margin_std")})
+    return summary | {"wall_time_s": manifest["wall_time_s"]}
+
+
+def load_members(ensemble_dir: str | os.PathLike[str]) -> list[Path]:
+    """The member folders of a published ensemble, in member order (empty when there is no ensemble)."""
+    ensemble_dir = Path(ensemble_dir)
+    manifest = ensemble_dir / MANIFEST
+    if not manifest.is_file():
+        return []
+    members = [ensemble_dir / m["path"] for m in json.loads(manifest.read_text())["members"]]
+    missing = [str(p) for p in members if not p.is_dir()]
+    if missing:
+        raise EnsembleError(f"{manifest} lists member folders that do not exist: {', '.join(missing)}")
+    return members
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fit the reward-model ensemble of a job (needs job_dir/data/).")
+    parser.add_argument("--spec", required=True, help="job spec (.yaml/.yml/.json)")
+    parser.add_argument("--job-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    import ray
+
+    spec = load_spec(args.spec)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # "local" starts a private cluster: a bare init() would attach to any `ray start` head on the machine.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    summary = run_ensemble(spec, args.job_dir, EventLog(args.job_dir))
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+    print(f"ensemble written to {stage_dir(args.job_dir, STAGE)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
