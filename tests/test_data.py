@@ -18,6 +18,7 @@ from ray_jobs.data.formats import common_prompt
 from ray_jobs.data.length_bias import apply_length_bias, words
 from ray_jobs.data.split import split_by_prompt
 from ray_jobs.events import EventLog, read_events
+from ray_jobs.models.registry import ModelNotFoundError
 from ray_jobs.spec import parse_spec
 
 TLDR = "tldr/google_text_small_preference_dataset.jsonl"
@@ -380,13 +381,22 @@ def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_dat
     assert summary["length_bias"]["length_unit"] == "words"
 
 
-def test_failed_prepare_leaves_no_data_folder(tmp_path, tiny_llama):
+def test_failed_prepare_leaves_no_data_folder(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "chosen": 3}])
-    spec = parse_spec({"reference": str(tiny_llama), "data": {"source": str(path)}})
+    # The reference does not exist: the data error must come first, before any model is loaded.
+    spec = parse_spec({"reference": str(tmp_path / "no-model"), "data": {"source": str(path)}})
     with pytest.raises(DatasetError, match="row 2, field 'chosen': expected text, got int"):
         prepare_data(spec, tmp_path / "job", EventLog(tmp_path / "job"))
     assert not (tmp_path / "job" / "data").exists()
     assert not (tmp_path / "job" / ".partial" / "data").exists()
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
+    with pytest.raises(ModelNotFoundError, match="no-model"):
+        prepare_data(
+            spec.model_copy(update={"data": spec.data.model_copy(update={"source": str(good)})}),
+            tmp_path / "job",
+            EventLog(tmp_path / "job"),
+        )
+    assert not (tmp_path / "job" / "data").exists()
 
 
 # --- builtin:reviews ------------------------------------------------------------------------------------------------

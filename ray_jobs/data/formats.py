@@ -7,6 +7,7 @@ messages; `Renderer` turns both into the exact text the responses follow.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,15 +203,28 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], Pair]] = {
 
 
 class Renderer:
-    """Prompt → the exact text the responses follow, through the reference tokenizer's chat template if used."""
+    """Prompt → the exact text the responses follow, through the reference tokenizer's chat template if used.
+
+    `tokenizer` may be a model reference: it is then loaded on first use, so bad data fails before a model loads.
+    """
 
     def __init__(self, tokenizer: Any | None, apply_chat_template: bool = True):
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.apply_chat_template = apply_chat_template
-        self.templated = bool(
-            apply_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None)
-        )
         self._cache: dict[str, str] = {}
+
+    @property
+    def tokenizer(self) -> Any | None:
+        if isinstance(self._tokenizer, str | os.PathLike):
+            from ray_jobs.models.registry import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer)
+        return self._tokenizer
+
+    @property
+    def templated(self) -> bool:
+        tokenizer = self.tokenizer
+        return bool(self.apply_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None))
 
     def __call__(self, prompt: str | Messages) -> str:
         key = prompt if isinstance(prompt, str) else repr(prompt)
@@ -219,6 +233,8 @@ class Renderer:
         return self._cache[key]
 
     def _render(self, prompt: str | Messages) -> str:
+        if isinstance(prompt, str) and not self.apply_chat_template:
+            return prompt
         if self.tokenizer is None:
             if not isinstance(prompt, str):
                 raise DatasetError("conversational data needs a tokenizer (the job's reference model) to render")

@@ -71,10 +71,6 @@ def load_preference_data(
     """
     import datasets
 
-    if isinstance(tokenizer, str | os.PathLike):
-        from ray_jobs.models.registry import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer)
     rows, _ = read_pairs(
         source, format, split=split, renderer=Renderer(tokenizer, apply_chat_template), on_error=on_error
     )
@@ -97,14 +93,6 @@ def _builtin_reviews(spec: JobSpec, renderer: Renderer, events: EventLog) -> tup
     return rows, {"format": "builtin:reviews", "rows_read": collected.rows_read, "skipped": skipped, **sampled}
 
 
-def _renderer(spec: JobSpec) -> Renderer:
-    # The tokenizer only matters when prompts are templated or data is conversational; loading it is cheap
-    # next to reading data, so it is always loaded and the Renderer decides.
-    from ray_jobs.models.registry import load_tokenizer
-
-    return Renderer(load_tokenizer(spec.reference), spec.data.apply_chat_template)
-
-
 def _cap(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) -> list[dict[str, Any]]:
     if max_pairs is None or len(rows) <= max_pairs:
         return rows
@@ -116,7 +104,7 @@ def prepare_data(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLo
     """Run the data stage; returns (and writes as data/summary.json) what was read, skipped, kept and split."""
     data = spec.data
     events.emit("log", STAGE, message=f"reading preference data from {data.source}")
-    renderer = _renderer(spec)
+    renderer = Renderer(spec.reference, data.apply_chat_template)
     if data.source == BUILTIN_REVIEWS:
         rows, summary = _builtin_reviews(spec, renderer, events)
     else:
