@@ -97,7 +97,8 @@ def _from_pretrained(ref: str | os.PathLike[str], loader: Callable[..., Any], **
         if isinstance(location, str):
             raise ModelNotFoundError(
                 f"model {location!r} is not a local path, and loading it from the Hugging Face hub failed "
-                f"(the hub is unreachable or offline, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): "
+                f"(the hub is unreachable or offline, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}, "
+                "or it has no such repository): "
                 f"download it elsewhere and pass a local path, or use one of {', '.join(known_refs())}. ({err})"
             ) from err
         raise ModelNotFoundError(f"model folder {str(location)!r} ({ref}) could not be loaded: {err}") from err
