@@ -1,9 +1,10 @@
 """End to end through HTTP: uvicorn on a free port, real SQLite, real Ray heads started with `ray start`, the real
 pipeline on a tiny spec.
 
-The embedded-mode server starts its own Ray head; the restart test starts a separate head (the service's
-RAY_ADDRESS mode) so the head outlives the first server. Neither is the session's in-process `ray_cluster`, and
-this process never calls ray.init on them: it talks to them over the dashboard's HTTP API only.
+The embedded-mode server starts its own Ray head (`ray start`, its own ports and temp dir); the restart test runs
+a second service in RAY_ADDRESS mode against that head, which the second service did not start and which outlives
+its restart. The head is not the session's in-process `ray_cluster`, and this process never calls ray.init on it:
+it talks to it over the dashboard's HTTP API only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uvicorn
 
 from clients.sdk import Client, RmdistillError
 from service.app import create_app
-from service.ray_backend import LocalRayHead, free_port
+from service.ray_backend import free_port
 from service.settings import Settings
 from service.store import Store
 
@@ -161,7 +162,8 @@ def completed(embedded: Server) -> dict[str, Any]:
         assert job["state"] == "pending" and job["ray_submission_id"] == f"rmdistill-{job['id']}"
         events = list(client.follow(job["id"]))
         final = client.wait(job["id"], timeout=60)
-    return {"submitted": job, "events": events, "job": final}
+        dashboard = client.health()["ray"]["address"]
+    return {"submitted": job, "events": events, "job": final, "dashboard": dashboard}
 
 
 class TestEmbedded:
@@ -335,8 +337,7 @@ class TestEmbedded:
         assert final["state"] == "cancelled"
         assert [t["to"] for t in final["transitions"]][-2:] == ["cancelling", "cancelled"]
         assert "policy" not in final["artifacts"] and final["policy_id"] is None
-        dashboard = embedded.client().health()["ray"]["address"]
-        assert ray_status(dashboard, job["ray_submission_id"]) == "STOPPED"
+        assert ray_status(completed["dashboard"], job["ray_submission_id"]) == "STOPPED"
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -346,44 +347,43 @@ class TestEmbedded:
 def test_restart_reattaches_to_a_running_job(
     tmp_path_factory: pytest.TempPathFactory, completed: dict[str, Any]
 ) -> None:
-    """A second service on its own data folder, pointed at a separately started head; its job reuses the first
-    job's scored pairs (a data root of this service), so only distillation and evaluation run."""
+    """A second service with its own data folder and database, pointed (RAY_ADDRESS mode) at a head it did not
+    start: the first service's. One head for the whole file keeps it fast; the head outlives this service's
+    restart either way. The job reuses the first job's scored pairs (a data root here), so only distillation and
+    evaluation run."""
     home = tmp_path_factory.mktemp("ext")
     earlier = Path(completed["job"]["job_dir"])
-    head = LocalRayHead(tmp_path_factory.mktemp("exthead"), num_cpus=2).start()
+    dashboard = completed["dashboard"]
+    settings = Settings(data_dir=home, ray_address=dashboard, data_roots=(earlier,), poll_interval_s=0.5)
+    spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}}
+    first = Server(settings).start()
+    with first.client(None) as client:
+        job = client.submit(spec)
+        wait_for(lambda: client.get(job["id"])["state"] == "running", 120, "the job to run")
+    first.stop()
+    assert ray_status(dashboard, job["ray_submission_id"]) in ("PENDING", "RUNNING")
+
+    # A job the store thinks is running but that Ray never heard of: reconciliation must fail it.
+    store = Store(settings.database_url)
+    store.create_job(job_id="job-ghost", name="ghost", owner=None, spec={}, job_dir=str(home / "jobs" / "ghost"))
+    store.update_job("job-ghost", ray_submission_id="rmdistill-job-ghost")
+    store.transition("job-ghost", "running", "test")
+    store.close()
+
+    second = Server(settings).start()
     try:
-        settings = Settings(data_dir=home, ray_address=head.dashboard_url, data_roots=(earlier,), poll_interval_s=0.5)
-        spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}}
-        first = Server(settings).start()
-        with first.client(None) as client:
-            job = client.submit(spec)
-            wait_for(lambda: client.get(job["id"])["state"] == "running", 120, "the job to run")
-        first.stop()
-        assert ray_status(head.dashboard_url, job["ray_submission_id"]) in ("PENDING", "RUNNING")
-
-        # A job the store thinks is running but that Ray never heard of: reconciliation must fail it.
-        store = Store(settings.database_url)
-        store.create_job(job_id="job-ghost", name="ghost", owner=None, spec={}, job_dir=str(home / "jobs" / "ghost"))
-        store.update_job("job-ghost", ray_submission_id="rmdistill-job-ghost")
-        store.transition("job-ghost", "running", "test")
-        store.close()
-
-        second = Server(settings).start()
-        try:
-            with second.client(None) as client:
-                ghost = client.get("job-ghost")  # reconciled before the first request was served
-                assert ghost["state"] == "failed" and "no longer exists" in ghost["error"]
-                events = list(client.follow(job["id"]))
-                final = client.wait(job["id"], timeout=JOB_TIMEOUT_S)
-            assert final["state"] == "succeeded", final.get("error")
-            assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
-            assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
-            assert {"pairs", "policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
-            reused = {e["stage"] for e in events if e["kind"] == "log" and "reused" in e.get("message", "")}
-            assert {"data", "ensemble", "samples", "pairs"} <= reused
-            assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
-        finally:
-            second.stop()
-        assert ray_status(head.dashboard_url, job["ray_submission_id"]) == "SUCCEEDED"  # the head outlived both
+        with second.client(None) as client:
+            ghost = client.get("job-ghost")  # reconciled before the first request was served
+            assert ghost["state"] == "failed" and "no longer exists" in ghost["error"]
+            events = list(client.follow(job["id"]))
+            final = client.wait(job["id"], timeout=JOB_TIMEOUT_S)
+        assert final["state"] == "succeeded", final.get("error")
+        assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
+        assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
+        assert {"pairs", "policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+        reused = {e["stage"] for e in events if e["kind"] == "log" and "reused" in e.get("message", "")}
+        assert {"data", "ensemble", "samples", "pairs"} <= reused
+        assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
     finally:
-        head.stop()
+        second.stop()
+    assert ray_status(dashboard, job["ray_submission_id"]) == "SUCCEEDED"  # Ray's own record agrees
