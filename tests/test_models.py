@@ -169,6 +169,11 @@ def test_hf_generate_is_seeded_batched_and_returns_new_text_only(tiny_llama):
     assert [len(group) for group in first] == [2, 2, 2]
     assert first == hf_generate(model, tokenizer, prompts, seed=3, **kwargs)
     assert first != hf_generate(model, tokenizer, prompts, seed=4, **kwargs)
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    hf_generate(model, tokenizer, prompts, seed=3, **kwargs)
+    assert torch.equal(torch.rand(3), untouched), "the caller's RNG stream must not move"
     greedy = hf_generate(model, tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.0, batch_size=4)
     assert all(a == b for a, b in greedy)
     # Left padding must not change what a prompt produces: one at a time equals batched.

@@ -36,27 +36,32 @@ def hf_generate(
     # top_k=0 turns off transformers' default top-50 cut, so sampling means what vLLM's does: temperature + top_p.
     options = {"temperature": temperature, "top_p": top_p, "top_k": 0} if sampling else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Each prompt repeated n times in a row, so a batch slice holds whole groups or parts of them, in order.
-    flat = [p for p in prompts for _ in range(n)]
+    # Sampling: each prompt repeated n times in a row, in order. Greedy: the n completions are equal, decode once.
+    repeats = n if sampling else 1
+    flat = [p for p in prompts for _ in range(repeats)]
     texts: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: every row's prompt must end at the last column
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    try:
-        for start in range(0, len(flat), batch_size):
-            enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=pad_id,
-                do_sample=sampling,
-                **options,
-            )
-            texts.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    # A forked RNG: the same call gives the same texts, and the caller's random stream is left untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(flat), batch_size):
+                enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=pad_id,
+                    do_sample=sampling,
+                    **options,
+                )
+                texts.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+    if not sampling:
+        return [[text] * n for text in texts]
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
