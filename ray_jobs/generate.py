@@ -172,6 +172,15 @@ class VLLMUnavailableError(RuntimeError):
     """vLLM is not installed here, or its engine could not load the model."""
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    # Ray wraps an actor's exception in RayTaskError and Ray Data in UserCodeException; the vLLM error is innermost.
+    seen = {id(err)}
+    while (inner := getattr(err, "cause", None) or err.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
 def _max_model_len(model: str, requested: int) -> int:
     # vLLM refuses a max_model_len above the model's own position limit; clamp instead of failing on small models.
     config = Path(model) / "config.json"
@@ -269,7 +278,8 @@ def generate(
                 )
                 return Generation(*_run_ray_data(VLLMPredictor, kwargs, prompts, **run), "vllm")
             except Exception as err:  # auto falls back on any engine failure, and says why
-                reason = f"vLLM could not run {model}: {type(err).__name__}: {str(err).strip()[-500:]}"
+                cause = _root_cause(err)
+                reason = f"vLLM could not run {model}: {type(cause).__name__}: {str(cause).strip()[-500:]}"
         if engine == "vllm":
             raise VLLMUnavailableError(reason)
         if events is not None:

@@ -50,4 +50,6 @@ def test_auto_falls_back_to_transformers_with_a_log_event(ray_cluster, tiny_llam
     assert [len(t) for t in result.texts] == [2, 2]
     logs = [e for e in read_events(tmp_path / "job") if e["kind"] == "log"]
     assert len(logs) == 1 and logs[0]["stage"] == "samples"
-    assert "falling back to transformers" in logs[0]["message"] and str(model_dir) in logs[0]["message"]
+    message = logs[0]["message"]
+    print(message)
+    assert "falling back to transformers" in message and str(model_dir) in message

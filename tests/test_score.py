@@ -1,0 +1,189 @@
+"""Generation + scoring stages on a small job folder: pair construction, exact schema, scores equal direct calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from math import comb
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ray_jobs.events import EventLog
+from ray_jobs.generate import CANDIDATES_SCHEMA, KL_SCHEMA, run_generation
+from ray_jobs.score import PAIRS_SCHEMA, REF_SAMPLES_SCHEMA, ScoringError, build_pairs, run_scoring
+from ray_jobs.spec import JobSpec
+
+TRAIN = pd.DataFrame(
+    {
+        "prompt": ["The movie was", "The movie was", "A dull plot and", "Review this film:"],
+        "response_a": [" great fun", " boring", " bad acting", " a classic"],
+        "response_b": [" too long", " lovely", " fine music", " a mess"],
+        "label": pd.array([1, 0, None, 1], dtype="Int8"),
+    }
+)
+MAX_LENGTH = 64
+
+
+def _save_member(tiny_bert: Path, out: Path, seed: int, broken: bool = False) -> None:
+    from ray_jobs.models.registry import load_reward_model
+
+    model, tokenizer = load_reward_model(tiny_bert)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # distinct members, as training on different bootstraps would make them
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if broken:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if n.endswith("bias")).fill_(float("nan"))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _write_ensemble(job_dir: Path, tiny_bert: Path, broken: tuple[bool, ...]) -> None:
+    ensemble = job_dir / "ensemble"
+    for k, bad in enumerate(broken):
+        _save_member(tiny_bert, ensemble / f"member-{k}", seed=k, broken=bad)
+    members = [{"path": f"member-{k}", "member": k} for k in range(len(broken))]
+    (ensemble / "manifest.json").write_text(json.dumps({"size": len(broken), "members": members}))
+
+
+def _spec(tiny_llama: Path, tiny_bert: Path, **generation) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "reference": str(tiny_llama),
+            "ensemble": {"size": 2, "backbone": str(tiny_bert)},
+            "generation": {
+                "engine": "hf",
+                "samples_per_prompt": 3,
+                "kl_samples_per_prompt": 2,
+                "max_new_tokens": 6,
+                "batch_size": 4,
+                **generation,
+            },
+            "score": {"batch_size": 4, "max_length": MAX_LENGTH},
+            "distill": {"loss": "e-dpo", "alpha": 0.1, "max_length": MAX_LENGTH},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(ray_cluster, tiny_llama, tiny_bert, tmp_path_factory):
+    job_dir = tmp_path_factory.mktemp("job")
+    (job_dir / "data").mkdir()
+    TRAIN.to_parquet(job_dir / "data" / "train.parquet", index=False)
+    _write_ensemble(job_dir, tiny_bert, broken=(False, False))
+    spec = _spec(tiny_llama, tiny_bert)
+    events = EventLog(job_dir)
+    gen_summary = run_generation(spec, job_dir, events)
+    score_summary = run_scoring(spec, job_dir, events)
+    return job_dir, spec, gen_summary, score_summary
+
+
+def test_generation_writes_candidates_and_kl_samples(scored):
+    job_dir, _, summary, _ = scored
+    candidates = pq.read_table(job_dir / "samples" / "candidates.parquet")
+    kl = pq.read_table(job_dir / "samples" / "kl_samples.parquet")
+    assert candidates.schema.equals(CANDIDATES_SCHEMA) and kl.schema.equals(KL_SCHEMA)
+    prompts = list(dict.fromkeys(TRAIN["prompt"]))
+    assert candidates.column("prompt").to_pylist() == prompts
+    assert all(len(r) == 3 for r in candidates.column("responses").to_pylist())
+    assert sorted(kl.column("prompt").to_pylist()) == sorted(prompts * 2)
+    assert summary == {"prompts": 3, "candidates": 9, "kl_samples": 6, "engine": "hf"}
+    assert not (job_dir / ".partial" / "samples").exists()
+
+
+def test_pairs_have_the_exact_columns_and_counts(scored):
+    job_dir, _, _, summary = scored
+    table = pq.read_table(job_dir / "pairs" / "pairs.parquet")
+    assert table.schema.equals(PAIRS_SCHEMA)
+    assert pq.read_table(job_dir / "pairs" / "ref_samples.parquet").schema.equals(REF_SAMPLES_SCHEMA)
+    pairs = table.to_pandas()
+    candidates = pd.read_parquet(job_dir / "samples" / "candidates.parquet")
+    expected_generated = sum(comb(len(set(r)), 2) for r in candidates["responses"])
+    generated, dataset = pairs[pairs["source"] == "generated"], pairs[pairs["source"] == "dataset"]
+    assert len(generated) == expected_generated == summary["generated_pairs"]
+    assert generated["label"].isna().all()
+    assert (generated["response_a"] != generated["response_b"]).all()
+    assert (
+        dataset[["prompt", "response_a", "response_b"]].values.tolist()
+        == TRAIN[["prompt", "response_a", "response_b"]].values.tolist()
+    )
+    assert dataset["label"].tolist()[:2] == [1, 0] and pd.isna(dataset["label"].iloc[2])
+    assert all(len(r) == 2 for r in pairs["rewards_a"]) and all(len(r) == 2 for r in pairs["rewards_b"])
+    assert summary["members"] == 2 and summary["ref_samples"] == 6
+
+
+def test_scores_equal_direct_model_calls(scored, tiny_llama):
+    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+    from ray_jobs.models.registry import load_causal_lm, load_reward_model
+    from ray_jobs.models.reward import score_pairs
+
+    job_dir = scored[0]
+    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    prompts = pairs["prompt"].tolist() * 2
+    responses = pairs["response_a"].tolist() + pairs["response_b"].tolist()
+    for k in range(2):
+        model, tokenizer = load_reward_model(job_dir / "ensemble" / f"member-{k}")
+        model.eval()
+        direct = score_pairs(model, tokenizer, prompts, responses, batch_size=8, max_length=MAX_LENGTH).numpy()
+        stored = np.array([r[k] for r in pairs["rewards_a"]] + [r[k] for r in pairs["rewards_b"]])
+        np.testing.assert_allclose(stored, direct, atol=1e-4, rtol=0)
+    # The two members really differ, so a mixed-up member order would fail above.
+    assert not np.allclose([r[0] for r in pairs["rewards_a"]], [r[1] for r in pairs["rewards_a"]])
+
+    samples = pd.read_parquet(job_dir / "pairs" / "ref_samples.parquet")
+    model, tokenizer = load_causal_lm(tiny_llama)
+    model.eval()
+    all_prompts, all_responses = prompts + samples["prompt"].tolist(), responses + samples["response"].tolist()
+    with torch.no_grad():
+        direct = sequence_logps(model, tokenize_responses(tokenizer, all_prompts, all_responses, MAX_LENGTH)).numpy()
+    stored = np.concatenate([pairs["ref_logp_a"], pairs["ref_logp_b"], samples["ref_logp"]])
+    np.testing.assert_allclose(stored, direct, atol=1e-4, rtol=0)
+    assert (stored < 0).all()
+
+
+def _copy_job(job_dir: Path, dest: Path) -> Path:
+    for stage in ("data", "samples"):
+        shutil.copytree(job_dir / stage, dest / stage)
+    return dest
+
+
+def test_without_an_ensemble_rewards_are_empty_lists(scored, tiny_llama, tiny_bert, tmp_path):
+    job_dir = _copy_job(scored[0], tmp_path)
+    spec = _spec(tiny_llama, tiny_bert, include_dataset_pairs=False)
+    summary = run_scoring(spec, job_dir, EventLog(job_dir))
+    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    assert summary["members"] == 0 and (pairs["source"] == "generated").all()
+    assert len(pairs) == scored[3]["generated_pairs"]
+    assert all(len(r) == 0 for r in pairs["rewards_a"]) and all(len(r) == 0 for r in pairs["rewards_b"])
+
+
+def test_a_member_that_gives_nan_fails_the_stage_and_writes_nothing(scored, tiny_llama, tiny_bert, tmp_path):
+    job_dir = _copy_job(scored[0], tmp_path)
+    _write_ensemble(job_dir, tiny_bert, broken=(True,))
+    with pytest.raises(ScoringError, match=r"ensemble member 0 .*member-0.* gave nan for text row 0"):
+        run_scoring(_spec(tiny_llama, tiny_bert), job_dir, EventLog(job_dir))
+    assert not (job_dir / "pairs").exists()
+
+
+def test_pair_construction_drops_identical_responses():
+    candidates = pd.DataFrame(
+        {"prompt": ["p", "q", "r", "s"], "responses": [["a", "a", "b"], ["x", "y", "z"], ["m", "m"], ["u"]]}
+    )
+    every = build_pairs(candidates, "all", seed=0)
+    assert every[["prompt", "response_a", "response_b"]].values.tolist() == [
+        ["p", "a", "b"],
+        ["q", "x", "y"],
+        ["q", "x", "z"],
+        ["q", "y", "z"],
+    ]
+    assert (every["source"] == "generated").all() and every["label"].isna().all()
+    one = build_pairs(candidates, "random", seed=0)
+    assert one["prompt"].tolist() == ["p", "q"]
+    assert all(a != b for a, b in zip(one["response_a"], one["response_b"], strict=True))
+    assert set(one.iloc[1][["response_a", "response_b"]]) <= {"x", "y", "z"}
