@@ -77,6 +77,8 @@ def loop_config(spec: JobSpec, job_dir: str | Path) -> dict[str, Any]:
 def _check_inputs(spec: JobSpec, job_dir: Path) -> int:
     """Validate the pairs against the loss before any worker starts; returns how many pairs it trains on."""
     objective = objective_for(spec)
+    if spec.distill.lora is not None and spec.distill.strategy == "fsdp":
+        raise ValueError("distill.lora with distill.strategy fsdp is not supported: use ddp for LoRA")
     path = job_dir / "pairs" / "pairs.parquet"
     if not path.exists():
         raise PairsError(f"{path}: missing; run the scoring stage first (or reuse.pairs)")
@@ -114,9 +116,11 @@ def run_distill(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[st
     train = ray.data.read_parquet(str(job_dir / "pairs" / "pairs.parquet"))
     if objective.labelled:
         train = train.map_batches(keep_labelled, batch_format="pandas")
-    datasets = {"train": train}
+    # Read once into the object store: every epoch re-executes the dataset, and on a busy cluster re-reading
+    # the files each epoch costs more than the steps themselves.
+    datasets = {"train": train.materialize()}
     if objective.needs_ref_samples:
-        datasets["ref"] = ray.data.read_parquet(str(job_dir / "pairs" / "ref_samples.parquet"))
+        datasets["ref"] = ray.data.read_parquet(str(job_dir / "pairs" / "ref_samples.parquet")).materialize()
     events.emit("log", "distill", message=f"training {d.loss} on {rows} pairs for {config['total_steps']} steps")
     with staging(job_dir, "policy") as out:
         config["output_dir"] = str(out)

@@ -19,7 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 STATE_FILE = "state.pt"
 _OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -49,6 +54,12 @@ def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         "step": step,
         "rng": _rng_state(),
     }
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Every weight as a full CPU tensor (a collective under FSDP), for writing the final policy."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:

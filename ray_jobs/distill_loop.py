@@ -163,14 +163,6 @@ def _load_policy(cfg: dict[str, Any], device: torch.device) -> tuple[torch.nn.Mo
     return model, tokenizer
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return (
-        model.module
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        else model
-    )
-
-
 def _scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total: int) -> Any:
     from transformers import get_scheduler
 
@@ -269,19 +261,23 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             rt.checkpoints.save(state if rt.rank == 0 else None, step, {"step": step, **last})
             _crash_hook(cfg, step, rt.rank)
     log.close()
+    # FSDP shards the weights: every rank joins the gather, rank 0 writes the full model.
+    full_state = ckpt.full_model_state(model) if cfg["strategy"] == "fsdp" and rt.world > 1 else None
     if cfg["output_dir"] and rt.rank == 0:
-        save_policy(model, tokenizer, Path(cfg["output_dir"]), {**cfg["info"], "steps": total, "final_metrics": last})
+        info = {**cfg["info"], "steps": total, "final_metrics": last}
+        save_policy(model, tokenizer, Path(cfg["output_dir"]), info, full_state)
     return last
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, out: Path, info: dict[str, Any]) -> None:
+def save_policy(
+    model: torch.nn.Module, tokenizer: Any, out: Path, info: dict[str, Any], state_dict: dict[str, Any] | None = None
+) -> None:
     """A plain Hugging Face folder (LoRA merged in), so transformers, vLLM and the service load it unchanged."""
-    inner = _unwrap(model)
-    inner = getattr(inner, "_orig_mod", inner)
+    inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
     if hasattr(inner, "merge_and_unload"):
         inner = inner.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
-    inner.save_pretrained(out)
+    inner.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     (out / POLICY_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
 
