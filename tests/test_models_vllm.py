@@ -36,3 +36,21 @@ def test_tiny_llama_chat_uses_its_template(llm):
     out = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0.0, max_tokens=4))[0]
     assert "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n" in out.prompt
     assert out.outputs[0].token_ids
+
+
+def test_tiny_bert_scores_pairs_in_vllm_like_transformers(tiny_bert):
+    vllm = pytest.importorskip("vllm")
+    from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.reward import score_pairs
+
+    # Its own short-lived engine: a pooling runner, and the generation engine above may still be up.
+    engine = vllm.LLM(model=str(tiny_bert), runner="pooling", enforce_eager=True, max_model_len=256, dtype="float32")
+    try:
+        responses = ["A warm and lovely film.", "Dull."]
+        got = [o.outputs.score for o in engine.score("Review a film.", responses, use_tqdm=False)]
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+    model, tokenizer = load_reward_model(tiny_bert)
+    # vLLM's cross-encoder score is the sigmoid of the same (prompt, response) pair logit.
+    expected = torch.sigmoid(score_pairs(model, tokenizer, ["Review a film."] * 2, responses))
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-5, rtol=0)
