@@ -25,7 +25,7 @@ import numpy as np
 
 from ray_jobs.artifacts import stage_dir, staging
 from ray_jobs.events import EventLog
-from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, load_spec
+from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
 
 STAGE = "ensemble"
 MANIFEST = "manifest.json"
@@ -54,16 +54,15 @@ def member_configs(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[di
     fail_member = os.environ.get(FAIL_ONCE_ENV)
     configs = []
     for k in range(spec.size):
-        override = spec.members[k] if k < len(spec.members) else None
-        get = lambda name, default, o=override: default if o is None or getattr(o, name) is None else getattr(o, name)  # noqa: E731
+        override = spec.members[k] if k < len(spec.members) else MemberOverride()
         configs.append(
             {
                 "k": k,
                 "size": spec.size,
-                "backbone": get("backbone", spec.backbone),
-                "lr": get("lr", spec.lr),
-                "seed": get("seed", spec.seed + k),
-                "lora": _member_lora(spec, get("lora_r", None)),
+                "backbone": override.backbone or spec.backbone,
+                "lr": override.lr or spec.lr,
+                "seed": spec.seed + k if override.seed is None else override.seed,
+                "lora": _member_lora(spec, override.lora_r),
                 "data_seed": spec.seed,
                 "diversity": spec.diversity,
                 "epochs": spec.epochs,
@@ -290,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             # "local" starts a private cluster: a bare init() would attach to any `ray start` head on the machine.
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
     summary = run_ensemble(spec, args.job_dir, EventLog(args.job_dir))
-    json.dump(summary, sys.stdout, indent=2)
-    print()
+    # One line, last: Ray and Tune may print to stdout before it, so callers read the final line.
+    print(json.dumps(summary))
     print(f"ensemble written to {stage_dir(args.job_dir, STAGE)}", file=sys.stderr)
     return 0
 

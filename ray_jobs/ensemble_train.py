@@ -273,8 +273,8 @@ def train_member(config: dict[str, Any], distributed: bool = False, report=None)
         **_node(),
     }
     if dist.rank == 0:
-        out = Path(config["out_dir"])
-        save_member(model, tokenizer, out)
-        metrics["end_time"] = time.time()
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_member(model, tokenizer, Path(config["out_dir"]))
+    metrics["end_time"] = time.time()
+    if dist.rank == 0:
+        (Path(config["out_dir"]) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -264,6 +264,7 @@ def test_checkpoints_reload_score_pairs_and_differ(fitted):
     assert not np.allclose(scores[0], scores[1], atol=1e-4) and not np.allclose(scores[1], scores[2], atol=1e-4)
 
 
+@pytest.mark.ray
 def test_run_ensemble_refuses_without_data(ray_cluster, tmp_path):
     from ray_jobs.ensemble import EnsembleError
 
@@ -398,4 +399,4 @@ def test_members_are_placed_on_both_nodes(two_nodes, tmp_path):
     manifest = json.loads((job / "ensemble" / "manifest.json").read_text())
     assert sorted(manifest["nodes"]) == sorted(nodes)
     assert {m["node_id"] for m in manifest["members"]} == set(nodes)
-    assert json.loads(run.stdout)["nodes"] == manifest["nodes"]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["nodes"] == manifest["nodes"]
