@@ -238,7 +238,7 @@ class TestEmbedded:
                 ("distill", {"use_gpu": True}, "distill.use_gpu"),
                 ("distill", {"num_workers": 64}, "distill.num_workers"),
                 ("ensemble", {"gpus_per_worker": 1}, "ensemble.gpus_per_worker"),
-                ("ensemble", {"workers_per_member": 3}, "ensemble.workers_per_member"),
+                ("ensemble", {"workers_per_member": 5}, "ensemble.workers_per_member"),  # 5 × 0.5 CPUs
             ]:
                 spec = tiny_spec("big")
                 spec[section].update(values)
@@ -352,6 +352,7 @@ def test_restart_reattaches_to_a_running_job(
     restart either way. The job reuses the first job's scored pairs (a data root here), so only distillation and
     evaluation run."""
     home = tmp_path_factory.mktemp("ext")
+    write_prefs(home / "datasets")
     earlier = Path(completed["job"]["job_dir"])
     dashboard = completed["dashboard"]
     settings = Settings(data_dir=home, ray_address=dashboard, data_roots=(earlier,), poll_interval_s=0.5)
