@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,13 +173,17 @@ class VLLMUnavailableError(RuntimeError):
     """vLLM is not installed here, or its engine could not load the model."""
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    # Ray wraps an actor's exception in RayTaskError and Ray Data in UserCodeException; the vLLM error is innermost.
-    seen = {id(err)}
-    while (inner := getattr(err, "cause", None) or err.__cause__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        err = inner
-    return err
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): *(.*)$", re.MULTILINE)
+_WRAPPERS = ("UserCodeException", "RayTaskError", "RayActorError")
+
+
+def _describe_failure(err: BaseException) -> str:
+    # Ray Data wraps the actor's exception and its cause does not survive the trip back to the driver; only the
+    # remote traceback text, whose last non-wrapper exception line is the engine's own error, does.
+    found = [m for m in _EXCEPTION_LINE.finditer(str(err)) if not m.group(1).endswith(_WRAPPERS)]
+    if found:
+        return f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2).strip()[:300]}"
+    return f"{type(err).__name__}: {str(err).strip()[-300:]}"
 
 
 def _max_model_len(model: str, requested: int) -> int:
@@ -235,14 +240,14 @@ def generate(
     *,
     max_new_tokens: int,
     temperature: float,
-    top_p: float,
-    seed: int,
-    engine: str,
-    replicas: int,
-    events: EventLog | None,
-    stage: str | None,
-    batch_size: int,
-    max_model_len: int,
+    top_p: float = 1.0,
+    seed: int = 0,
+    engine: str = "auto",
+    replicas: int = 1,
+    events: EventLog | None = None,
+    stage: str | None = None,
+    batch_size: int = 16,
+    max_model_len: int = 1024,
 ) -> Generation:
     """`generate_texts` with token counts and the engine that produced the texts."""
     import ray
@@ -278,8 +283,7 @@ def generate(
                 )
                 return Generation(*_run_ray_data(VLLMPredictor, kwargs, prompts, **run), "vllm")
             except Exception as err:  # auto falls back on any engine failure, and says why
-                cause = _root_cause(err)
-                reason = f"vLLM could not run {model}: {type(cause).__name__}: {str(cause).strip()[-500:]}"
+                reason = f"vLLM could not run {model}: {_describe_failure(err)}"
         if engine == "vllm":
             raise VLLMUnavailableError(reason)
         if events is not None:
