@@ -107,7 +107,11 @@ def _connect_ray() -> None:
     # Inside a Ray job (or with RAY_ADDRESS) attach to that cluster; otherwise start a private local one.
     # A bare ray.init() would instead attach to whatever `ray start` head this machine happens to run.
     address = os.environ.get("RAY_ADDRESS") or "local"
+    previous = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, log_to_driver=False, configure_logging=False)
+    if previous is _on_sigterm:
+        # ray.init swaps in its own SIGTERM handler (sys.exit(1)); a job stop must still read as a cancel.
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def preflight(spec: JobSpec) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -136,3 +139,20 @@ def test_cli_rejects_a_bad_spec_naming_the_field(tmp_path):
     assert proc.returncode == 2
     assert "distill.beta: must be > 0" in proc.stderr
     assert not (tmp_path / "j").exists()
+
+
+def test_sigterm_cancels_a_running_job(tmp_path):
+    """Ray's job stop sends SIGTERM: the job must end as cancelled (exit 143), not as a failure."""
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(tiny_spec(write_dataset(tmp_path / "prefs.jsonl"))))
+    job_dir = tmp_path / "job"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "ray_jobs.pipeline", "--spec", str(spec_path), "--job-dir", str(job_dir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(e["kind"] == "stage_started" for e in read_events(job_dir)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    last = list(read_events(job_dir))[-1]
+    assert (last["kind"], last["status"]) == ("job_finished", "cancelled")
