@@ -260,17 +260,21 @@ def test_generate_returns_samples_with_their_policy_logprobs(server, reference):
     assert cut["text"] == stopped["text"][: stopped["text"].find(stop)] and cut["finish_reason"] == "stop"
 
 
-def test_usage_metrics_count_requests_and_tokens(client):
-    from prometheus_client import REGISTRY
+def test_usage_metrics_on_the_metrics_endpoint_count_requests_and_tokens(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
 
     def value(name: str, **labels: str) -> float:
-        return REGISTRY.get_sample_value(name, labels) or 0.0
+        text = httpx.get(f"{server[1]}/metrics", headers=_auth()).text
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
     before = value("rmdistill_serving_requests_total", policy="tiny", endpoint="completions", status="ok")
     tokens = value("rmdistill_serving_completion_tokens_total", policy="tiny")
+    latency = value("rmdistill_serving_request_seconds_count", policy="tiny", endpoint="completions")
     out = client.completions.create(model="tiny", prompt="count me", max_tokens=5, temperature=0)
     assert value("rmdistill_serving_requests_total", policy="tiny", endpoint="completions", status="ok") == before + 1
     assert value("rmdistill_serving_completion_tokens_total", policy="tiny") == tokens + out.usage.completion_tokens
+    assert value("rmdistill_serving_request_seconds_count", policy="tiny", endpoint="completions") == latency + 1
 
 
 def test_least_recently_used_policy_is_unloaded_and_a_dead_actor_is_replaced(server, client):
