@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -351,6 +352,7 @@ def two_nodes(tmp_path_factory):
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
