@@ -34,10 +34,11 @@ CANDIDATES_SCHEMA = pa.schema([("prompt", pa.string()), ("responses", pa.list_(p
 KL_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
 
 
-def _batch_seed(seed: int, first_index: int, n: int) -> int:
-    # Seeds derive from the prompt's position, not from the batch or the actor that served it, so the samples of
-    # a prompt do not depend on batch size or replica count, and no two prompts share a random stream.
-    return seed + first_index * max(n, 1)
+def _prompt_seed(seed: int, index: int, n: int) -> int:
+    # Derived from the prompt's position, not from the batch or the actor that served it: vLLM (a seed per request,
+    # seed + j for its j-th completion) then samples the same texts for any batch size or replica count, and no
+    # two prompts share a random stream. transformers seeds once per batch, from the batch's first prompt.
+    return seed + index * max(n, 1)
 
 
 class VLLMPredictor:
@@ -90,7 +91,7 @@ class VLLMPredictor:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 max_tokens=self.max_new_tokens,
-                seed=_batch_seed(self.seed, int(i), self.n),
+                seed=_prompt_seed(self.seed, int(i), self.n),
             )
             for i in batch["index"]
         ]
@@ -149,7 +150,7 @@ class HFPredictor:
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            seed=_batch_seed(self.seed, int(batch["index"][0]), self.n),
+            seed=_prompt_seed(self.seed, int(batch["index"][0]), self.n),
             batch_size=self.batch_size,
         )
         # hf_generate returns text only: re-encoding counts tokens exactly for ordinary text, approximately where

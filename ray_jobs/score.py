@@ -71,23 +71,29 @@ class Scorer:
             self.members.append((model.to(device).eval(), tokenizer))
         self.ref_max_length, self.reward_max_length, self.batch_size = ref_max_length, reward_max_length, batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _ref_logps(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         import torch
 
         from ray_jobs.models.logps import sequence_logps, tokenize_responses
-        from ray_jobs.models.reward import score_pairs
 
-        prompts, responses = [str(p) for p in batch["prompt"]], [str(r) for r in batch["response"]]
-        ref = [np.full(len(prompts), np.nan)] if self.reference is None else []
+        if self.reference is None:
+            return np.full(len(prompts), np.nan)
+        out = []
         with torch.no_grad():
-            for i in range(0, len(prompts) if self.reference is not None else 0, self.batch_size):
+            for i in range(0, len(prompts), self.batch_size):
                 enc = tokenize_responses(
                     self.tokenizer,
                     prompts[i : i + self.batch_size],
                     responses[i : i + self.batch_size],
                     self.ref_max_length,
                 )
-                ref.append(sequence_logps(self.reference, enc).double().cpu().numpy())
+                out.append(sequence_logps(self.reference, enc).double().cpu().numpy())
+        return np.concatenate(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray_jobs.models.reward import score_pairs
+
+        prompts, responses = [str(p) for p in batch["prompt"]], [str(r) for r in batch["response"]]
         # π_ref samples need no rewards: only rows flagged `reward` go through the members.
         wanted = np.flatnonzero(batch["reward"])
         rewards = np.full((len(prompts), len(self.members)), np.nan)
@@ -105,7 +111,7 @@ class Scorer:
                     .double()
                     .numpy()
                 )
-        out = {"index": batch["index"], "ref_logp": np.concatenate(ref)}
+        out = {"index": batch["index"], "ref_logp": self._ref_logps(prompts, responses)}
         if self.members:  # a [B, 0] tensor column is more than Ray Data's tensor type accepts
             out["rewards"] = rewards
         return out
