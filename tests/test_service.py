@@ -349,14 +349,14 @@ def test_restart_reattaches_to_a_running_job(
 ) -> None:
     """A second service with its own data folder and database, pointed (RAY_ADDRESS mode) at a head it did not
     start: the first service's. One head for the whole file keeps it fast; the head outlives this service's
-    restart either way. The job reuses the first job's scored pairs (a data root here), so only distillation and
-    evaluation run."""
+    restart either way. The job reuses the first job's scored pairs (a data root here), so only distillation runs."""
     home = tmp_path_factory.mktemp("ext")
     write_prefs(home / "datasets")
     earlier = Path(completed["job"]["job_dir"])
     dashboard = completed["dashboard"]
     settings = Settings(data_dir=home, ray_address=dashboard, data_roots=(earlier,), poll_interval_s=0.5)
-    spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}}
+    # No evaluation: the restart only needs a stage long enough to restart the service during.
+    spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}, "evaluate": {"oracle": None}}
     first = Server(settings).start()
     with first.client(None) as client:
         job = client.submit(spec)
@@ -381,7 +381,7 @@ def test_restart_reattaches_to_a_running_job(
         assert final["state"] == "succeeded", final.get("error")
         assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
         assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
-        assert {"pairs", "policy", "eval"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+        assert {"pairs", "policy"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
         reused = {e["stage"] for e in events if e["kind"] == "log" and "reused" in e.get("message", "")}
         assert {"data", "ensemble", "samples", "pairs"} <= reused
         assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
