@@ -93,7 +93,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
     engine_manager = _optional("service.engines", "EngineManager")
-    app.state.engines = engine_manager(max_loaded=settings.max_loaded_policies) if engine_manager else None
+    # Serving actors live on the same cluster as the jobs: the embedded head's GCS, else whatever
+    # RMDISTILL_SERVING_RAY_ADDRESS names (a dashboard URL, which RAY_ADDRESS is here, cannot take a driver).
+    serving_address = backend.head.gcs_address if backend.embedded and backend.head else None
+    app.state.engines = (
+        engine_manager(max_loaded=settings.max_loaded_policies, ray_address=serving_address) if engine_manager else None
+    )
     try:
         yield
     finally:
