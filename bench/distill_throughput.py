@@ -155,6 +155,7 @@ def main() -> None:
             for loop, fn in (("rmdistill train_loop", ours), ("naive HF loop", naive)):
                 pairs_s, tokens_s = fn(model_dir, pairs_path, args.pairs, args.steps, args.device)
                 rows.append((name, loop, pairs_s, tokens_s))
+                print(f"{name} {loop}: {pairs_s:.2f} pairs/s, {tokens_s:.0f} tokens/s", flush=True)
     print(
         f"\n{args.pairs} pairs of {args.prompt_tokens}+{args.response_tokens} tokens, device {args.device}, "
         f"torch threads {torch.get_num_threads()} (TRL is not installed here)"
