@@ -61,7 +61,8 @@ def main() -> int:
             print(client.logs(job["id"])[-4000:])
             return 1
         report = client.policy(job["id"]).get("summary", {}).get("eval") or {}
-        print("evaluation:", json.dumps({k: v for k, v in report.items() if not isinstance(v, list | dict)}, indent=2))
+        report.pop("examples", None)
+        print("evaluation (eval/report.json):", json.dumps(report, indent=2))
     openai = OpenAI(base_url=f"{args.url}/v1", api_key="unused")
     reply = openai.chat.completions.create(
         model=job["id"],
