@@ -17,6 +17,7 @@ import torch
 
 from ray_jobs.models.logps import sequence_logps, tokenize_responses
 from ray_jobs.models.registry import load_causal_lm
+from ray_jobs.score import PAIRS_SCHEMA
 
 _VOCAB = """the film was a warm and gentle story about family who opened small bakery by sea acting good music lovely
 ending made me smile book long slow wonderful characters real writing clear great read rainy weekend"""
@@ -27,19 +28,6 @@ PROMPTS = [
     "Summarize the text in one sentence.\n",
     "Please answer the question briefly and politely.\n",
 ]
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("prompt", pa.string()),
-        ("response_a", pa.string()),
-        ("response_b", pa.string()),
-        ("source", pa.string()),
-        ("label", pa.int8()),
-        ("ref_logp_a", pa.float64()),
-        ("ref_logp_b", pa.float64()),
-        ("rewards_a", pa.list_(pa.float64())),
-        ("rewards_b", pa.list_(pa.float64())),
-    ]
-)
 
 
 def _text(rng: np.random.Generator, lo: int, hi: int) -> str:
