@@ -66,27 +66,20 @@ def win_rate(policy: list[float], reference: list[float]) -> dict[str, Any]:
 
 def _sample(model_ref: str | Path, prompts: list[str], spec: JobSpec, events: EventLog) -> list[str]:
     e = spec.evaluate
-    try:
-        from ray_jobs.generate import generate_texts
-    except ImportError:  # the generation stage is optional for evaluation: plain HF generate is enough
-        from ray_jobs.models.hf_generate import hf_generate
-        from ray_jobs.models.registry import load_causal_lm
+    from ray_jobs.generate import generate_texts
 
-        model, tokenizer = load_causal_lm(str(model_ref))
-        out = hf_generate(model, tokenizer, prompts, 1, e.max_new_tokens, e.temperature, seed=e.seed)
-    else:
-        out = generate_texts(
-            model_ref,
-            prompts,
-            1,
-            max_new_tokens=e.max_new_tokens,
-            temperature=e.temperature,
-            seed=e.seed,
-            engine=spec.generation.engine,
-            replicas=spec.generation.replicas,
-            events=events,
-            stage="evaluate",
-        )
+    out = generate_texts(
+        model_ref,
+        prompts,
+        1,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature,
+        seed=e.seed,
+        engine=spec.generation.engine,
+        replicas=spec.generation.replicas,
+        events=events,
+        stage="evaluate",
+    )
     return [texts[0] if texts else "" for texts in out]
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ray_jobs.artifacts import staging
 from ray_jobs.events import EventLog
-from ray_jobs.spec import JobSpec
+from ray_jobs.spec import GenerationSpec, JobSpec
 
 ENGINES = ("auto", "vllm", "hf")
 # KV cache in GiB for CPU engines; vLLM's CPU default (4 GiB per engine) is too much for small shared machines.
@@ -293,43 +293,40 @@ def generate(
     return Generation(*_run_ray_data(HFPredictor, hf_kwargs, prompts, **run), "hf")
 
 
-def generate_texts(
+def generate_texts(model_ref: str | Path, prompts: list[str], n: int, **options: Any) -> list[list[str]]:
+    """Sample `n` completions (new text only) for each already-rendered prompt, in prompt order.
+
+    Takes `generate`'s options. With Ray running, generation is Ray Data batch inference over `replicas` actors:
+    vLLM engines for engine "vllm" or "auto" (auto falls back to transformers with a `log` event when vLLM is
+    missing or cannot load the model), transformers for "hf". Without Ray it runs transformers in this process.
+    """
+    return generate(model_ref, prompts, n, **options).texts
+
+
+def generate_with_spec(
     model_ref: str | Path,
     prompts: list[str],
     n: int,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float = 1.0,
-    seed: int = 0,
-    engine: str = "auto",
-    replicas: int = 1,
+    gen: GenerationSpec,
     events: EventLog | None = None,
     stage: str | None = None,
-    batch_size: int = 16,
-    max_model_len: int = 1024,
-) -> list[list[str]]:
-    """Sample `n` completions (new text only) for each already-rendered prompt, in prompt order.
-
-    With Ray running, generation is Ray Data batch inference over `replicas` actors: vLLM engines for engine
-    "vllm" or "auto" (auto falls back to transformers with a `log` event when vLLM is missing or cannot load the
-    model), transformers for "hf". Without Ray it runs transformers in this process.
-    """
+) -> Generation:
+    """`generate` with the sampling, engine and batching settings of a job's `generation` section."""
     return generate(
         model_ref,
         prompts,
         n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        engine=engine,
-        replicas=replicas,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        seed=gen.seed,
+        engine=gen.engine,
+        replicas=gen.replicas,
         events=events,
         stage=stage,
-        batch_size=batch_size,
-        max_model_len=max_model_len,
-    ).texts
+        batch_size=gen.batch_size,
+        max_model_len=gen.max_model_len,
+    )
 
 
 def _training_prompts(job_dir: Path, max_prompts: int | None, seed: int) -> list[str]:
@@ -361,21 +358,7 @@ def run_generation(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, 
     if gen.temperature == 0 and gen.samples_per_prompt > 1:
         events.emit("log", "samples", message="temperature 0 samples identical responses: no generated pairs")
     # Candidates and KL samples are both i.i.d. draws from π_ref, so one call serves both and starts one engine.
-    result = generate(
-        spec.reference,
-        prompts,
-        n,
-        max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        seed=gen.seed,
-        engine=gen.engine,
-        replicas=gen.replicas,
-        events=events,
-        stage="samples",
-        batch_size=gen.batch_size,
-        max_model_len=gen.max_model_len,
-    )
+    result = generate_with_spec(spec.reference, prompts, n, gen, events, stage="samples")
     samples = result.texts
     candidates = pd.DataFrame({"prompt": prompts, "responses": [s[: gen.samples_per_prompt] for s in samples]})
     kl = [(p, r) for p, s in zip(prompts, samples, strict=True) for r in s[gen.samples_per_prompt :]]

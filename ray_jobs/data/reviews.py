@@ -63,23 +63,9 @@ def _generate(
     reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None
 ) -> list[list[str]]:
     # The generation stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
-    from ray_jobs.generate import generate_texts
+    from ray_jobs.generate import generate_with_spec
 
-    return generate_texts(
-        reference,
-        prompts,
-        n,
-        max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        seed=gen.seed,
-        engine=gen.engine,
-        replicas=gen.replicas,
-        events=events,
-        stage="data",
-        batch_size=gen.batch_size,
-        max_model_len=gen.max_model_len,
-    )
+    return generate_with_spec(reference, prompts, n, gen, events, stage="data").texts
 
 
 def sample_candidates(
