@@ -21,14 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ray_jobs.distill_loop import train_loop
+from ray_jobs.distill.loop import DistillTask, train_policy
 from ray_jobs.models.logps import tokenize_responses
-from ray_jobs.models.tiny import build_llama_tokenizer
+from ray_jobs.models.tiny import TINY_LLAMA_SHAPE, build_llama, build_llama_tokenizer
+from ray_jobs.spec import DistillSpec
 
 SHAPES = {
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
-    ),
+    "tiny": {**TINY_LLAMA_SHAPE, "max_position_embeddings": 512},
     "smollm2": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -36,26 +35,13 @@ SHAPES = {
         num_attention_heads=9,
         num_key_value_heads=3,
         vocab_size=49152,
+        max_position_embeddings=512,
     ),
 }
 
 
 def build_model(name: str, out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_llama_tokenizer()
-    shape = {"vocab_size": len(tokenizer), **SHAPES[name]}
-    config = LlamaConfig(
-        **shape,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    build_llama(out, seed=0, **SHAPES[name])
 
 
 def _text_of_tokens(tokenizer, rng: np.random.Generator, n: int) -> str:
@@ -71,6 +57,7 @@ def write_pairs(tokenizer, path: Path, pairs: int, prompt_tokens: int, response_
             "prompt": [_text_of_tokens(tokenizer, rng, prompt_tokens) for _ in range(pairs)],
             "response_a": [_text_of_tokens(tokenizer, rng, response_tokens) for _ in range(pairs)],
             "response_b": [_text_of_tokens(tokenizer, rng, response_tokens) for _ in range(pairs)],
+            "source": "dataset",
             "label": pd.array([1] * pairs, dtype="Int8"),
             "ref_logp_a": rng.normal(-300, 10, pairs),
             "ref_logp_b": rng.normal(-300, 10, pairs),
@@ -83,19 +70,16 @@ def write_pairs(tokenizer, path: Path, pairs: int, prompt_tokens: int, response_
 
 def ours(model_dir: Path, pairs_path: Path, pairs: int, steps: int, device: str) -> tuple[float, float]:
     """Pairs/s and tokens/s over the second half of 2·steps full-batch DPO steps (the first half warms up)."""
-    metrics = train_loop(
-        {
-            "reference": str(model_dir),
-            "objective": {"loss": "dpo", "beta": 0.1},
-            "pairs_path": str(pairs_path),
-            "batch_size": pairs,
-            "max_steps": 2 * steps,
-            "log_every": steps,
-            "max_length": 512,
-            "use_gpu": device == "cuda",
-            "job_dir": None,
-        }
+    spec = DistillSpec(
+        loss="dpo",
+        beta=0.1,
+        batch_size=pairs,
+        max_steps=2 * steps,
+        log_every=steps,
+        max_length=512,
+        use_gpu=device == "cuda",
     )
+    metrics = train_policy(DistillTask(str(model_dir), spec, pairs=str(pairs_path), ref_samples=""))
     return metrics["pairs_per_s"], metrics["tokens_per_s"]
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from ray_jobs.data.split import split_by_prompt
-from ray_jobs.ensemble import TRIAL_CPUS, run_ensemble
+from ray_jobs.ensemble.stage import TRIAL_CPUS
+from ray_jobs.ensemble.stage import run as run_ensemble
 from ray_jobs.events import EventLog
 from ray_jobs.spec import JobSpec
 

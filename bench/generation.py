@@ -31,17 +31,18 @@ def _prompts(tokenizer, count: int) -> list[str]:
 def bench_generation(batch_sizes: list[int], max_new_tokens: int) -> list[tuple[str, int, int, float]]:
     import torch
 
-    from ray_jobs.generate import HFPredictor, VLLMPredictor
+    from ray_jobs.generate.engines import HFPredictor, VLLMPredictor
     from ray_jobs.models.registry import load_tokenizer, resolve_model_path
+    from ray_jobs.spec import GenerationSpec
 
     torch.set_num_threads(1)
     model = str(resolve_model_path("builtin:smollm2-135m"))
     prompts = _prompts(load_tokenizer(model), max(batch_sizes))
-    sampling = dict(n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=0)
+    gen = GenerationSpec(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=0, max_model_len=512)
     rows = []
     engines = {
-        "transformers": lambda: HFPredictor(model, batch_size=max(batch_sizes), **sampling),
-        "vllm": lambda: VLLMPredictor(model, max_model_len=512, **sampling),
+        "transformers": lambda: HFPredictor(model, 1, gen),
+        "vllm": lambda: VLLMPredictor(model, 1, gen),
     }
     for name, build in engines.items():
         started = time.perf_counter()
@@ -50,7 +51,7 @@ def bench_generation(batch_sizes: list[int], max_new_tokens: int) -> list[tuple[
         print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
         for size in batch_sizes:
             if name == "transformers":
-                predictor.batch_size = size
+                predictor.gen = gen.model_copy(update={"batch_size": size})
             started = time.perf_counter()
             out = predictor({"index": list(range(size)), "prompt": prompts[:size]})
             elapsed = time.perf_counter() - started
@@ -65,7 +66,7 @@ def bench_scoring(num_pairs: int, replicas: list[int]) -> list[tuple[int, float,
     import torch
 
     from ray_jobs.models.registry import load_reward_model
-    from ray_jobs.score import score_texts
+    from ray_jobs.score.scorer import score_texts
 
     texts = [
         (f"Review {MOVIES[i % len(MOVIES)]} #{i}:", f" It was {'great' if i % 2 else 'dull'} " * 8)

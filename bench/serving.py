@@ -13,11 +13,9 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,16 +35,8 @@ PROMPTS = [
 TOKEN = "bench-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_service(model_path: Path, home: Path, gcs_address: str):
-    import uvicorn
-
-    from service.app import create_app
+    from service.background import BackgroundServer
     from service.settings import Settings
 
     settings = Settings(
@@ -56,19 +46,10 @@ def _start_service(model_path: Path, home: Path, gcs_address: str):
         ray_address=gcs_address,
         max_loaded_policies=1,
     )
-    app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    r = httpx.post(f"{url}/v1/policies", json={"path": str(model_path), "id": "bench"}, headers=_auth())
+    server = BackgroundServer(settings).start()
+    r = httpx.post(f"{server.url}/v1/policies", json={"path": str(model_path), "id": "bench"}, headers=_auth())
     r.raise_for_status()
-    return app, server, thread, url
+    return server
 
 
 def _auth() -> dict[str, str]:
@@ -173,7 +154,8 @@ def main() -> None:
     model_path = Path(resolve_model_path(args.model))
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     home = Path(tempfile.mkdtemp(prefix="rmdistill-bench-serving-"))
-    app, server, thread, url = _start_service(model_path, home, ray.get_runtime_context().gcs_address)
+    server = _start_service(model_path, home, ray.get_runtime_context().gcs_address)
+    url = server.url
     try:
         # The first request loads the actor; its time is engine start-up, not serving.
         warm = {"model": "bench", "prompt": "hello", "max_tokens": 2, "temperature": 0}
@@ -181,11 +163,10 @@ def main() -> None:
         engine = httpx.post(
             f"{url}/v1/policies/bench/generate", json={"prompt": "hi", "max_tokens": 1}, headers=_auth(), timeout=60
         ).json()["engine"]
-        actor = app.state.engines.handle("bench")
+        actor = server.app.state.engines.handle("bench")
         rows = asyncio.run(_bench(url, actor, args.concurrency, args.requests, args.max_tokens))
     finally:
-        server.should_exit = True
-        thread.join(120)
+        server.stop()
         ray.shutdown()
     print(_table(rows, engine, args.model, args.max_tokens))
     if args.json:

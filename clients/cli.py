@@ -6,7 +6,9 @@ server extra and is imported only when it runs, so the client install stays ligh
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +32,17 @@ def main(
     ctx.obj = {"url": url, "token": token}
 
 
-def _client(ctx: typer.Context) -> Client:
-    return Client(ctx.obj["url"], ctx.obj["token"])
-
-
-def _fail(exc: RmdistillError) -> typer.Exit:
-    console.print(f"[red]error {exc.status}[/red]: {exc.message}")
-    for field in exc.fields:
-        console.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
-    return typer.Exit(1)
+@contextlib.contextmanager
+def _client(ctx: typer.Context) -> Iterator[Client]:
+    """The service client; an API error anywhere inside is printed with its fields and exits 1."""
+    try:
+        with Client(ctx.obj["url"], ctx.obj["token"]) as client:
+            yield client
+    except RmdistillError as exc:
+        console.print(f"[red]error {exc.status}[/red]: {exc.message}")
+        for field in exc.fields:
+            console.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -107,26 +111,20 @@ def submit(
 ) -> None:
     """Submit a job spec."""
     with _client(ctx) as client:
-        try:
-            job = client.submit(spec)
-            console.print(f"submitted [bold]{job['id']}[/bold] ({job['state']})")
-            if follow:
-                state = _follow(client, job["id"])
-                console.print(f"job {job['id']}: [bold]{state}[/bold]")
-                if state != "succeeded":
-                    raise typer.Exit(1)
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        job = client.submit(spec)
+        console.print(f"submitted [bold]{job['id']}[/bold] ({job['state']})")
+        if follow:
+            state = _follow(client, job["id"])
+            console.print(f"job {job['id']}: [bold]{state}[/bold]")
+            if state != "succeeded":
+                raise typer.Exit(1)
 
 
 @app.command()
 def status(ctx: typer.Context, job_id: str) -> None:
     """A job's state, stage, progress, metrics and artifacts."""
     with _client(ctx) as client:
-        try:
-            job: dict[str, Any] = client.get(job_id)
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        job: dict[str, Any] = client.get(job_id)
     job.pop("spec", None)
     console.print_json(json.dumps(job))
 
@@ -139,10 +137,7 @@ def jobs(
 ) -> None:
     """List jobs, newest first."""
     with _client(ctx) as client:
-        try:
-            page = client.list(state=state, limit=limit)
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        page = client.list(state=state, limit=limit)
     table = Table("id", "name", "state", "stage", "created")
     for job in page["items"]:
         table.add_row(job["id"], job["name"], job["state"], job["stage"] or "", job["created_at"] or "")
@@ -154,20 +149,14 @@ def jobs(
 def cancel(ctx: typer.Context, job_id: str) -> None:
     """Stop a job."""
     with _client(ctx) as client:
-        try:
-            console.print(f"{job_id}: {client.cancel(job_id)['state']}")
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        console.print(f"{job_id}: {client.cancel(job_id)['state']}")
 
 
 @app.command()
 def logs(ctx: typer.Context, job_id: str) -> None:
     """The Ray job's driver log."""
     with _client(ctx) as client:
-        try:
-            typer.echo(client.logs(job_id))
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        typer.echo(client.logs(job_id))
 
 
 @app.command()
@@ -179,8 +168,5 @@ def chat(
 ) -> None:
     """Send one user message to a policy and print its answer."""
     with _client(ctx) as client:
-        try:
-            answer = client.chat(policy, message, max_tokens=max_tokens)
-        except RmdistillError as exc:
-            raise _fail(exc) from None
+        answer = client.chat(policy, message, max_tokens=max_tokens)
     typer.echo(answer["choices"][0]["message"]["content"])

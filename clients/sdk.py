@@ -1,4 +1,5 @@
-"""Python SDK for the rmdistill service (httpx only: works from the light client install).
+"""Python SDK for the rmdistill service (httpx, plus the standard-library-only ray_jobs.names: works from the light
+client install).
 
 from clients.sdk import Client
 with Client("http://127.0.0.1:8000", token="...") as rm:
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+from ray_jobs.names import FINAL_STATES
 
 
 class RmdistillError(RuntimeError):

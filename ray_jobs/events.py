@@ -13,10 +13,9 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
+from ray_jobs.layout import JobLayout
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,7 +35,7 @@ class EventLog:
     """Appends events to ``<job_dir>/events.jsonl``; safe to use from several processes on one filesystem."""
 
     def __init__(self, job_dir: str | os.PathLike[str]):
-        self.path = Path(job_dir) / EVENTS_FILE
+        self.path = JobLayout(job_dir).events
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, kind: str, stage: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -59,7 +58,7 @@ class EventLog:
 
 def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[dict[str, Any]]:
     """Events from line ``offset`` on; a torn last line (a writer mid-append) is left for the next read."""
-    path = Path(job_dir) / EVENTS_FILE
+    path = JobLayout(job_dir).events
     if not path.exists():
         return
     with path.open("rb") as fh:

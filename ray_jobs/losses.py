@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("min", "example_min", "mean", "hull")
+from ray_jobs.names import FAMILIES
+
 # The exact hull solve enumerates supports (2^K - 1 of them); past this the enumeration stops being "small".
 MAX_HULL_MEMBERS = 12
 

@@ -13,9 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-LOSSES = ("dpo", "ipo", "distill", "e-dpo", "p-dpo")
-LABELLED_LOSSES = frozenset({"dpo", "ipo", "p-dpo"})
-FAMILIES = ("min", "example_min", "mean", "hull")
+from ray_jobs.names import LABELLED_LOSSES, DataFormat, Diversity, Engine, Family, Loss, Pairing
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -47,9 +45,7 @@ class DataSpec(_Strict):
         description="builtin:reviews, a local .jsonl/.json/.parquet/.csv(.gz) file or save_to_disk folder, "
         "or a Hugging Face hub id.",
     )
-    format: Literal["auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"] = (
-        Field("auto", description="Row format; auto detects it from the columns.")
-    )
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt).")
     seed: int = 0
@@ -76,7 +72,7 @@ class MemberOverride(_Strict):
 class EnsembleSpec(_Strict):
     size: int = Field(3, ge=0, le=64, description="Number of reward models K; 0 skips the ensemble stage.")
     backbone: str = Field("builtin:minilm-l6", description="Encoder or causal LM under a scalar reward head.")
-    diversity: Literal["seed", "bootstrap", "disjoint"] = "bootstrap"
+    diversity: Diversity = "bootstrap"
     members: list[MemberOverride] = Field(default_factory=list, description="Overrides for member 0, 1, ...")
     epochs: PositiveInt = 2
     lr: PositiveFloat = 2.0e-5
@@ -102,9 +98,9 @@ class EnsembleSpec(_Strict):
 
 
 class GenerationSpec(_Strict):
-    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when it loads, else HF generate.")
+    engine: Engine = Field("auto", description="auto = vLLM when it loads, else HF generate.")
     samples_per_prompt: int = Field(2, ge=0, description="Responses sampled from π_ref per prompt (0 = none).")
-    pairing: Literal["all", "random"] = Field("all", description="All distinct pairs per prompt, or one random pair.")
+    pairing: Pairing = Field("all", description="All distinct pairs per prompt, or one random pair.")
     max_new_tokens: PositiveInt = 48
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -126,10 +122,10 @@ class ScoreSpec(_Strict):
 
 
 class DistillSpec(_Strict):
-    loss: Literal["dpo", "ipo", "distill", "e-dpo", "p-dpo"] = "e-dpo"
+    loss: Loss = "e-dpo"
     beta: PositiveFloat = Field(0.1, description="KL strength β of the implicit reward β·log(π/π_ref).")
     alpha: float = Field(0.0, ge=0.0, description="Weight of the forward KL(π_ref‖π) term; > 0 for p-dpo.")
-    family: Literal["min", "example_min", "mean", "hull"] = Field("min", description="e-dpo's reduction over members.")
+    family: Family = Field("min", description="e-dpo's reduction over members.")
     member: int | None = Field(
         None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
     )
@@ -198,6 +194,11 @@ class JobSpec(_Strict):
     @property
     def needs_rewards(self) -> bool:
         return self.distill.loss not in LABELLED_LOSSES
+
+    @property
+    def trains_ensemble(self) -> bool:
+        """Whether the ensemble stage fits reward models (not when the loss needs none or they are reused)."""
+        return self.needs_rewards and self.ensemble.size > 0 and not (self.reuse.ensemble or self.reuse.pairs)
 
 
 class SpecError(ValueError):

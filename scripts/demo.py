@@ -62,7 +62,7 @@ def main() -> int:
             return 1
         report = client.policy(job["id"]).get("summary", {}).get("eval") or {}
         report.pop("examples", None)
-        print("evaluation (eval/report.json):", json.dumps(report, indent=2))
+        print("evaluation (evaluate/report.json):", json.dumps(report, indent=2))
     openai = OpenAI(base_url=f"{args.url}/v1", api_key="unused")
     reply = openai.chat.completions.create(
         model=job["id"],

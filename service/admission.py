@@ -4,18 +4,16 @@ ever provide what it asks for (a job must never wait forever on a placement grou
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ray_jobs.cluster import ClusterResources, ResourceError, check_resources
+from ray_jobs.names import HUB_ID, MODEL_PREFIXES
 from ray_jobs.spec import JobSpec
 from service.errors import ApiError
-from service.ray_backend import ClusterResources
 
-MODEL_PREFIXES = ("builtin:", "tiny:")
 # A relative value with one of these suffixes is meant as a file, never a hub id: it must exist in a data root.
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".txt", ".arrow", ".safetensors", ".bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _ref_fields(spec: JobSpec) -> Iterator[tuple[str, str]]:
@@ -104,32 +102,9 @@ def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[s
     return JobSpec.model_validate(data)
 
 
-def _refuse(field: str, message: str) -> ApiError:
-    return ApiError(409, f"{field}: {message}", [{"field": field, "message": message}])
-
-
-def check_resources(spec: JobSpec, cluster: ClusterResources) -> None:
-    """Refuse a spec whose workers could never be placed on this cluster (409 naming the field)."""
-    trains_ensemble = spec.ensemble.size > 0 and spec.reuse.ensemble is None and spec.reuse.pairs is None
-    have = f"the cluster has {cluster.cpus:g} CPUs and {cluster.gpus:g} GPUs on {cluster.nodes} node(s)"
-    if spec.distill.use_gpu:
-        if cluster.gpus == 0:
-            raise _refuse("distill.use_gpu", f"asks for GPUs but {have}")
-        if spec.distill.num_workers > cluster.gpus:
-            raise _refuse("distill.num_workers", f"{spec.distill.num_workers} GPU workers asked but {have}")
-    elif spec.distill.num_workers > cluster.cpus:
-        raise _refuse("distill.num_workers", f"{spec.distill.num_workers} one-CPU workers asked but {have}")
-    if trains_ensemble:
-        ens = spec.ensemble
-        if ens.gpus_per_worker > 0 and cluster.gpus == 0:
-            raise _refuse("ensemble.gpus_per_worker", f"asks for GPUs but {have}")
-        if ens.gpus_per_worker > cluster.max_node_gpus and cluster.gpus > 0:
-            raise _refuse("ensemble.gpus_per_worker", f"{ens.gpus_per_worker:g} GPUs per worker but {have}")
-        if ens.cpus_per_worker > cluster.max_node_cpus:
-            raise _refuse("ensemble.cpus_per_worker", f"{ens.cpus_per_worker:g} CPUs per worker but {have}")
-        if ens.workers_per_member * ens.cpus_per_worker > cluster.cpus:
-            message = f"{ens.workers_per_member} workers of {ens.cpus_per_worker:g} CPUs per member but {have}"
-            raise _refuse("ensemble.workers_per_member", message)
-        if ens.workers_per_member * ens.gpus_per_worker > cluster.gpus and ens.gpus_per_worker > 0:
-            message = f"{ens.workers_per_member} workers of {ens.gpus_per_worker:g} GPUs per member but {have}"
-            raise _refuse("ensemble.workers_per_member", message)
+def check_cluster(spec: JobSpec, cluster: ClusterResources) -> None:
+    """409 naming the field when the cluster could never place what the spec asks (the driver's own rule)."""
+    try:
+        check_resources(spec, cluster)
+    except ResourceError as exc:
+        raise ApiError(409, str(exc), [{"field": exc.field, "message": exc.message}]) from None

@@ -12,15 +12,15 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import jobs_api, policies_api
-from service.auth import current_owner
+from service import jobs_api, ops_api, policies_api, serving
+from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
-from service.metrics import LatencyMiddleware, metrics_response
+from service.metrics import LatencyMiddleware
 from service.ray_backend import RayBackend, RayUnavailable
 from service.settings import Settings
 from service.store import Store
@@ -58,19 +58,6 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
-def _optional(module: str, name: str) -> Any:
-    """The serving helper's module attribute, or None while that module does not exist yet."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        log.warning("%s is not available; its routes are off", module)
-        return None
-
-
 def _mark_orphaned(store: Store) -> None:
     reason = "the service stopped, and with it the embedded Ray head that ran this job"
     for job in store.active_jobs():
@@ -92,21 +79,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     follower = JobFollower(store, backend, settings.poll_interval_s)
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
-    engine_manager = _optional("service.engines", "EngineManager")
     # Serving actors live on the same cluster as the jobs: the embedded head's GCS, else whatever
     # RMDISTILL_SERVING_RAY_ADDRESS names (a dashboard URL, which RAY_ADDRESS is here, cannot take a driver).
     serving_address = backend.head.gcs_address if backend.embedded and backend.head else None
-    app.state.engines = (
-        engine_manager(max_loaded=settings.max_loaded_policies, ray_address=serving_address) if engine_manager else None
-    )
+    engines = app.state.engines = EngineManager(max_loaded=settings.max_loaded_policies, ray_address=serving_address)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if app.state.engines is not None:
-            await app.state.engines.shutdown()
+        await engines.shutdown()
         if backend.embedded:
             await asyncio.to_thread(backend.stop)
             _mark_orphaned(store)
@@ -132,23 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
-    app.include_router(jobs_api.router)
-    app.include_router(policies_api.router)
-    serving_router = _optional("service.serving", "router")
-    if serving_router is not None:
-        app.include_router(serving_router)
-
-    @app.get("/healthz", tags=["ops"], summary="Liveness; open without a token")
-    def healthz(request: Request) -> dict[str, Any]:
-        backend: RayBackend = request.app.state.backend
-        return {
-            "status": "ok",
-            "ray": {"address": backend.address or None, "embedded": backend.embedded},
-            "auth": settings.auth_enabled,
-        }
-
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", dependencies=[Depends(current_owner)])
-    def metrics(request: Request) -> Any:
-        return metrics_response(request.app.state.store)
-
+    for module in (jobs_api, policies_api, serving, ops_api):
+        app.include_router(module.router)
     return app

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -23,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from ray_jobs.layout import POLICY_INFO_FILE
+from ray_jobs.names import ENGINES
 
-ENGINES = ("auto", "vllm", "hf")
+log = logging.getLogger(__name__)
 
 
 class EngineRequestError(ValueError):
@@ -100,7 +100,7 @@ def _materialise(path: str) -> Path:
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file():
         return folder
-    from ray_jobs.artifacts import model_cache
+    from ray_jobs.layout import model_cache
 
     stamp = max(p.stat().st_mtime_ns for p in folder.iterdir())
     key = hashlib.sha256(f"{folder.resolve()}:{stamp}".encode()).hexdigest()[:16]
@@ -129,7 +129,7 @@ def _materialise(path: str) -> Path:
 
 
 def _adapter_base(folder: Path) -> str:
-    meta = folder / "rmdistill.json"
+    meta = folder / POLICY_INFO_FILE
     if meta.is_file():
         info = json.loads(meta.read_text())
         for key in ("base_model", "reference"):
@@ -137,7 +137,7 @@ def _adapter_base(folder: Path) -> str:
                 return str(info[key])
     base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise EngineUnavailableError(f"{folder}: adapter names no base model (adapter_config.json, rmdistill.json)")
+        raise EngineUnavailableError(f"{folder}: adapter names no base model (adapter_config.json, {POLICY_INFO_FILE})")
     return str(base)
 
 
@@ -255,29 +255,15 @@ class _VLLMBackend:
     name = "vllm"
 
     def __init__(self, folder: Path, max_model_len: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # The actor is already a dedicated process: keeping vLLM's engine core and worker in it avoids two spawns
-        # (each re-imports vLLM) and leaves no grandchildren to outlive a killed actor.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # Several policies may share a node: let the OS place threads (Ray sets their count to the actor's CPUs).
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         import torch
-        from transformers import AutoConfig
-        from vllm import LLM
 
-        limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", max_model_len)
-        self.max_model_len = min(max_model_len, limit)
-        self.llm = LLM(
-            model=str(folder),
-            enforce_eager=True,
-            max_model_len=self.max_model_len,
-            seed=0,
-            # vLLM's CPU build casts to bf16 by default, whose attention kernel dies of an illegal instruction in a
-            # Ray worker here; fp32 is what transformers serves too.
-            dtype="auto" if torch.cuda.is_available() else "float32",
-            distributed_executor_backend="uni",
-            disable_log_stats=True,
-        )
+        from ray_jobs.generate.vllm import clamp_max_model_len, make_llm
+
+        self.max_model_len = clamp_max_model_len(folder, max_model_len)
+        # vLLM's CPU build casts to bf16 by default, whose attention kernel dies of an illegal instruction in a Ray
+        # worker here; fp32 is what transformers serves too. Several policies may share a node, so no core binding.
+        dtype = "auto" if torch.cuda.is_available() else "float32"
+        self.llm = make_llm(folder, max_model_len=self.max_model_len, dtype=dtype, bind_threads=False)
         self.tokenizer = self.llm.get_tokenizer()
 
     def run(self, batch: list[tuple[list[int], SamplingRequest]], sink: TokenSink | None = None) -> list[list[_Raw]]:
@@ -312,23 +298,30 @@ class _VLLMBackend:
         return results
 
     def close(self) -> None:
+        from ray_jobs.generate.vllm import shutdown_llm
+
         with contextlib.suppress(Exception):
-            self.llm.llm_engine.engine_core.shutdown()
+            shutdown_llm(self.llm)
 
 
 def _load_backend(folder: Path, engine: str, max_model_len: int) -> _HFBackend | _VLLMBackend:
-    if engine in ("auto", "vllm"):
-        if importlib.util.find_spec("vllm") is None:
-            if engine == "vllm":
-                raise EngineUnavailableError("RMDISTILL_SERVING_ENGINE=vllm but vLLM is not installed")
-        else:
-            try:
-                return _VLLMBackend(folder, max_model_len)
-            except Exception as exc:  # e.g. an attention head size vLLM's CPU build rejects
-                if engine == "vllm":
-                    raise
-                log.warning("vLLM could not load %s (%s); serving it with transformers", folder, exc)
-    return _HFBackend(folder, max_model_len)
+    """vLLM when it loads the policy (e.g. not for an attention head size its CPU build rejects), else transformers;
+    engine "vllm" never falls back."""
+    from ray_jobs.generate.vllm import VLLMUnavailableError, vllm_or_fallback
+
+    def warn(reason: str) -> None:
+        log.warning("%s; serving it with transformers", reason)
+
+    try:
+        return vllm_or_fallback(
+            engine,
+            str(folder),
+            lambda: _VLLMBackend(folder, max_model_len),
+            lambda: _HFBackend(folder, max_model_len),
+            warn,
+        )
+    except VLLMUnavailableError as exc:
+        raise EngineUnavailableError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------------------- actor

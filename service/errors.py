@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.schemas import ErrorBody
+
 log = logging.getLogger("rmdistill.service")
 
 
@@ -29,7 +31,8 @@ class ApiError(Exception):
 
 
 def error_body(message: str, fields: list[dict[str, str]] | None = None) -> dict:
-    return {"error": {"message": message, "fields": fields or []}}
+    # Built through the documented model, so the body cannot drift from what /openapi.json says.
+    return ErrorBody.model_validate({"error": {"message": message, "fields": fields or []}}).model_dump()
 
 
 def error_response(status: int, message: str, fields: list[dict[str, str]] | None = None) -> JSONResponse:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.layout import JobLayout
 from service.progress import summarize
 from service.ray_backend import RayBackend, RayUnavailable
 from service.store import Job, Store, utcnow
@@ -33,17 +34,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def register_job_policy(store: Store, job: Job) -> None:
     """A succeeded job's policy folder becomes a servable policy whose id is the job id."""
-    policy_dir = Path(job.job_dir) / "policy"
-    if not policy_dir.is_dir():
+    layout = JobLayout(job.job_dir)
+    if not layout.policy.is_dir():
         return
-    meta = _read_json(policy_dir / "rmdistill.json")
-    summary = {"policy": meta, "eval": _read_json(Path(job.job_dir) / "eval" / "report.json")}
+    meta = _read_json(layout.policy_info)
+    summary = {"policy": meta, "eval": _read_json(layout.report)}
     spec = job.spec or {}
     store.add_policy(
         policy_id=job.id,
         job_id=job.id,
         owner=job.owner,
-        path=str(policy_dir),
+        path=str(layout.policy),
         base_model=meta.get("reference") or spec.get("reference"),
         loss=meta.get("loss") or (spec.get("distill") or {}).get("loss"),
         summary=summary,

@@ -7,22 +7,24 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ray_jobs.events import read_events
+from ray_jobs.layout import JobLayout
+from ray_jobs.names import FINAL_STATES, JobState
 from ray_jobs.spec import SpecError, parse_spec
-from service.admission import check_resources, confine_spec
-from service.auth import current_owner
+from service.admission import check_cluster, confine_spec
+from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.progress import artifacts, summarize
 from service.ray_backend import RayUnavailable
-from service.store import FINAL_STATES, Job, Store
+from service.schemas import PLAIN_TEXT, EventPage, JobBrief, JobDetail, JobPage, Transition, error_responses
+from service.store import Job, Store
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-Owner = Annotated[str | None, Depends(current_owner)]
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 422))
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
@@ -36,64 +38,50 @@ SPEC_EXAMPLE = {
 }
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
+def job_brief(job: Job) -> JobBrief:
+    return JobBrief.model_validate(job)
 
 
-def job_brief(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "name": job.name,
-        "state": job.state,
-        "stage": job.stage,
-        "error": job.error,
-        "ray_submission_id": job.ray_submission_id,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-    }
-
-
-def job_detail(store: Store, job: Job) -> dict[str, Any]:
+def job_detail(store: Store, job: Job) -> JobDetail:
     view = summarize(job.job_dir)
     policy = store.get_policy(job.id) if job.state == "succeeded" else None
-    return {
-        **job_brief(job),
-        "stage": view["stage"] or job.stage,
-        "stages": view["stages"],
-        "progress": view["progress"],
-        "metrics": view["metrics"],
-        "job_dir": job.job_dir,
-        "artifacts": artifacts(job.job_dir),
-        "policy_id": policy.id if policy else None,
-        "spec": job.spec,
-        "transitions": [
-            {"from": t.from_state, "to": t.to_state, "at": _iso(t.at), "reason": t.reason}
+    return JobDetail(
+        **{**dict(job_brief(job)), "stage": view["stage"] or job.stage},
+        stages=view["stages"],
+        progress=view["progress"],
+        metrics=view["metrics"],
+        job_dir=job.job_dir,
+        artifacts=artifacts(job.job_dir),
+        policy_id=policy.id if policy else None,
+        spec=job.spec,
+        transitions=[
+            Transition(from_state=t.from_state, to=t.to_state, at=t.at, reason=t.reason)
             for t in store.transitions(job.id)
         ],
-    }
+    )
 
 
-def _store(request: Request) -> Store:
-    return request.app.state.store
-
-
-def _owned_job(request: Request, job_id: str, owner: str | None) -> Job:
-    job = _store(request).get_job(job_id, owner)
+def _owned_job(store: Store, job_id: str, owner: str | None) -> Job:
+    job = store.get_job(job_id, owner)
     if job is None:
         raise ApiError(404, f"job {job_id} not found")
     return job
 
 
-@router.post("", status_code=202, summary="Submit a job spec (ray_jobs.spec.JobSpec as JSON)")
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a job spec (ray_jobs.spec.JobSpec as JSON)",
+    responses=error_responses(403, 409, 503),
+)
 def submit_job(
-    request: Request,
     owner: Owner,
+    store: StoreDep,
+    settings: SettingsDep,
+    backend: BackendDep,
+    response: Response,
     body: Annotated[dict[str, Any], Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
-) -> JSONResponse:
-    app = request.app
-    store, settings, backend = _store(request), app.state.settings, app.state.backend
+) -> JobDetail:
     try:
         spec = parse_spec(body)
     except SpecError as exc:
@@ -104,12 +92,12 @@ def submit_job(
         return job.job_dir if job else None
 
     spec = confine_spec(spec, settings.data_roots, own_job_dir)
-    check_resources(spec, backend.resources())
+    check_cluster(spec, backend.resources())
 
     job_id = f"job-{secrets.token_hex(6)}"
     job_dir = Path(settings.jobs_dir) / job_id
     job_dir.mkdir(parents=True)
-    (job_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    JobLayout(job_dir).spec.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     store.create_job(
         job_id=job_id, name=spec.name, owner=owner, spec=spec.model_dump(mode="json"), job_dir=str(job_dir)
     )
@@ -125,34 +113,38 @@ def submit_job(
     store.update_job(job_id, ray_submission_id=submission_id)
     job = store.get_job(job_id)
     assert job is not None
-    return JSONResponse(job_detail(store, job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return job_detail(store, job)
 
 
 @router.get("", summary="List jobs, newest first")
 def list_jobs(
-    request: Request,
     owner: Owner,
-    state: Literal["pending", "running", "cancelling", "succeeded", "failed", "cancelled"] | None = None,
+    store: StoreDep,
+    state: JobState | None = None,
     name: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> dict[str, Any]:
-    jobs, total = _store(request).list_jobs(owner, state=state, name=name, limit=limit, offset=offset)
-    return {"items": [job_brief(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+) -> JobPage:
+    jobs, total = store.list_jobs(owner, state=state, name=name, limit=limit, offset=offset)
+    return JobPage(items=[job_brief(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", summary="State, current stage, progress, metrics and artifacts of a job")
-def get_job(request: Request, job_id: str, owner: Owner) -> dict[str, Any]:
-    return job_detail(_store(request), _owned_job(request, job_id, owner))
+@router.get(
+    "/{job_id}",
+    summary="State, current stage, progress, metrics and artifacts of a job",
+    responses=error_responses(404),
+)
+def get_job(job_id: str, owner: Owner, store: StoreDep) -> JobDetail:
+    return job_detail(store, _owned_job(store, job_id, owner))
 
 
 def _sse(event: dict[str, Any], event_id: int) -> bytes:
     return f"id: {event_id}\nevent: {event.get('kind', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-async def _stream(request: Request, job: Job, offset: int) -> AsyncIterator[bytes]:
+async def _stream(request: Request, store: Store, job: Job, offset: int) -> AsyncIterator[bytes]:
     """Events from `offset` on as they are appended; ends after job_finished, or when the job is final and drained."""
-    store = _store(request)
     idle = 0.0
     while True:
         batch = list(read_events(job.job_dir, offset))
@@ -179,49 +171,70 @@ async def _stream(request: Request, job: Job, offset: int) -> AsyncIterator[byte
         idle += SSE_POLL_S
 
 
-@router.get("/{job_id}/events", summary="The job's event log: a page, or a server-sent-event stream")
+# The page is JSON; with ?stream=true or `Accept: text/event-stream` the same events come as server-sent events.
+EVENT_STREAM = {
+    200: {
+        "description": "A page of events, or (streamed) each event as `id: <n>`, `event: <kind>`, `data: <json>`",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="The job's event log: a page, or a server-sent-event stream",
+    response_model=EventPage,
+    responses={**EVENT_STREAM, **error_responses(404)},
+)
 def job_events(
     request: Request,
     job_id: str,
     owner: Owner,
+    store: StoreDep,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
 ) -> Any:
-    job = _owned_job(request, job_id, owner)
+    job = _owned_job(store, job_id, owner)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         last_id = request.headers.get("last-event-id", "")
         start = int(last_id) if last_id.isdigit() else offset
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_stream(request, job, start), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(_stream(request, store, job, start), media_type="text/event-stream", headers=headers)
     events = []
     for event in read_events(job.job_dir, offset):
         if len(events) == limit:
             break
         events.append(event)
-    return {"events": events, "offset": offset, "next_offset": offset + len(events), "state": job.state}
+    return EventPage(events=events, offset=offset, next_offset=offset + len(events), state=job.state)
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse, summary="The Ray job's driver logs")
-def job_logs(request: Request, job_id: str, owner: Owner) -> PlainTextResponse:
-    job = _owned_job(request, job_id, owner)
-    logs = request.app.state.backend.logs(job.ray_submission_id) if job.ray_submission_id else None
+@router.get(
+    "/{job_id}/logs",
+    response_class=Response,
+    summary="The Ray job's driver logs",
+    responses={**PLAIN_TEXT, **error_responses(404, 503)},
+)
+def job_logs(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> PlainTextResponse:
+    job = _owned_job(store, job_id, owner)
+    logs = backend.logs(job.ray_submission_id) if job.ray_submission_id else None
     if logs is None:
         raise ApiError(404, f"Ray has no logs for job {job_id} (it was never submitted or the cluster forgot it)")
     return PlainTextResponse(logs)
 
 
-@router.post("/{job_id}/cancel", status_code=202, summary="Stop the job's Ray job")
-def cancel_job(request: Request, job_id: str, owner: Owner) -> JSONResponse:
-    store = _store(request)
-    job = _owned_job(request, job_id, owner)
+@router.post(
+    "/{job_id}/cancel", status_code=202, summary="Stop the job's Ray job", responses=error_responses(404, 409, 503)
+)
+def cancel_job(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> JobDetail:
+    job = _owned_job(store, job_id, owner)
     if job.is_final:
         raise ApiError(409, f"job {job_id} is already {job.state}")
     if job.ray_submission_id is None:
         store.transition(job_id, "cancelled", "cancelled before submission")
     else:
-        request.app.state.backend.stop_job(job.ray_submission_id)
+        backend.stop_job(job.ray_submission_id)
         store.transition(job_id, "cancelling", "cancel requested", expect=job.state)
     current = store.get_job(job_id)
     assert current is not None
-    return JSONResponse(job_detail(store, current), status_code=202)
+    return job_detail(store, current)

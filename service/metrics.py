@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 
-from service.store import STATES, Store
+from ray_jobs.names import JOB_STATES
+from service.store import Store
 
 JOBS = Gauge("rmdistill_jobs", "Jobs in the store by state.", ["state"])
 REQUEST_LATENCY = Histogram(
@@ -23,7 +24,7 @@ REQUEST_LATENCY = Histogram(
 
 def metrics_response(store: Store) -> Response:
     counts = store.count_by_state()
-    for state in STATES:
+    for state in JOB_STATES:
         JOBS.labels(state).set(counts.get(state, 0))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

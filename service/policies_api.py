@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.admission import confine_path
-from service.auth import current_owner
+from service.deps import Owner, SettingsDep, StoreDep
 from service.errors import ApiError
-from service.store import Policy, Store
+from service.schemas import PolicyList, PolicyView, error_responses
 
-router = APIRouter(prefix="/v1/policies", tags=["policies"])
-Owner = Annotated[str | None, Depends(current_owner)]
+router = APIRouter(prefix="/v1/policies", tags=["policies"], responses=error_responses(401))
 # A folder transformers (full checkpoint) or PEFT (adapter) can load.
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 
@@ -30,39 +27,27 @@ class PolicyRegistration(BaseModel):
     loss: str | None = None
 
 
-def policy_view(policy: Policy) -> dict[str, Any]:
-    return {
-        "id": policy.id,
-        "job_id": policy.job_id,
-        "path": policy.path,
-        "base_model": policy.base_model,
-        "loss": policy.loss,
-        "summary": policy.summary,
-        "created_at": policy.created_at.isoformat(),
-    }
-
-
-def _store(request: Request) -> Store:
-    return request.app.state.store
-
-
 @router.get("", summary="Registered policies")
-def list_policies(request: Request, owner: Owner) -> dict[str, Any]:
-    return {"items": [policy_view(p) for p in _store(request).list_policies(owner)]}
+def list_policies(owner: Owner, store: StoreDep) -> PolicyList:
+    return PolicyList(items=[PolicyView.model_validate(p) for p in store.list_policies(owner)])
 
 
-@router.get("/{policy_id}", summary="One policy")
-def get_policy(request: Request, policy_id: str, owner: Owner) -> dict[str, Any]:
-    policy = _store(request).get_policy(policy_id, owner)
+@router.get("/{policy_id}", summary="One policy", responses=error_responses(404, 422))
+def get_policy(policy_id: str, owner: Owner, store: StoreDep) -> PolicyView:
+    policy = store.get_policy(policy_id, owner)
     if policy is None:
         raise ApiError(404, f"policy {policy_id} not found")
-    return policy_view(policy)
+    return PolicyView.model_validate(policy)
 
 
-@router.post("", status_code=201, summary="Register an existing model folder as a policy")
-def register_policy(request: Request, body: PolicyRegistration, owner: Owner) -> JSONResponse:
-    store = _store(request)
-    folder = Path(confine_path("path", body.path, request.app.state.settings.data_roots))
+@router.post(
+    "",
+    status_code=201,
+    summary="Register an existing model folder as a policy",
+    responses=error_responses(403, 409, 422),
+)
+def register_policy(body: PolicyRegistration, owner: Owner, store: StoreDep, settings: SettingsDep) -> PolicyView:
+    folder = Path(confine_path("path", body.path, settings.data_roots))
     if not folder.is_dir() or not any((folder / marker).is_file() for marker in MODEL_MARKERS):
         raise ApiError(
             422,
@@ -75,4 +60,4 @@ def register_policy(request: Request, body: PolicyRegistration, owner: Owner) ->
     policy = store.add_policy(
         policy_id=policy_id, path=str(folder), owner=owner, base_model=body.base_model, loss=body.loss
     )
-    return JSONResponse(policy_view(policy), status_code=201)
+    return PolicyView.model_validate(policy)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.artifacts import STAGES, stage_dir
 from ray_jobs.events import read_events
+from ray_jobs.layout import JobLayout
 
 
 def summarize(job_dir: str | Path) -> dict[str, Any]:
@@ -50,5 +50,5 @@ def summarize(job_dir: str | Path) -> dict[str, Any]:
 
 
 def artifacts(job_dir: str | Path) -> dict[str, str]:
-    """Published stage folders (a folder that exists is complete: ray_jobs.artifacts.staging)."""
-    return {s: str(stage_dir(job_dir, s)) for s in STAGES if stage_dir(job_dir, s).is_dir()}
+    """Published stage folders (a folder that exists is complete: ray_jobs.layout.JobLayout.staging)."""
+    return {stage: str(folder) for stage, folder in JobLayout(job_dir).published().items()}

@@ -32,6 +32,9 @@ from typing import Any
 
 import psutil
 
+from ray_jobs.cluster import ClusterResources
+from ray_jobs.layout import JobLayout
+
 log = logging.getLogger("rmdistill.ray")
 
 # Environment a job needs to find the same data folder, model cache and offline settings as the service.
@@ -197,15 +200,6 @@ class RayJobInfo:
     exit_code: int | None
 
 
-@dataclass
-class ClusterResources:
-    cpus: float
-    gpus: float
-    max_node_cpus: float
-    max_node_gpus: float
-    nodes: int
-
-
 class RayBackend:
     """Submits, follows, stops and reads the logs of pipeline jobs on one Ray cluster."""
 
@@ -274,7 +268,7 @@ class RayBackend:
     def submit(self, job_id: str, job_dir: Path) -> str:
         python = shlex.quote(sys.executable)
         entrypoint = (
-            f"{python} -m ray_jobs.pipeline --spec {shlex.quote(str(job_dir / 'spec.json'))} "
+            f"{python} -m ray_jobs.pipeline --spec {shlex.quote(str(JobLayout(job_dir).spec))} "
             f"--job-dir {shlex.quote(str(job_dir))}"
         )
         client = self.client()
@@ -316,11 +310,4 @@ class RayBackend:
             nodes = _alive_nodes(dashboard)
         except Exception as exc:  # the state API wraps HTTP failures in several types
             raise RayUnavailable(f"cannot list the nodes of the Ray cluster at {dashboard}: {exc}") from None
-        totals = [n.resources_total or {} for n in nodes]
-        return ClusterResources(
-            cpus=sum(t.get("CPU", 0.0) for t in totals),
-            gpus=sum(t.get("GPU", 0.0) for t in totals),
-            max_node_cpus=max((t.get("CPU", 0.0) for t in totals), default=0.0),
-            max_node_gpus=max((t.get("GPU", 0.0) for t in totals), default=0.0),
-            nodes=len(totals),
-        )
+        return ClusterResources.from_nodes(n.resources_total or {} for n in nodes)

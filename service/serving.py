@@ -12,15 +12,41 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
 
-from service.auth import current_owner
-from service.engines import EngineRequestError, EngineUnavailableError, GenerationResult, SamplingRequest
-from service.serving_schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from service.deps import EnginesDep, Owner, StoreDep
+from service.engines import (
+    EngineManager,
+    EngineRequestError,
+    EngineUnavailableError,
+    GenerationResult,
+    SamplingRequest,
+)
+from service.schemas import error_responses
+from service.serving_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    GeneratedSample,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    OpenAIErrorBody,
+    TokenLogprob,
+    Usage,
+)
+from service.store import Policy, Store
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 
@@ -44,7 +70,7 @@ class OpenAIError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(OpenAIErrorBody.model_validate(body).model_dump(), status_code=self.status)
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
@@ -76,11 +102,18 @@ class OpenAIRoute(APIRoute):
         return route
 
 
-router = APIRouter(route_class=OpenAIRoute, tags=["serving"])
+# Authentication fails before these routes run, so 401 has the service's own error body; the rest are OpenAI's.
+router = APIRouter(route_class=OpenAIRoute, tags=["serving"], responses=error_responses(401))
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": OpenAIErrorBody, "description": "Invalid request (400) or unknown model (404)"},
+    503: {"model": OpenAIErrorBody, "description": "The policy's engine could not be loaded or died"},
+}
+# With "stream": true the answer is OpenAI's server-sent chunks, ending with `data: [DONE]`.
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-def _policy(request: Request, policy_id: str, owner: str | None):
-    policy = request.app.state.store.get_policy(policy_id, owner)
+def _policy(store: Store, policy_id: str, owner: str | None) -> Policy:
+    policy = store.get_policy(policy_id, owner)
     if policy is None:
         raise OpenAIError(404, f"The model '{policy_id}' does not exist", param="model", code="model_not_found")
     return policy
@@ -115,8 +148,9 @@ def _record(policy_id: str, endpoint: str, start: float, results: list[Generatio
         COMPLETION_TOKENS.labels(policy_id).inc(sum(r.completion_tokens for r in results))
 
 
-async def _run(request: Request, policy, endpoint: str, reqs: list[SamplingRequest]) -> list[GenerationResult]:
-    engines = request.app.state.engines
+async def _run(
+    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+) -> list[GenerationResult]:
     start, results = time.perf_counter(), None
     try:
         results = list(await asyncio.gather(*(engines.generate(policy.id, str(policy.path), r) for r in reqs)))
@@ -129,9 +163,10 @@ async def _run(request: Request, policy, endpoint: str, reqs: list[SamplingReque
 StreamItem = tuple[int, str] | list[GenerationResult]
 
 
-async def _stream(request: Request, policy, endpoint: str, reqs: list[SamplingRequest]) -> AsyncIterator[StreamItem]:
+async def _stream(
+    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+) -> AsyncIterator[StreamItem]:
     """Deltas of every choice (prompt p's sample k is choice p * n + k), prompts one after another."""
-    engines = request.app.state.engines
     start, results = time.perf_counter(), []
     try:
         for p, req in enumerate(reqs):
@@ -174,23 +209,24 @@ async def _sse(
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
+def _usage(results: list[GenerationResult]) -> Usage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 # ---------------------------------------------------------------------------------------------------------- routes
 @router.get("/v1/models")
-async def list_models(request: Request, owner: str | None = Depends(current_owner)) -> dict[str, Any]:
-    policies = request.app.state.store.list_policies(owner)
-    data = [{"id": p.id, "object": "model", "created": _created(p), "owned_by": owner or "rmdistill"} for p in policies]
-    return {"object": "list", "data": data}
+async def list_models(owner: Owner, store: StoreDep) -> ModelList:
+    policies = store.list_policies(owner)
+    return ModelList(
+        data=[ModelCard(id=p.id, created=_created(p), owned_by=owner or "rmdistill") for p in policies],
+    )
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, owner: str | None = Depends(current_owner)):
-    policy = _policy(request, body.model, owner)
+@router.post("/v1/completions", response_model=Completion, responses={**STREAMED, **OPENAI_ERRORS})
+async def completions(body: CompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep) -> Any:
+    policy = _policy(store, body.model, owner)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or 16
     reqs = [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts]
@@ -205,40 +241,28 @@ async def completions(body: CompletionRequest, request: Request, owner: str | No
             ]
             if usage:
                 chunks.append({**_completion_chunk(ident, created, body.model, 0, "", None), "choices": []})
-                chunks[-1]["usage"] = _usage(results)
+                chunks[-1]["usage"] = _usage(results).model_dump()
             return chunks
 
         return await _sse(
-            _stream(request, policy, "completions", reqs),
+            _stream(engines, policy, "completions", reqs),
             lambda i, text: [_completion_chunk(ident, created, body.model, i, text, None)],
             on_end,
         )
-    results = await _run(request, policy, "completions", reqs)
+    results = await _run(engines, policy, "completions", reqs)
     samples = [s for r in results for s in r.samples]
     choices = [
-        {
-            "text": s.text,
-            "index": i,
-            "logprobs": {
-                "tokens": s.pieces,
-                "token_logprobs": s.token_logprobs,
-                "top_logprobs": None,
-                "text_offset": [],
-            }
+        CompletionChoice(
+            text=s.text,
+            index=i,
+            logprobs=CompletionLogprobs(tokens=s.pieces, token_logprobs=s.token_logprobs)
             if body.logprobs is not None
             else None,
-            "finish_reason": s.finish_reason,
-        }
+            finish_reason=s.finish_reason,
+        )
         for i, s in enumerate(samples)
     ]
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "choices": choices,
-        "usage": _usage(results),
-    }
+    return Completion(id=ident, created=created, model=body.model, choices=choices, usage=_usage(results))
 
 
 def _completion_chunk(ident: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict:
@@ -246,9 +270,9 @@ def _completion_chunk(ident: str, created: int, model: str, index: int, text: st
     return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str | None = Depends(current_owner)):
-    policy = _policy(request, body.model, owner)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**STREAMED, **OPENAI_ERRORS})
+async def chat_completions(body: ChatCompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep) -> Any:
+    policy = _policy(store, body.model, owner)
     try:
         messages = [m.as_template_message() for m in body.messages]
     except ValueError as exc:
@@ -257,29 +281,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, owner:
     req = _sampling(body, None, messages, max_tokens, body.logprobs)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return await _sse(_stream(request, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
-    [result] = await _run(request, policy, "chat", [req])
+        return await _sse(_stream(engines, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
+    [result] = await _run(engines, policy, "chat", [req])
     choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": s.text},
-            "logprobs": {
-                "content": [{"token": p, "logprob": lp} for p, lp in zip(s.pieces, s.token_logprobs, strict=True)]
-            }
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=s.text),
+            logprobs=ChatLogprobs(
+                content=[TokenLogprob(token=p, logprob=lp) for p, lp in zip(s.pieces, s.token_logprobs, strict=True)]
+            )
             if body.logprobs and s.token_logprobs is not None
             else None,
-            "finish_reason": s.finish_reason,
-        }
+            finish_reason=s.finish_reason,
+        )
         for i, s in enumerate(result.samples)
     ]
-    return {
-        "id": ident,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": choices,
-        "usage": _usage([result]),
-    }
+    return ChatCompletion(id=ident, created=created, model=body.model, choices=choices, usage=_usage([result]))
 
 
 def _chat_stream_renderers(ident: str, created: int, body: ChatCompletionRequest):
@@ -300,9 +317,8 @@ def _chat_stream_renderers(ident: str, created: int, body: ChatCompletionRequest
         for i, sample in enumerate(results[0].samples):
             chunks += [*open_choice(i), _chat_chunk(ident, created, body.model, i, {}, sample.finish_reason)]
         if body.stream_options is not None and body.stream_options.include_usage:
-            chunks.append(
-                {**_chat_chunk(ident, created, body.model, 0, {}, None), "choices": [], "usage": _usage(results)}
-            )
+            usage = _usage(results).model_dump()
+            chunks.append({**_chat_chunk(ident, created, body.model, 0, {}, None), "choices": [], "usage": usage})
         return chunks
 
     return on_delta, on_end
@@ -313,32 +329,29 @@ def _chat_chunk(ident: str, created: int, model: str, index: int, delta: dict, f
     return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-@router.post("/v1/policies/{policy_id}/generate")
+# Unset fields stay out of the body: the log-prob fields of a sample appear only when return_logprobs asks.
+@router.post("/v1/policies/{policy_id}/generate", responses=OPENAI_ERRORS, response_model_exclude_unset=True)
 async def generate(
-    policy_id: str, body: GenerateRequest, request: Request, owner: str | None = Depends(current_owner)
-) -> dict[str, Any]:
+    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, engines: EnginesDep
+) -> GenerateResponse:
     """n samples of one prompt, each optionally with its log-probability under the policy (total or per token)."""
-    policy = _policy(request, policy_id, owner)
+    policy = _policy(store, policy_id, owner)
     try:
         messages = [m.as_template_message() for m in body.messages] if body.messages is not None else None
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
     want = body.return_logprobs != "none"
-    [result] = await _run(request, policy, "generate", [_sampling(body, body.prompt, messages, body.max_tokens, want)])
+    [result] = await _run(engines, policy, "generate", [_sampling(body, body.prompt, messages, body.max_tokens, want)])
     samples = []
     for s in result.samples:
-        sample: dict[str, Any] = {"text": s.text, "finish_reason": s.finish_reason, "num_tokens": len(s.token_ids)}
+        sample = GeneratedSample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(s.token_ids))
         if want:
-            sample["logprob"] = float(sum(s.token_logprobs or []))
+            sample.logprob = float(sum(s.token_logprobs or []))
         if body.return_logprobs == "tokens":
-            sample["token_ids"] = s.token_ids
-            sample["tokens"] = s.pieces
-            sample["token_logprobs"] = s.token_logprobs
+            sample.token_ids = s.token_ids
+            sample.tokens = s.pieces
+            sample.token_logprobs = s.token_logprobs
         samples.append(sample)
-    return {
-        "policy": policy.id,
-        "prompt": result.prompt,
-        "engine": result.engine,
-        "samples": samples,
-        "usage": _usage([result]),
-    }
+    return GenerateResponse(
+        policy=policy.id, prompt=result.prompt, engine=result.engine, samples=samples, usage=_usage([result])
+    )

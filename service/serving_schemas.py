@@ -1,4 +1,5 @@
-"""Request bodies of the serving endpoints: OpenAI's field names and limits, validated before any engine is touched."""
+"""Bodies of the serving endpoints in OpenAI's shapes: requests (its field names and limits, validated before any engine
+is touched) and responses."""
 
 from __future__ import annotations
 
@@ -99,3 +100,111 @@ class GenerateRequest(_Sampling):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
+
+
+# ---------------------------------------------------------------------------------------------------- responses
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="The policy id, to send as `model`.")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float] | None
+    top_logprobs: None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class GeneratedSample(BaseModel):
+    """The log-prob fields are present only when `return_logprobs` asks for them."""
+
+    text: str
+    finish_reason: FinishReason
+    num_tokens: int
+    logprob: float | None = Field(None, description="total or tokens: the sample's summed log-prob under the policy")
+    token_ids: list[int] | None = Field(None, description="tokens only")
+    tokens: list[str] | None = Field(None, description="tokens only: each token's text piece")
+    token_logprobs: list[float] | None = Field(None, description="tokens only: each token's log-prob")
+
+
+class GenerateResponse(BaseModel):
+    policy: str
+    prompt: str = Field(description="The prompt as the policy saw it (messages rendered by its chat template).")
+    engine: str
+    samples: list[GeneratedSample]
+    usage: Usage
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error body, which its clients turn into their own exceptions."""
+
+    error: OpenAIErrorDetail

@@ -19,8 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-STATES = ("pending", "running", "cancelling", "succeeded", "failed", "cancelled")
+from ray_jobs.names import FINAL_STATES, JOB_STATES
 
 
 def utcnow() -> dt.datetime:
@@ -170,7 +169,7 @@ class Store:
 
         Returns False (and changes nothing) when the job is in `to` already, is final, or left `expect`.
         """
-        if to not in STATES:
+        if to not in JOB_STATES:
             raise ValueError(f"unknown job state {to!r}")
         now = utcnow()
         with self.session() as s:

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.data import DatasetError, load_preference_data, load_split, prepare_data, ray_split
+from ray_jobs.data import DatasetError, load_preference_data, load_split, ray_split
 from ray_jobs.data.formats import common_prompt
 from ray_jobs.data.length_bias import apply_length_bias, words
 from ray_jobs.data.split import split_by_prompt
+from ray_jobs.data.stage import run as prepare_data
 from ray_jobs.events import EventLog, read_events
 from ray_jobs.models.registry import ModelNotFoundError
 from ray_jobs.spec import parse_spec

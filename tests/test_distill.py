@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_distill_support import write_pairs
+from support.pairs import write_pairs
 
-from ray_jobs.distill import loop_config, run_distill, train_loop
-from ray_jobs.distill_data import PairsError, collate_pairs
-from ray_jobs.distill_loop import POLICY_INFO
+from ray_jobs.distill.data import PairsError, collate_pairs
+from ray_jobs.distill.loop import DistillTask, distill_task, train_policy
+from ray_jobs.distill.stage import run as run_distill
 from ray_jobs.events import EventLog, read_events
-from ray_jobs.models.logps import sequence_logps, tokenize_responses
+from ray_jobs.layout import JobLayout
+from ray_jobs.models.logps import response_logps
 from ray_jobs.models.registry import load_causal_lm
 from ray_jobs.spec import JobSpec
 
@@ -27,12 +29,10 @@ def pairs_job(tmp_path_factory, tiny_llama) -> Path:
     return job
 
 
-def _config(tiny_llama: Path, job: Path, run: Path, steps: int, **distill) -> dict:
+def _task(tiny_llama: Path, job: Path, run: Path, steps: int, output: Path | None = None, **distill) -> DistillTask:
     """Full-batch steps (all 32 pairs at once), so each step's loss is measured on the same data."""
     spec = JobSpec(reference=str(tiny_llama), distill={"batch_size": 32, "lr": 2e-3, "max_steps": steps, **distill})
-    config = loop_config(spec, job)
-    config.update(job_dir=str(run), checkpoint_dir=None, output_dir=None)
-    return config
+    return distill_task(spec, job, log_dir=str(run), checkpoint_dir=None, output_dir=str(output) if output else None)
 
 
 def _losses(run: Path) -> list[float]:
@@ -75,7 +75,7 @@ LOSSES = [
 
 @pytest.mark.parametrize("distill", LOSSES, ids=lambda d: "-".join(str(v) for v in d.values()))
 def test_every_loss_lowers_its_training_loss(tiny_llama, pairs_job, tmp_path, distill):
-    train_loop(_config(tiny_llama, pairs_job, tmp_path, steps=4, **distill))
+    train_policy(_task(tiny_llama, pairs_job, tmp_path, steps=4, **distill))
     losses = _losses(tmp_path)
     assert len(losses) == 4
     assert losses[-1] < losses[0], losses
@@ -96,40 +96,39 @@ def test_labelled_loss_without_labels_fails_clearly(tiny_llama, tmp_path):
     job = tmp_path / "job"
     write_pairs(job, tiny_llama, n_labelled=0, n_unlabelled=4)
     with pytest.raises(PairsError, match="no labelled pairs"):
-        train_loop(_config(tiny_llama, job, tmp_path, steps=1, loss="dpo"))
+        train_policy(_task(tiny_llama, job, tmp_path, steps=1, loss="dpo"))
 
 
 def _policy_logps(policy: Path, prompts: list[str], responses: list[str]) -> np.ndarray:
     model, tokenizer = load_causal_lm(str(policy))
     model.eval()
-    with torch.no_grad():
-        return sequence_logps(model, tokenize_responses(tokenizer, prompts, responses, 256)).double().numpy()
+    return response_logps(model, tokenizer, prompts, responses, 256).numpy()
 
 
 def test_lora_policy_is_merged_and_reloads(tiny_llama, pairs_job, tmp_path):
-    config = _config(tiny_llama, pairs_job, tmp_path, steps=2, loss="dpo", lora={"r": 4, "alpha": 8.0})
-    config["output_dir"] = str(tmp_path / "policy")
-    train_loop(config)
+    train_policy(
+        _task(tiny_llama, pairs_job, tmp_path, 2, tmp_path / "policy", loss="dpo", lora={"r": 4, "alpha": 8.0})
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert not any("lora" in name for name, _ in model.named_parameters())
-    info = json.loads((tmp_path / "policy" / POLICY_INFO).read_text())
+    info = json.loads((tmp_path / "policy" / "rmdistill.json").read_text())
     assert info["lora"]["r"] == 4 and info["steps"] == 2
 
 
 def test_dpo_displaces_chosen_likelihood_more_than_edpo(tiny_llama, pairs_job, tmp_path):
     """The paper's claim (PAPER.md §3): on a length-biased set DPO lowers log π(chosen) below π_ref, e-DPO less."""
-    pairs = pd.read_parquet(pairs_job / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(JobLayout(pairs_job).pairs)
     labelled = pairs[pairs["label"].notna()]
     a_chosen = labelled["label"].to_numpy() == 1
     chosen = np.where(a_chosen, labelled["response_a"], labelled["response_b"]).tolist()
     ref_chosen = np.where(a_chosen, labelled["ref_logp_a"], labelled["ref_logp_b"])
     shift = {}
     for loss in ("dpo", "e-dpo"):
-        config = _config(tiny_llama, pairs_job, tmp_path / loss, steps=15, loss=loss, lr=1e-2, seed=3)
-        config["output_dir"] = str(tmp_path / loss / "policy")
-        train_loop(config)
+        train_policy(
+            _task(tiny_llama, pairs_job, tmp_path / loss, 15, tmp_path / loss / "policy", loss=loss, lr=1e-2, seed=3)
+        )
         logps = _policy_logps(tmp_path / loss / "policy", labelled["prompt"].tolist(), chosen)
         shift[loss] = float(np.mean(logps - ref_chosen))
     # Measured: DPO's chosen log-ratio rises first, then falls as DPO keeps pushing the rejected EOS down (+3.0
@@ -142,9 +141,7 @@ def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
     ray_cluster, tiny_llama, pairs_job, tmp_path, monkeypatch
 ):
     job = tmp_path / "job"
-    (job / "pairs").mkdir(parents=True)
-    for name in ("pairs.parquet", "ref_samples.parquet"):
-        (job / "pairs" / name).write_bytes((pairs_job / "pairs" / name).read_bytes())
+    shutil.copytree(JobLayout(pairs_job).stage("score"), JobLayout(job).stage("score"))
     spec = JobSpec(
         reference=str(tiny_llama),
         distill={
@@ -170,8 +167,12 @@ def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
     last = [e for e in events if e["kind"] == "metrics"][-1]["values"]
     assert len(last["member_losses"]) == 3 and sum(last["member_argmin_counts"]) == 1
     assert "forward_kl" in last
-    info = json.loads((job / "policy" / POLICY_INFO).read_text())
+    info = json.loads(JobLayout(job).policy_info.read_text())
     assert info["loss"] == "e-dpo" and info["family"] == "min" and info["steps"] == 4
     prompts, responses = ["Write a short review of a film you enjoyed.\n"], ["the film was warm"]
-    policy, reference = _policy_logps(job / "policy", prompts, responses), _policy_logps(tiny_llama, prompts, responses)
+    policy, reference = (
+        _policy_logps(JobLayout(job).policy, prompts, responses),
+        _policy_logps(tiny_llama, prompts, responses),
+    )
     assert abs(policy[0] - reference[0]) > 1e-3
+

@@ -19,47 +19,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support.data import write_job_data
 
-from ray_jobs.ensemble import FAIL_ONCE_ENV, load_members, member_configs, run_ensemble
-from ray_jobs.ensemble_train import PreferenceDataError, bt_loss, load_pairs, member_rows, train_member
+from ray_jobs.ensemble.stage import FAIL_ONCE_ENV, EnsembleError, load_members, member_tasks
+from ray_jobs.ensemble.stage import run as run_ensemble
+from ray_jobs.ensemble.train import MemberTask, PreferenceDataError, bt_loss, load_pairs, member_rows, train_member
 from ray_jobs.events import EventLog, read_events
-from ray_jobs.spec import EnsembleSpec, JobSpec, MemberOverride
-
-TOPICS = ["the film", "this book", "the hotel", "our dinner", "the camera", "the concert", "the game", "the phone"]
-GOOD = ["was wonderful and lovely", "is great, I loved it", "was excellent and fun", "is the best I have seen"]
-BAD = ["was terrible and boring", "is bad, I hated it", "was awful and dull", "is the worst I have seen"]
+from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride
 
 
-def synthetic_pairs(n: int, seed: int, prefer_bad: bool = False) -> pd.DataFrame:
-    """Review pairs where the positive sentence is preferred (or the negative one, to make held-out data disagree)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        topic = TOPICS[rng.integers(len(TOPICS))]
-        good, bad = f"{topic} {GOOD[rng.integers(len(GOOD))]}.", f"{topic} {BAD[rng.integers(len(BAD))]}."
-        a_is_good = bool(rng.integers(2))
-        rows.append(
-            {
-                "prompt": f"Review of {topic}: ",
-                "response_a": good if a_is_good else bad,
-                "response_b": bad if a_is_good else good,
-                "label": int(a_is_good != prefer_bad),
-            }
-        )
-    return pd.DataFrame(rows).astype({"label": "Int8"})
-
-
-def write_job_data(job_dir: Path, n_train: int = 40, n_test: int = 16, prefer_bad_test: bool = False) -> Path:
-    (job_dir / "data").mkdir(parents=True, exist_ok=True)
-    synthetic_pairs(n_train, seed=0).to_parquet(job_dir / "data" / "train.parquet")
-    synthetic_pairs(n_test, seed=1, prefer_bad=prefer_bad_test).to_parquet(job_dir / "data" / "test.parquet")
-    return job_dir
-
-
-def plain_config(job_dir: Path, **overrides) -> dict:
+def plain_task(job_dir: Path, **overrides) -> MemberTask:
     spec = EnsembleSpec(size=1, backbone="tiny:bert", diversity="seed", lr=1e-3, batch_size=8, max_length=64)
-    config = member_configs(spec, job_dir, job_dir / "out")[0]
-    return config | overrides
+    return member_tasks(spec.model_copy(update=overrides), job_dir, job_dir / "out")[0]
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -88,7 +59,7 @@ def test_member_rows_diversity():
         member_rows(2, "disjoint", 0, 3, member_seed=0, data_seed=0)
 
 
-def test_member_configs_apply_overrides(tmp_path):
+def test_member_tasks_apply_overrides(tmp_path):
     spec = EnsembleSpec(
         size=3,
         backbone="tiny:bert",
@@ -96,13 +67,16 @@ def test_member_configs_apply_overrides(tmp_path):
         seed=10,
         members=[MemberOverride(lr=5e-4, lora_r=4), MemberOverride(backbone="builtin:minilm-l6", seed=99)],
     )
-    c = member_configs(spec, tmp_path, tmp_path / "out")
-    assert [m["backbone"] for m in c] == ["tiny:bert", "builtin:minilm-l6", "tiny:bert"]
-    assert [m["lr"] for m in c] == [5e-4, 1e-4, 1e-4]
-    assert [m["seed"] for m in c] == [10, 99, 12]
-    assert c[0]["lora"]["r"] == 4 and c[1]["lora"] is None
-    assert c[2]["out_dir"] == str(tmp_path / "out" / "member-2")
-    assert all(m["fail_once_marker"] is None for m in c)
+    c = member_tasks(spec, tmp_path, tmp_path / "out")
+    assert [m.spec.backbone for m in c] == ["tiny:bert", "builtin:minilm-l6", "tiny:bert"]
+    assert [m.spec.lr for m in c] == [5e-4, 1e-4, 1e-4]
+    assert [m.spec.seed for m in c] == [10, 99, 12]
+    assert [m.data_seed for m in c] == [10, 10, 10]
+    assert c[0].spec.lora.r == 4 and c[1].spec.lora is None
+    assert c[2].out_dir == str(tmp_path / "out" / "member-2")
+    assert all(m.fail_once_marker is None for m in c)
+    # Each member sees its own overrides only, and every other field of the section as declared.
+    assert all(m.spec.members == [] and m.spec.size == 3 for m in c)
 
 
 def test_load_pairs_orients_winners_and_rejects_bad_data(tmp_path):
@@ -135,7 +109,7 @@ def test_plain_loop_learns_and_saves_reloadable_checkpoint(tmp_path):
     from ray_jobs.models.reward import score_pairs
 
     job = write_job_data(tmp_path)
-    metrics = train_member(plain_config(job, epochs=3))
+    metrics = train_member(plain_task(job, epochs=3))
     out = job / "out" / "member-0"
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     # Losses fall below chance on the held-out pairs (the sentiment words separate them).
@@ -151,7 +125,7 @@ def test_plain_loop_learns_and_saves_reloadable_checkpoint(tmp_path):
 def test_early_stopping_keeps_best_epoch_when_held_out_loss_rises(tmp_path):
     # Held-out labels prefer the negative review: the better the model learns train, the worse held-out loss gets.
     job = write_job_data(tmp_path, prefer_bad_test=True)
-    metrics = train_member(plain_config(job, epochs=6, lr=3e-3, early_stopping_patience=1))
+    metrics = train_member(plain_task(job, epochs=6, lr=3e-3, early_stopping_patience=1))
     losses = [h["loss"] for h in metrics["history"]]
     assert metrics["epochs_run"] < 6
     assert metrics["best_epoch"] == int(np.argmin(losses)) + 1
@@ -160,7 +134,7 @@ def test_early_stopping_keeps_best_epoch_when_held_out_loss_rises(tmp_path):
 
 def test_lora_member_is_saved_merged(tmp_path):
     job = write_job_data(tmp_path, n_train=16, n_test=8)
-    train_member(plain_config(job, epochs=1, lora={"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None}))
+    train_member(plain_task(job, epochs=1, lora=LoraSpec(r=4, alpha=8.0)))
     out = job / "out" / "member-0"
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
     assert json.loads((out / "metrics.json").read_text())["lora_r"] == 4
@@ -267,8 +241,6 @@ def test_checkpoints_reload_score_pairs_and_differ(fitted):
 
 @pytest.mark.ray
 def test_run_ensemble_refuses_without_data(ray_cluster, tmp_path):
-    from ray_jobs.ensemble import EnsembleError
-
     with pytest.raises(EnsembleError, match="train.parquet is missing"):
         run_ensemble(JobSpec.model_validate(ENSEMBLE_SPEC), tmp_path, EventLog(tmp_path))
     assert not (tmp_path / "ensemble").exists()

@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-from test_distill_support import PROMPTS, write_pairs, write_test_data
+from support.pairs import PROMPTS, write_pairs, write_test_data
 
-from ray_jobs.distill import loop_config, train_loop
-from ray_jobs.evaluate import EvaluationError, kl_estimate, run_evaluation, win_rate
+from ray_jobs.distill.loop import distill_task, train_policy
+from ray_jobs.evaluate.stage import EvaluationError, kl_estimate, win_rate
+from ray_jobs.evaluate.stage import run as run_evaluation
 from ray_jobs.events import EventLog
+from ray_jobs.layout import JobLayout
 from ray_jobs.spec import JobSpec
 
 
@@ -37,16 +39,14 @@ def trained_job(tmp_path_factory, tiny_llama) -> tuple[JobSpec, Path]:
         generation={"engine": "hf"},
         evaluate={"oracle": "builtin:vader", "num_prompts": 3, "max_new_tokens": 8},
     )
-    config = loop_config(spec, job)
-    config.update(checkpoint_dir=None, output_dir=str(job / "policy"))
-    train_loop(config)
+    train_policy(distill_task(spec, job, checkpoint_dir=None, output_dir=str(JobLayout(job).policy)))
     return spec, job
 
 
 def test_evaluation_writes_report_and_plots(trained_job):
     spec, job = trained_job
     summary = run_evaluation(spec, job, EventLog(job))
-    report = json.loads((job / "eval" / "report.json").read_text())
+    report = json.loads(JobLayout(job).report.read_text())
     assert report["num_prompts"] == 3 == summary["num_prompts"]  # distinct held-out prompts, capped
     rate = report["win_rate"]
     assert 0.0 <= rate["lo"] <= rate["rate"] <= rate["hi"] <= 1.0
@@ -56,7 +56,7 @@ def test_evaluation_writes_report_and_plots(trained_job):
     assert report["lengths"]["policy"]["mean_tokens"] > 0
     assert [e["prompt"] for e in report["examples"]] == PROMPTS[:3]
     for name in ("training_curves.png", "lengths.png", "rewards.png"):
-        assert (job / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (JobLayout(job).stage("evaluate") / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report["plots"]) == ["lengths.png", "rewards.png", "training_curves.png"]
 
 
@@ -69,4 +69,4 @@ def test_evaluation_without_a_policy_fails_naming_it(tiny_llama, tmp_path):
     write_test_data(tmp_path)
     with pytest.raises(EvaluationError, match="policy"):
         run_evaluation(JobSpec(reference=str(tiny_llama)), tmp_path, EventLog(tmp_path))
-    assert not (tmp_path / "eval").exists()
+    assert not JobLayout(tmp_path).is_complete("evaluate")

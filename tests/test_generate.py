@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from ray_jobs.events import read_events
-from ray_jobs.generate import generate
+from ray_jobs.generate.engines import generate
+from ray_jobs.spec import GenerationSpec, SpecError, parse_spec
 
 pytestmark = pytest.mark.ray
 
@@ -27,21 +28,17 @@ def test_vllm_samples_n_completions_within_the_token_limit(ray_cluster, tiny_lla
     from ray_jobs.events import EventLog
 
     events = EventLog(tmp_path)
-    result = generate(
-        tiny_llama,
-        PROMPTS,
-        4,
+    gen = GenerationSpec(
         max_new_tokens=6,
         temperature=1.0,
         top_p=0.95,
         seed=3,
         engine="vllm",
         replicas=1,
-        events=events,
-        stage="samples",
         batch_size=2,
         max_model_len=256,
     )
+    result = generate(tiny_llama, PROMPTS, 4, gen, events, stage="generate")
     assert result.engine == "vllm"
     _check_shape(result, 4)
     assert all(c <= 6 for counts in result.num_tokens for c in counts)  # vLLM's counts are the sampled tokens
@@ -54,43 +51,19 @@ def test_vllm_samples_n_completions_within_the_token_limit(ray_cluster, tiny_lla
 
 
 def test_hf_engine_gives_the_same_schema(ray_cluster, tiny_llama):
-    result = generate(
-        tiny_llama,
-        PROMPTS,
-        3,
-        max_new_tokens=5,
-        temperature=1.0,
-        seed=0,
-        engine="hf",
-        replicas=1,
-        events=None,
-        stage=None,
-        batch_size=2,
-        max_model_len=256,
+    gen = GenerationSpec(
+        max_new_tokens=5, temperature=1.0, seed=0, engine="hf", replicas=1, batch_size=2, max_model_len=256
     )
+    result = generate(tiny_llama, PROMPTS, 3, gen)
     assert result.engine == "hf"
     _check_shape(result, 3)  # HF's counts re-encode the text: not a bound when a random model emits partial bytes
-    again = generate(
-        tiny_llama,
-        PROMPTS,
-        3,
-        max_new_tokens=5,
-        temperature=1.0,
-        seed=0,
-        engine="hf",
-        replicas=1,
-        events=None,
-        stage=None,
-        batch_size=2,
-        max_model_len=256,
-    )
+    again = generate(tiny_llama, PROMPTS, 3, gen)
     assert again.texts == result.texts  # seeded: a rerun samples the same texts
 
 
 def test_nothing_to_generate_starts_no_engine(ray_cluster, tiny_llama):
-    from ray_jobs.generate import generate_texts
-
-    assert generate_texts(tiny_llama, PROMPTS, 0, max_new_tokens=4, temperature=1.0) == [[], [], []]
-    assert generate_texts(tiny_llama, [], 2, max_new_tokens=4, temperature=1.0) == []
-    with pytest.raises(ValueError, match="engine must be one of"):
-        generate_texts(tiny_llama, PROMPTS, 1, max_new_tokens=4, temperature=1.0, engine="tgi")
+    gen = GenerationSpec(max_new_tokens=4, temperature=1.0)
+    assert generate(tiny_llama, PROMPTS, 0, gen).texts == [[], [], []]
+    assert generate(tiny_llama, [], 2, gen).engine == "none"
+    with pytest.raises(SpecError, match="generation.engine"):
+        parse_spec({"generation": {"engine": "tgi"}})

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from ray_jobs.events import EventLog, read_events
-from ray_jobs.generate import generate
+from ray_jobs.generate.engines import generate
+from ray_jobs.spec import GenerationSpec
 
 pytestmark = [
     pytest.mark.ray,
@@ -32,24 +33,12 @@ def test_auto_falls_back_to_transformers_with_a_log_event(ray_cluster, tiny_llam
             shutil.copy(f, model_dir / f.name)
 
     events = EventLog(tmp_path / "job")
-    result = generate(
-        model_dir,
-        ["The movie was", "A dull plot"],
-        2,
-        max_new_tokens=4,
-        temperature=1.0,
-        seed=0,
-        engine="auto",
-        replicas=1,
-        events=events,
-        stage="samples",
-        batch_size=2,
-        max_model_len=128,
-    )
+    gen = GenerationSpec(max_new_tokens=4, temperature=1.0, seed=0, engine="auto", batch_size=2, max_model_len=128)
+    result = generate(model_dir, ["The movie was", "A dull plot"], 2, gen, events, stage="generate")
     assert result.engine == "hf"
     assert [len(t) for t in result.texts] == [2, 2]
     logs = [e for e in read_events(tmp_path / "job") if e["kind"] == "log"]
-    assert len(logs) == 1 and logs[0]["stage"] == "samples"
+    assert len(logs) == 1 and logs[0]["stage"] == "generate"
     message = logs[0]["message"]
     assert "falling back to transformers" in message and str(model_dir) in message
     assert "UDF failed" not in message  # the engine's own error, not Ray Data's wrapper

@@ -12,27 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from support.data import write_prefs
 
-from ray_jobs import artifacts
 from ray_jobs.events import read_events
+from ray_jobs.layout import JobLayout
 from ray_jobs.pipeline import main, planned_stages, run_job
 from ray_jobs.spec import parse_spec
-
-POSITIVE = ["I loved it, a wonderful and joyful time.", "Great work, truly delightful and warm.", "Superb, happy."]
-NEGATIVE = ["It was awful and boring.", "Terrible, I hated every minute.", "Sad, dull and bad."]
-
-
-def write_dataset(path: Path, n: int = 24) -> Path:
-    rows = [
-        {
-            "prompt": f"Write a short review of place number {i}.",
-            "chosen": POSITIVE[i % 3] + f" Visit {i}.",
-            "rejected": NEGATIVE[i % 3] + f" Visit {i}.",
-        }
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tiny_spec(source: Path, **distill) -> dict:
@@ -51,7 +36,7 @@ def tiny_spec(source: Path, **distill) -> dict:
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory, ray_cluster, tiny_llama, tiny_bert):
     root = tmp_path_factory.mktemp("pipeline")
-    spec = parse_spec(tiny_spec(write_dataset(root / "prefs.jsonl")))
+    spec = parse_spec(tiny_spec(write_prefs(root / "prefs.jsonl")))
     job_dir = root / "job"
     summaries = run_job(spec, job_dir)
     return spec, job_dir, summaries
@@ -59,7 +44,7 @@ def finished_job(tmp_path_factory, ray_cluster, tiny_llama, tiny_bert):
 
 def test_whole_pipeline_writes_the_designed_artifacts(finished_job):
     spec, job_dir, summaries = finished_job
-    assert list(summaries) == planned_stages(spec) == ["data", "ensemble", "samples", "pairs", "distill", "evaluate"]
+    assert list(summaries) == planned_stages(spec) == ["data", "ensemble", "generate", "score", "distill", "evaluate"]
     assert json.loads((job_dir / "spec.json").read_text())["distill"]["loss"] == "e-dpo"
     train = pd.read_parquet(job_dir / "data" / "train.parquet")
     test = pd.read_parquet(job_dir / "data" / "test.parquet")
@@ -68,13 +53,13 @@ def test_whole_pipeline_writes_the_designed_artifacts(finished_job):
     assert len(manifest["members"]) == 2
     for k in range(2):
         assert (job_dir / "ensemble" / f"member-{k}" / "metrics.json").is_file()
-    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(JobLayout(job_dir).pairs)
     expected = {"prompt", "response_a", "response_b", "source", "label", "ref_logp_a", "ref_logp_b"}
     assert expected | {"rewards_a", "rewards_b"} <= set(pairs.columns)
     assert set(pairs.source) <= {"dataset", "generated"} and (pairs.source == "dataset").sum() == len(train)
     assert all(len(r) == 2 for r in pairs.rewards_a)
-    assert (job_dir / "policy" / "config.json").is_file()
-    report = json.loads((job_dir / "eval" / "report.json").read_text())
+    assert (JobLayout(job_dir).policy / "config.json").is_file()
+    report = json.loads(JobLayout(job_dir).report.read_text())
     win = report["win_rate"]
     assert 0.0 <= win["lo"] <= win["rate"] <= win["hi"] <= 1.0
     assert win["n"] == min(spec.evaluate.num_prompts, len(set(test.prompt)))
@@ -87,7 +72,7 @@ def test_events_tell_the_story(finished_job):
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "job_started" and events[-1] == {**events[-1], "kind": "job_finished", "status": "succeeded"}
     finished = [e["stage"] for e in events if e["kind"] == "stage_finished"]
-    assert finished == ["data", "ensemble", "samples", "pairs", "distill", "evaluate"]
+    assert finished == ["data", "ensemble", "generate", "score", "distill", "evaluate"]
     assert any(e["kind"] == "metrics" and e["stage"] == "distill" for e in events)
     assert any(e["kind"] == "metrics" and e["stage"] == "ensemble" for e in events)
 
@@ -110,13 +95,13 @@ def test_reuse_pairs_from_an_earlier_job_trains_another_loss(finished_job, tmp_p
     data["evaluate"]["oracle"] = None
     summaries = run_job(parse_spec(data), tmp_path / "dpo-job")
     assert list(summaries) == ["distill"]
-    assert (tmp_path / "dpo-job" / "pairs" / "pairs.parquet").is_file()
-    meta = json.loads((tmp_path / "dpo-job" / "policy" / "rmdistill.json").read_text())
+    assert JobLayout(tmp_path / "dpo-job").pairs.is_file()
+    meta = json.loads(JobLayout(tmp_path / "dpo-job").policy_info.read_text())
     assert meta["loss"] == "dpo"
 
 
 def test_a_bad_row_fails_the_data_stage_and_publishes_nothing(tmp_path, ray_cluster):
-    source = write_dataset(tmp_path / "prefs.jsonl")
+    source = write_prefs(tmp_path / "prefs.jsonl")
     with source.open("a") as fh:
         fh.write(json.dumps({"prompt": "p", "chosen": "", "rejected": "x"}) + "\n")
     spec_path = tmp_path / "spec.json"
@@ -126,7 +111,7 @@ def test_a_bad_row_fails_the_data_stage_and_publishes_nothing(tmp_path, ray_clus
     errors = [e for e in read_events(job_dir) if e["kind"] == "error"]
     assert errors and errors[0]["stage"] == "data" and "25" in errors[0]["message"]
     assert [e for e in read_events(job_dir)][-1]["status"] == "failed"
-    assert not artifacts.is_complete(job_dir, "data")
+    assert not JobLayout(job_dir).is_complete("data")
 
 
 def test_cli_rejects_a_bad_spec_naming_the_field(tmp_path):
@@ -145,7 +130,7 @@ def test_cli_rejects_a_bad_spec_naming_the_field(tmp_path):
 def test_sigterm_cancels_a_running_job(tmp_path):
     """Ray's job stop sends SIGTERM: the job must end as cancelled (exit 143), not as a failure."""
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(tiny_spec(write_dataset(tmp_path / "prefs.jsonl"))))
+    spec_path.write_text(json.dumps(tiny_spec(write_prefs(tmp_path / "prefs.jsonl"))))
     job_dir = tmp_path / "job"
     env = {**os.environ, "RAY_ADDRESS": ""}
     cmd = [sys.executable, "-m", "ray_jobs.pipeline", "--spec", str(spec_path), "--job-dir", str(job_dir)]

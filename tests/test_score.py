@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from ray_jobs.events import EventLog
-from ray_jobs.generate import CANDIDATES_SCHEMA, KL_SCHEMA, run_generation
-from ray_jobs.score import PAIRS_SCHEMA, REF_SAMPLES_SCHEMA, ScoringError, build_pairs, run_scoring
+from ray_jobs.generate.stage import run as run_generation
+from ray_jobs.layout import CANDIDATES, KL_SAMPLES, PAIRS, REF_SAMPLES, JobLayout
+from ray_jobs.score.stage import ScoringError, build_pairs
+from ray_jobs.score.stage import run as run_scoring
 from ray_jobs.spec import JobSpec
 
 TRAIN = pd.DataFrame(
@@ -86,24 +88,24 @@ def scored(ray_cluster, tiny_llama, tiny_bert, tmp_path_factory):
 
 def test_generation_writes_candidates_and_kl_samples(scored):
     job_dir, _, summary, _ = scored
-    candidates = pq.read_table(job_dir / "samples" / "candidates.parquet")
-    kl = pq.read_table(job_dir / "samples" / "kl_samples.parquet")
-    assert candidates.schema.equals(CANDIDATES_SCHEMA) and kl.schema.equals(KL_SCHEMA)
+    candidates = pq.read_table(JobLayout(job_dir).candidates)
+    kl = pq.read_table(JobLayout(job_dir).kl_samples)
+    assert candidates.schema.equals(CANDIDATES.arrow()) and kl.schema.equals(KL_SAMPLES.arrow())
     prompts = list(dict.fromkeys(TRAIN["prompt"]))
     assert candidates.column("prompt").to_pylist() == prompts
     assert all(len(r) == 3 for r in candidates.column("responses").to_pylist())
     assert sorted(kl.column("prompt").to_pylist()) == sorted(prompts * 2)
     assert summary == {"prompts": 3, "candidates": 9, "kl_samples": 6, "engine": "hf"}
-    assert not (job_dir / ".partial" / "samples").exists()
+    assert not (job_dir / ".partial" / "generate").exists()
 
 
 def test_pairs_have_the_exact_columns_and_counts(scored):
     job_dir, _, _, summary = scored
-    table = pq.read_table(job_dir / "pairs" / "pairs.parquet")
-    assert table.schema.equals(PAIRS_SCHEMA)
-    assert pq.read_table(job_dir / "pairs" / "ref_samples.parquet").schema.equals(REF_SAMPLES_SCHEMA)
+    table = pq.read_table(JobLayout(job_dir).pairs)
+    assert table.schema.equals(PAIRS.arrow())
+    assert pq.read_table(JobLayout(job_dir).ref_samples).schema.equals(REF_SAMPLES.arrow())
     pairs = table.to_pandas()
-    candidates = pd.read_parquet(job_dir / "samples" / "candidates.parquet")
+    candidates = pd.read_parquet(JobLayout(job_dir).candidates)
     expected_generated = sum(comb(len(set(r)), 2) for r in candidates["responses"])
     generated, dataset = pairs[pairs["source"] == "generated"], pairs[pairs["source"] == "dataset"]
     assert len(generated) == expected_generated == summary["generated_pairs"]
@@ -124,7 +126,7 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
     from ray_jobs.models.reward import score_pairs
 
     job_dir = scored[0]
-    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(JobLayout(job_dir).pairs)
     prompts = pairs["prompt"].tolist() * 2
     responses = pairs["response_a"].tolist() + pairs["response_b"].tolist()
     for k in range(2):
@@ -136,7 +138,7 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
     # The two members really differ, so a mixed-up member order would fail above.
     assert not np.allclose([r[0] for r in pairs["rewards_a"]], [r[1] for r in pairs["rewards_a"]])
 
-    samples = pd.read_parquet(job_dir / "pairs" / "ref_samples.parquet")
+    samples = pd.read_parquet(JobLayout(job_dir).ref_samples)
     model, tokenizer = load_causal_lm(tiny_llama)
     model.eval()
     all_prompts, all_responses = prompts + samples["prompt"].tolist(), responses + samples["response"].tolist()
@@ -148,7 +150,7 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
 
 
 def _copy_job(job_dir: Path, dest: Path) -> Path:
-    for stage in ("data", "samples"):
+    for stage in ("data", "generate"):
         shutil.copytree(job_dir / stage, dest / stage)
     return dest
 
@@ -157,7 +159,7 @@ def test_without_an_ensemble_rewards_are_empty_lists(scored, tiny_llama, tiny_be
     job_dir = _copy_job(scored[0], tmp_path)
     spec = _spec(tiny_llama, tiny_bert, include_dataset_pairs=False)
     summary = run_scoring(spec, job_dir, EventLog(job_dir))
-    pairs = pd.read_parquet(job_dir / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(JobLayout(job_dir).pairs)
     assert summary["members"] == 0 and (pairs["source"] == "generated").all()
     assert len(pairs) == scored[3]["generated_pairs"]
     assert all(len(r) == 0 for r in pairs["rewards_a"]) and all(len(r) == 0 for r in pairs["rewards_b"])
@@ -168,7 +170,7 @@ def test_a_member_that_gives_nan_fails_the_stage_and_writes_nothing(scored, tiny
     _write_ensemble(job_dir, tiny_bert, broken=(True,))
     with pytest.raises(ScoringError, match=r"ensemble member 0 .*member-0.* gave nan for text row 0"):
         run_scoring(_spec(tiny_llama, tiny_bert), job_dir, EventLog(job_dir))
-    assert not (job_dir / "pairs").exists()
+    assert not JobLayout(job_dir).is_complete("score")
 
 
 def test_pair_construction_drops_identical_responses():

@@ -10,7 +10,6 @@ it talks to it over the dashboard's HTTP API only.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from clients.sdk import Client, RmdistillError
-from service.app import create_app
+from service.background import BackgroundServer
 from service.ray_backend import free_port
 from service.settings import Settings
 from service.store import Store
@@ -33,33 +31,7 @@ TOKEN_A, TOKEN_B = "token-alice", "token-bob"
 JOB_TIMEOUT_S = 600
 
 
-class Server:
-    """uvicorn in a thread; `stop()` runs the app's shutdown (lifespan exit) before returning."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.port = free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 900) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.2)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(120)
-
+class Server(BackgroundServer):
     def client(self, token: str | None = TOKEN_A) -> Client:
         return Client(self.url, token=token or "")
 
@@ -261,13 +233,13 @@ class TestEmbedded:
         kinds = [e["kind"] for e in events]
         assert kinds[0] == "job_started" and kinds[-1] == "job_finished" and events[-1]["status"] == "succeeded"
         started = [e["stage"] for e in events if e["kind"] == "stage_started"]
-        assert {"data", "ensemble", "policy"} <= set(started) or {"data", "ensemble", "distill"} <= set(started)
+        assert {"data", "ensemble", "distill"} <= set(started)
         job_dir = Path(job["job_dir"])
         assert job_dir == embedded.settings.data_dir / "jobs" / job["id"]
-        for stage in ("data", "ensemble", "samples", "pairs", "policy", "eval"):
+        for stage in ("data", "ensemble", "generate", "score", "distill", "evaluate"):
             assert job["artifacts"][stage] == str(job_dir / stage) and (job_dir / stage).is_dir()
         assert len(list((job_dir / "ensemble").glob("member-*"))) == 2
-        assert (job_dir / "eval" / "report.json").is_file()
+        assert (job_dir / "evaluate" / "report.json").is_file()
         assert [t["to"] for t in job["transitions"]] == ["pending", "running", "succeeded"]
         assert job["started_at"] <= job["finished_at"]
         # The served spec is the confined one: the relative dataset path became absolute inside the root.
@@ -282,7 +254,7 @@ class TestEmbedded:
             assert [j["id"] for j in client.list(state="succeeded", name="tiny-e2e")["items"]] == [job["id"]]
             assert client.list(state="failed", name="tiny-e2e")["total"] == 0
             policy = client.policy(job["id"])
-            assert policy["path"] == str(job_dir / "policy") and policy["loss"] == "e-dpo"
+            assert policy["path"] == str(job_dir / "distill") and policy["loss"] == "e-dpo"
             assert policy["base_model"] == "tiny:llama"
             assert job["id"] in [p["id"] for p in client.policies()]
         metrics = httpx.get(f"{embedded.url}/metrics", headers={"Authorization": f"Bearer {TOKEN_A}"}).text
@@ -336,7 +308,7 @@ class TestEmbedded:
             assert err.value.status == 409
         assert final["state"] == "cancelled"
         assert [t["to"] for t in final["transitions"]][-2:] == ["cancelling", "cancelled"]
-        assert "policy" not in final["artifacts"] and final["policy_id"] is None
+        assert "distill" not in final["artifacts"] and final["policy_id"] is None
         assert ray_status(completed["dashboard"], job["ray_submission_id"]) == "STOPPED"
 
 
@@ -381,9 +353,9 @@ def test_restart_reattaches_to_a_running_job(
         assert final["state"] == "succeeded", final.get("error")
         assert events[-1]["kind"] == "job_finished" and events[-1]["status"] == "succeeded"
         assert [t["to"] for t in final["transitions"]] == ["pending", "running", "succeeded"]
-        assert {"pairs", "policy"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
+        assert {"score", "distill"} <= set(final["artifacts"]) and final["policy_id"] == job["id"]
         reused = {e["stage"] for e in events if e["kind"] == "log" and "reused" in e.get("message", "")}
-        assert {"data", "ensemble", "samples", "pairs"} <= reused
+        assert {"data", "ensemble", "generate", "score"} <= reused
         assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
     finally:
         second.stop()

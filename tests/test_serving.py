@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import threading
-import time
 
 import httpx
 import pytest
@@ -18,21 +15,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ALICE, BOB = "alice-token", "bob-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
     """The real service app on uvicorn, attached to the session's Ray; max_loaded=1 so switching policies evicts.
 
     Alice registers the tiny Llama folder twice (two policy ids); Bob's token sees none of it.
     """
-    import uvicorn
-
-    from service.app import create_app
+    from service.background import BackgroundServer
     from service.settings import Settings
 
     env = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "0.5"}
@@ -46,22 +35,13 @@ def server(ray_cluster, tiny_llama, tmp_path_factory):
         ray_address=ray_cluster.get_runtime_context().gcs_address,
         max_loaded_policies=1,
     )
-    app = create_app(settings)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    server = BackgroundServer(settings).start(timeout_s=60)
+    app, url = server.app, server.url
     for pid in ("tiny", "tiny-b"):
         r = httpx.post(f"{url}/v1/policies", json={"path": str(tiny_llama), "id": pid}, headers=_auth(ALICE))
         assert r.status_code == 201, r.text
     yield app, url
-    srv.should_exit = True
-    thread.join(60)
+    server.stop(60)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

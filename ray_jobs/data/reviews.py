@@ -16,18 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_jobs.artifacts import model_cache
 from ray_jobs.events import EventLog
+from ray_jobs.layout import CANDIDATES, model_cache
 from ray_jobs.spec import GenerationSpec, JobSpec
 
 PROMPTS_FILE = Path(__file__).parent / "builtin" / "reviews_prompts.txt"
 ORACLE = "builtin:vader"
 TIE = 1e-6
 CACHE_VERSION = 1
-CACHE_SCHEMA = pa.schema([("prompt", pa.string()), ("responses", pa.list_(pa.string()))])
 
 
 def review_prompts() -> list[str]:
@@ -62,10 +60,10 @@ def _cache_path(reference: str, prompts: list[str], n: int, gen: GenerationSpec)
 def _generate(
     reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None
 ) -> list[list[str]]:
-    # The generation stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
-    from ray_jobs.generate import generate_with_spec
+    # The generate stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
+    from ray_jobs.generate.engines import generate
 
-    return generate_with_spec(reference, prompts, n, gen, events, stage="data").texts
+    return generate(reference, prompts, n, gen, events, stage="data").texts
 
 
 def sample_candidates(
@@ -78,8 +76,7 @@ def sample_candidates(
     responses = _generate(reference, prompts, n, gen, events)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    table = pa.table({"prompt": prompts, "responses": responses}, schema=CACHE_SCHEMA)
-    pq.write_table(table, tmp)
+    CANDIDATES.write({"prompt": prompts, "responses": responses}, tmp)
     os.replace(tmp, path)  # concurrent jobs may both sample; the last complete file wins
     return responses, False
 

@@ -90,3 +90,20 @@ def sequence_logps(model: PreTrainedModel, batch: dict[str, Any]) -> torch.Tenso
     # Picking the target logit and subtracting logsumexp avoids materialising a second [B, T, V] log-softmax.
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token_logps * mask).sum(-1)
+
+
+@torch.no_grad()
+def response_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """log π(response | prompt) of each row under a frozen model, float64 on the CPU, shape [N]."""
+    out = [torch.zeros(0, dtype=torch.float64)]
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenize_responses(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length)
+        out.append(sequence_logps(model, batch).double().cpu())
+    return torch.cat(out)

@@ -7,7 +7,6 @@ References: ``builtin:smollm2-135m``, ``builtin:minilm-l6``, ``tiny:llama``, ``t
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ray_jobs.artifacts import model_cache
+from ray_jobs.layout import model_cache
 from ray_jobs.models import builtins, tiny
+from ray_jobs.names import HUB_ID, MODEL_PREFIXES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,7 +36,6 @@ _MATERIALISED: dict[str, tuple[str, Callable[[Path], None]]] = {
     "builtin:smollm2-135m": ("smollm2-135m-instruct", builtins.convert_smollm2),
 }
 _NOT_A_MODEL = {"builtin:vader": "builtin:vader is an oracle, not a model: load it with ray_jobs.models.oracle"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def known_refs() -> list[str]:
@@ -78,12 +77,12 @@ def resolve_model_path(ref: str | os.PathLike[str]) -> Path | str:
         return builtins.minilm_dir()
     if text in _NOT_A_MODEL:
         raise ModelNotFoundError(_NOT_A_MODEL[text])
-    if text.startswith(("builtin:", "tiny:")):
+    if text.startswith(MODEL_PREFIXES):
         raise ModelNotFoundError(f"unknown model {text!r}; built-in models are {', '.join(known_refs())}")
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if isinstance(ref, os.PathLike) or not _HUB_ID.match(text) or text.startswith((".", "~")):
+    if isinstance(ref, os.PathLike) or not HUB_ID.match(text) or text.startswith((".", "~")):
         raise ModelNotFoundError(f"model path {text!r} does not exist")
     return text
 

@@ -4,6 +4,7 @@ download, are identical for a given seed, and are big enough for vLLM's CPU buil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,19 +56,25 @@ def build_llama_tokenizer():
     )
 
 
-def build_tiny_llama(out_dir: Path, seed: int = 0) -> None:
+# head_dim 32: vLLM's CPU attention needs head sizes >= 32.
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=1024,
+)
+
+
+def build_llama(out_dir: Path, seed: int = 0, **shape: Any) -> None:
+    """A randomly initialised Llama of `shape` (LlamaConfig fields) with the local test tokenizer."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_llama_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
+        **{"vocab_size": len(tokenizer), **shape},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -80,6 +87,10 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> None:
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_llama(out_dir: Path, seed: int = 0) -> None:
+    build_llama(out_dir, seed, **TINY_LLAMA_SHAPE)
 
 
 def build_tiny_bert(out_dir: Path, seed: int = 0) -> None:

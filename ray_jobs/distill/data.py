@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-PAIR_COLUMNS = ("prompt", "response_a", "response_b", "label", "ref_logp_a", "ref_logp_b", "rewards_a", "rewards_b")
-SAMPLE_COLUMNS = ("prompt", "response", "ref_logp")
+from ray_jobs.layout import PAIRS, REF_SAMPLES
 
 
 class PairsError(ValueError):
@@ -37,7 +36,7 @@ def keep_labelled(df: pd.DataFrame) -> pd.DataFrame:
 def read_pairs(path: str | Path, labelled: bool) -> pd.DataFrame:
     """The pairs a loss trains on: labelled ones only for dpo/ipo/p-dpo, all of them for reward distillation."""
     df = pd.read_parquet(path)
-    _check_columns(df, PAIR_COLUMNS, path)
+    _check_columns(df, PAIRS.names, path)
     if labelled:
         df = keep_labelled(df)
         if df.empty:
@@ -53,7 +52,7 @@ def read_ref_samples(path: str | Path) -> pd.DataFrame:
             f"{path}: missing; distill.alpha > 0 needs reference samples (generation.kl_samples_per_prompt)"
         )
     df = pd.read_parquet(path)
-    _check_columns(df, SAMPLE_COLUMNS, path)
+    _check_columns(df, REF_SAMPLES.names, path)
     if df.empty:
         raise PairsError(f"{path}: no reference samples; distill.alpha > 0 needs at least one")
     return df

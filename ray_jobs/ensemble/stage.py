@@ -1,17 +1,17 @@
-"""Stage 1: fit the family of K Bradley–Terry reward models, members in parallel on Ray.
+"""The ensemble stage: fit the family of K Bradley–Terry reward models, members in parallel on Ray.
 
 Each member is one Ray Train ``TorchTrainer`` run (DDP over ``workers_per_member`` workers, gloo on CPU), and the K
 runs are Ray Tune trials of one Tuner (the Train V2 + Tune pattern: the trial function builds and fits the trainer),
 so Tune provides the concurrency limit and the retry policy, and Train the per-member scaling. The trial itself
 holds only ``TRIAL_CPUS``; the Train workers reserve their own resources, so members share a node or a GPU freely.
 
-Outputs (published atomically with ``staging``): ``ensemble/member-<k>/`` (HF folder + metrics.json) and
-``ensemble/manifest.json``.
+Outputs (published atomically): ``ensemble/member-<k>/`` (HF folder + metrics.json) and ``ensemble/manifest.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from ray_jobs.artifacts import stage_dir, staging
+from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
+from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
 
 STAGE = "ensemble"
-MANIFEST = "manifest.json"
 # A trial only builds the trainer and waits on it; a tenth of a CPU lets K of them sit beside K members' workers.
 TRIAL_CPUS = 0.1
-# Test hook (see ray_jobs.ensemble_train): the first attempt of this member index raises after its first epoch.
+# Test hook (see ray_jobs.ensemble.train): the first attempt of this member index raises after its first epoch.
 FAIL_ONCE_ENV = "RMDISTILL_FAIL_MEMBER_ONCE"
 
 
@@ -39,83 +39,73 @@ class EnsembleError(RuntimeError):
     """A member failed for good (after its retries), or the stage cannot start."""
 
 
-def _member_lora(spec: EnsembleSpec, lora_r: int | None) -> dict[str, Any] | None:
-    if lora_r is None:
-        return spec.lora.model_dump() if spec.lora else None
-    base = spec.lora or LoraSpec()
-    return base.model_copy(update={"r": lora_r}).model_dump()
-
-
-def member_configs(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[dict[str, Any]]:
-    """One JSON-able training config per member: the ensemble defaults with that member's overrides applied.
+def _member_spec(spec: EnsembleSpec, k: int) -> EnsembleSpec:
+    """The ensemble section as member k trains it: its overrides applied, no other member's.
 
     A member without a seed override gets ``seed + k``, so ``diversity: seed`` members differ by default.
     """
+    override = spec.members[k] if k < len(spec.members) else MemberOverride()
+    lora = spec.lora
+    if override.lora_r is not None:
+        lora = (spec.lora or LoraSpec()).model_copy(update={"r": override.lora_r})
+    return spec.model_copy(
+        update={
+            "backbone": override.backbone or spec.backbone,
+            "lr": override.lr or spec.lr,
+            "seed": spec.seed + k if override.seed is None else override.seed,
+            "lora": lora,
+            "members": [],
+        }
+    )
+
+
+def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[MemberTask]:
+    """One task per member, writing into ``out_root/member-<k>``."""
     fail_member = os.environ.get(FAIL_ONCE_ENV)
-    configs = []
-    for k in range(spec.size):
-        override = spec.members[k] if k < len(spec.members) else MemberOverride()
-        configs.append(
-            {
-                "k": k,
-                "size": spec.size,
-                "backbone": override.backbone or spec.backbone,
-                "lr": override.lr or spec.lr,
-                "seed": spec.seed + k if override.seed is None else override.seed,
-                "lora": _member_lora(spec, override.lora_r),
-                "data_seed": spec.seed,
-                "diversity": spec.diversity,
-                "epochs": spec.epochs,
-                "batch_size": spec.batch_size,
-                "gradient_accumulation_steps": spec.gradient_accumulation_steps,
-                "max_length": spec.max_length,
-                "margin": spec.margin,
-                "center_rewards_coefficient": spec.center_rewards_coefficient,
-                "early_stopping_patience": spec.early_stopping_patience,
-                "job_dir": str(job_dir),
-                "train_path": str(job_dir / "data" / "train.parquet"),
-                "test_path": str(job_dir / "data" / "test.parquet"),
-                "out_dir": str(out_root / f"member-{k}"),
-                "fail_once_marker": str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
-            }
+    return [
+        MemberTask(
+            k=k,
+            spec=_member_spec(spec, k),
+            job_dir=str(job_dir),
+            out_dir=str(member_dir(out_root, k)),
+            data_seed=spec.seed,
+            fail_once_marker=str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
         )
-    return configs
+        for k in range(spec.size)
+    ]
 
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry: the plain loop, DDP-wrapped, reporting every epoch (Tune sees it via the callback)."""
     import ray.train
 
-    from ray_jobs.ensemble_train import train_member
+    from ray_jobs.ensemble.train import train_member
+    from ray_jobs.train_runtime import WorkerRuntime
 
-    train_member(config, distributed=True, report=ray.train.report)
+    train_member(config["task"], WorkerRuntime(), report=ray.train.report)
 
 
-def _bump_attempt(config: dict[str, Any]) -> int:
+def _bump_attempt(task: MemberTask) -> int:
     # Tune restarts a failed trial in a fresh actor, so the attempt count lives on the shared job folder.
-    counter = Path(config["out_dir"]).parent / ".attempts" / f"member-{config['k']}"
+    counter = Path(task.out_dir).parent / ".attempts" / f"member-{task.k}"
     counter.parent.mkdir(parents=True, exist_ok=True)
     with counter.open("a") as fh:
         fh.write(f"{time.time()}\n")
     return len(counter.read_text().splitlines())
 
 
-def _member_trial(trial_config: dict[str, Any]) -> dict[str, Any]:
+def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict[str, Any]:
     """Tune trial function: build and fit one member's TorchTrainer; raise so Tune retries a failed member."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = dict(trial_config["member"])
-    res = trial_config["resources"]
-    k = config["k"]
-    config["attempt"] = _bump_attempt(config)
-    config["launched_at"] = time.time()
-    events = EventLog(config["job_dir"])
-    events.emit(
-        "log", STAGE, message=f"member {k} started (attempt {config['attempt']})", event="member_started", member=k
-    )
-    shutil.rmtree(config["out_dir"], ignore_errors=True)  # a retry must not publish a half-written earlier attempt
+    task = tasks[trial_config["member"]]
+    task = dataclasses.replace(task, attempt=_bump_attempt(task), launched_at=time.time())
+    res, k = trial_config["resources"], task.k
+    events = EventLog(task.job_dir)
+    events.emit("log", STAGE, message=f"member {k} started (attempt {task.attempt})", event="member_started", member=k)
+    shutil.rmtree(task.out_dir, ignore_errors=True)  # a retry must not publish a half-written earlier attempt
     # Train's preemption watcher is one more actor process per member; a preempted member is retried whole by Tune.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     worker_resources = {"CPU": res["cpus_per_worker"]}
@@ -123,14 +113,14 @@ def _member_trial(trial_config: dict[str, Any]) -> dict[str, Any]:
         worker_resources["GPU"] = res["gpus_per_worker"]
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=config,
+        train_loop_config={"task": task},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers_per_member"],
             use_gpu=res["gpus_per_worker"] > 0,
             resources_per_worker=worker_resources,
         ),
         run_config=ray.train.RunConfig(
-            name=f"member-{k}-attempt-{config['attempt']}",
+            name=f"member-{k}-attempt-{task.attempt}",
             storage_path=res["storage_path"],
             callbacks=[TuneReportCallback()],
             # Retries belong to Tune (whole member, counted in metrics.json), not to Train's worker restarts.
@@ -138,8 +128,8 @@ def _member_trial(trial_config: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     trainer.fit()
-    metrics = json.loads((Path(config["out_dir"]) / "metrics.json").read_text())
-    done = len(list(Path(config["out_dir"]).parent.glob("member-*/metrics.json")))
+    metrics = json.loads((Path(task.out_dir) / MEMBER_METRICS_FILE).read_text())
+    done = len(list(Path(task.out_dir).parent.glob(f"member-*/{MEMBER_METRICS_FILE}")))
     events.emit(
         "log",
         STAGE,
@@ -151,7 +141,7 @@ def _member_trial(trial_config: dict[str, Any]) -> dict[str, Any]:
         attempt=metrics["attempt"],
         node_id=metrics["node_id"],
     )
-    events.progress(STAGE, done=done, total=config["size"])
+    events.progress(STAGE, done=done, total=task.spec.size)
     return {key: metrics[key] for key in ("member", "accuracy", "loss", "epochs_run", "attempt")}
 
 
@@ -168,7 +158,7 @@ def _max_concurrent(spec: EnsembleSpec) -> int:
     return max(1, min(spec.size, math.floor(fits + 1e-9)))
 
 
-def _fit_members(spec: EnsembleSpec, configs: list[dict[str, Any]], storage: Path) -> None:
+def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> None:
     from ray import tune
 
     resources = {
@@ -178,12 +168,13 @@ def _fit_members(spec: EnsembleSpec, configs: list[dict[str, Any]], storage: Pat
         "storage_path": str(storage),
     }
     tuner = tune.Tuner(
-        tune.with_resources(_member_trial, {"cpu": TRIAL_CPUS}),
-        param_space={"member": tune.grid_search(configs), "resources": resources},
+        # Tune's param space is for searchable values: the tasks travel with the function, the space names a member.
+        tune.with_resources(tune.with_parameters(_member_trial, tasks=tasks), {"cpu": TRIAL_CPUS}),
+        param_space={"member": tune.grid_search([t.k for t in tasks]), "resources": resources},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=_max_concurrent(spec),
-            trial_name_creator=lambda t: f"member-{t.config['member']['k']}",
-            trial_dirname_creator=lambda t: f"member-{t.config['member']['k']}",
+            trial_name_creator=lambda t: f"member-{t.config['member']}",
+            trial_dirname_creator=lambda t: f"member-{t.config['member']}",
         ),
         run_config=tune.RunConfig(
             name="ensemble",
@@ -193,7 +184,7 @@ def _fit_members(spec: EnsembleSpec, configs: list[dict[str, Any]], storage: Pat
         ),
     )
     results = tuner.fit()
-    failed = [(r.config["member"]["k"], r.error) for r in results if r.error is not None]
+    failed = [(r.config["member"], r.error) for r in results if r.error is not None]
     if failed:
         detail = "; ".join(f"member {k}: {type(e).__name__}: {e}" for k, e in failed)
         raise EnsembleError(f"{len(failed)} of {spec.size} members failed after {spec.max_retries} retries: {detail}")
@@ -201,7 +192,7 @@ def _fit_members(spec: EnsembleSpec, configs: list[dict[str, Any]], storage: Pat
 
 def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
     """Summarise the members: accuracies, where they ran, and their disagreement on the held-out pairs."""
-    members = [json.loads((out_root / f"member-{k}" / "metrics.json").read_text()) for k in range(spec.size)]
+    members = [json.loads((member_dir(out_root, k) / MEMBER_METRICS_FILE).read_text()) for k in range(spec.size)]
     margins = np.array([m["heldout_margins"] for m in members])  # [K, test pairs], r(preferred) - r(rejected)
     keys = ("accuracy", "loss", "epochs_run", "best_epoch", "attempt", "backbone", "lr", "seed", "lora_r")
     return {
@@ -210,7 +201,7 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
         "backbones": sorted({m["backbone"] for m in members}),
         "diversity": spec.diversity,
         "members": [
-            {"path": f"member-{m['member']}", "member": m["member"], **{key: m[key] for key in keys}}
+            {"path": member_dir("", m["member"]).name, "member": m["member"], **{key: m[key] for key in keys}}
             | {
                 "node_id": m["node_id"],
                 "node_ip": m["node_ip"],
@@ -230,28 +221,28 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
     }
 
 
-def run_ensemble(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
-    """Fit ``spec.ensemble.size`` members on the running Ray cluster and publish ``job_dir/ensemble``."""
+def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
+    """Fit ``spec.ensemble.size`` members on the running Ray cluster and publish ``ensemble/``."""
     import ray
 
     if not ray.is_initialized():
-        raise EnsembleError("run_ensemble needs a running Ray: call ray.init() first (the pipeline driver does)")
+        raise EnsembleError("the ensemble stage needs a running Ray (the pipeline connects first)")
     ens = spec.ensemble
-    job_dir = Path(job_dir).resolve()
+    layout = JobLayout(Path(job_dir).resolve())
     if ens.size == 0:
         return {"size": 0, "skipped": True}
-    for split in ("train", "test"):
-        if not (job_dir / "data" / f"{split}.parquet").is_file():
-            raise EnsembleError(f"{job_dir / 'data' / split}.parquet is missing: run the data stage first")
+    for split in (layout.train, layout.test):
+        if not split.is_file():
+            raise EnsembleError(f"{split} is missing: run the data stage first")
     started = time.time()
-    storage = job_dir / ".ray" / STAGE
-    with staging(job_dir, STAGE) as out_root:
-        configs = member_configs(ens, job_dir, out_root)
+    storage = layout.ray_storage(STAGE)
+    with layout.staging(STAGE) as out_root:
+        tasks = member_tasks(ens, layout.root, out_root)
         events.emit("log", STAGE, message=f"fitting {ens.size} reward models ({ens.diversity})", members=ens.size)
-        _fit_members(ens, configs, storage)
+        _fit_members(ens, tasks, storage)
         manifest = build_manifest(ens, out_root)
         manifest["wall_time_s"] = time.time() - started
-        (out_root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (out_root / layout.manifest.name).write_text(json.dumps(manifest, indent=2))
         for hidden in out_root.glob(".*"):
             shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
     shutil.rmtree(storage, ignore_errors=True)
@@ -263,7 +254,7 @@ def run_ensemble(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLo
 def load_members(ensemble_dir: str | os.PathLike[str]) -> list[Path]:
     """The member folders of a published ensemble, in member order (empty when there is no ensemble)."""
     ensemble_dir = Path(ensemble_dir)
-    manifest = ensemble_dir / MANIFEST
+    manifest = ensemble_dir / MANIFEST_FILE
     if not manifest.is_file():
         return []
     members = [ensemble_dir / m["path"] for m in json.loads(manifest.read_text())["members"]]
@@ -274,24 +265,20 @@ def load_members(ensemble_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fit the reward-model ensemble of a job (needs job_dir/data/).")
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.ensemble", description="Fit the reward-model ensemble of a job (needs job_dir/data/)."
+    )
     parser.add_argument("--spec", required=True, help="job spec (.yaml/.yml/.json)")
     parser.add_argument("--job-dir", required=True, type=Path)
     args = parser.parse_args(argv)
-    import ray
+    from ray_jobs.cluster import connect
 
     spec = load_spec(args.spec)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # "local" starts a private cluster: a bare init() would attach to any `ray start` head on the machine.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    summary = run_ensemble(spec, args.job_dir, EventLog(args.job_dir))
+    connect()
+    summary = run(spec, args.job_dir, EventLog(args.job_dir))
     # One line, last: Ray and Tune may print to stdout before it, so callers read the final line.
     print(json.dumps(summary))
-    print(f"ensemble written to {stage_dir(args.job_dir, STAGE)}", file=sys.stderr)
+    print(f"ensemble written to {JobLayout(args.job_dir).ensemble}", file=sys.stderr)
     return 0
 
 

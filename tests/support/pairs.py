@@ -1,4 +1,4 @@
-"""Builders shared by the distillation and evaluation tests (no tests here).
+"""Scored pairs written as the score stage would, for the distill and evaluate tests.
 
 They write the scoring stage's outputs themselves, so these tests depend on no other stage: reference log-probs
 come from the real tiny reference through `sequence_logps`, rewards are fixed length-biased numbers (the paper's
@@ -11,13 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
-from ray_jobs.models.logps import sequence_logps, tokenize_responses
+from ray_jobs.layout import PAIRS, PREFERENCES, REF_SAMPLES, JobLayout
+from ray_jobs.models.logps import response_logps
 from ray_jobs.models.registry import load_causal_lm
-from ray_jobs.score import PAIRS_SCHEMA
 
 _VOCAB = """the film was a warm and gentle story about family who opened small bakery by sea acting good music lovely
 ending made me smile book long slow wonderful characters real writing clear great read rainy weekend"""
@@ -37,8 +34,7 @@ def _text(rng: np.random.Generator, lo: int, hi: int) -> str:
 def ref_logps(reference: str | Path, prompts: list[str], responses: list[str]) -> np.ndarray:
     model, tokenizer = load_causal_lm(str(reference))
     model.eval()
-    with torch.no_grad():
-        return sequence_logps(model, tokenize_responses(tokenizer, prompts, responses, 256)).double().numpy()
+    return response_logps(model, tokenizer, prompts, responses, 256).numpy()
 
 
 def length_rewards(texts: list[str], k: int, rng: np.random.Generator) -> list[list[float]]:
@@ -81,14 +77,14 @@ def write_pairs(job_dir: Path, reference: str | Path, n_labelled: int = 24, n_un
     df["rewards_b"] = length_rewards(df["response_b"].tolist(), k, rng)
     samples = pd.DataFrame({"prompt": PROMPTS * 4, "response": [_text(rng, 3, 10) for _ in range(4 * len(PROMPTS))]})
     samples["ref_logp"] = ref_logps(reference, samples["prompt"].tolist(), samples["response"].tolist())
-    out = job_dir / "pairs"
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(df, schema=PAIRS_SCHEMA, preserve_index=False), out / "pairs.parquet")
-    samples.to_parquet(out / "ref_samples.parquet", index=False)
+    layout = JobLayout(job_dir)
+    layout.pairs.parent.mkdir(parents=True, exist_ok=True)
+    PAIRS.write(df, layout.pairs)
+    REF_SAMPLES.write(samples, layout.ref_samples)
 
 
 def write_test_data(job_dir: Path) -> None:
-    out = job_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
+    layout = JobLayout(job_dir)
+    layout.test.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": p, "response_a": "good", "response_b": "bad", "label": 1} for p in PROMPTS * 2]
-    pd.DataFrame(rows).to_parquet(out / "test.parquet", index=False)
+    PREFERENCES.write(pd.DataFrame(rows), layout.test)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ray_jobs.artifacts import staging
 from ray_jobs.data.errors import DatasetError
 from ray_jobs.data.formats import EXTRACTORS, FORMATS, Renderer, detect_format
 from ray_jobs.data.length_bias import apply_length_bias
@@ -18,20 +16,12 @@ from ray_jobs.data.sources import read_source
 from ray_jobs.data.split import split_by_prompt
 from ray_jobs.data.validate import collect
 from ray_jobs.events import EventLog
+from ray_jobs.layout import PREFERENCES, JobLayout
 from ray_jobs.spec import JobSpec
 
 STAGE = "data"
 BUILTIN_REVIEWS = "builtin:reviews"
-COLUMNS = ("prompt", "response_a", "response_b", "label")
 _STEPS = 4
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [("prompt", pa.string()), ("response_a", pa.string()), ("response_b", pa.string()), ("label", pa.int8())]
-    )
 
 
 def read_pairs(
@@ -80,7 +70,7 @@ def load_preference_data(
 def _table(rows: list[dict[str, Any]]) -> Any:
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=_schema())
+    return pa.Table.from_pylist(rows, schema=PREFERENCES.arrow())
 
 
 def _builtin_reviews(spec: JobSpec, renderer: Renderer, events: EventLog) -> tuple[list[dict[str, Any]], dict]:
@@ -100,7 +90,7 @@ def _cap(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) -> list[d
     return [rows[i] for i in sorted(keep.tolist())]
 
 
-def prepare_data(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
+def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
     """Run the data stage; returns (and writes as data/summary.json) what was read, skipped, kept and split."""
     data = spec.data
     events.emit("log", STAGE, message=f"reading preference data from {data.source}")
@@ -147,10 +137,11 @@ def prepare_data(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLo
 
     import pyarrow.parquet as pq
 
-    with staging(job_dir, STAGE) as out:
-        pq.write_table(_table(train), out / "train.parquet")
-        pq.write_table(_table(test), out / "test.parquet")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    layout = JobLayout(job_dir)
+    with layout.staging(STAGE) as out:
+        pq.write_table(_table(train), out / layout.train.name)
+        pq.write_table(_table(test), out / layout.test.name)
+        (out / layout.data_summary.name).write_text(json.dumps(summary, indent=2) + "\n")
     events.progress(STAGE, 4, _STEPS)
     events.emit("log", STAGE, message=f"data: {len(train)} train / {len(test)} test pairs ({summary['format']})")
     return summary
@@ -160,7 +151,7 @@ def load_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"])
     """A finished job's data split as a `datasets.Dataset` in the normal form."""
     import datasets
 
-    return datasets.Dataset.from_parquet(str(Path(job_dir) / STAGE / f"{split}.parquet"))
+    return datasets.Dataset.from_parquet(str(JobLayout(job_dir).split(split)))
 
 
 def ray_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"]) -> Any:
@@ -171,4 +162,4 @@ def ray_split(job_dir: str | os.PathLike[str], split: Literal["train", "test"]) 
     import pyarrow.parquet as pq
     import ray
 
-    return ray.data.from_arrow(pq.read_table(Path(job_dir) / STAGE / f"{split}.parquet"))
+    return ray.data.from_arrow(pq.read_table(JobLayout(job_dir).split(split)))

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ray_jobs import losses
-from ray_jobs.spec import LABELLED_LOSSES
+from ray_jobs.names import LABELLED_LOSSES
+from ray_jobs.spec import DistillSpec
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,10 @@ class Objective:
     alpha: float = 0.0
     family: str = "min"
     member: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: DistillSpec) -> Objective:
+        return cls(loss=spec.loss, beta=spec.beta, alpha=spec.alpha, family=spec.family, member=spec.member)
 
     @property
     def labelled(self) -> bool:
@@ -62,7 +67,7 @@ class Objective:
         stats["preference_loss"] = loss.detach()
         if self.alpha > 0:
             if pi_s is None or ref_s is None:
-                raise ValueError("distill.alpha > 0 needs reference samples (pairs/ref_samples.parquet)")
+                raise ValueError("distill.alpha > 0 needs reference samples (score/ref_samples.parquet)")
             kl = losses.forward_kl(pi_s, ref_s)
             loss = loss + self.alpha * kl
             stats["forward_kl"] = kl.detach()

@@ -1,8 +1,8 @@
 """The plain PyTorch loop that fits one Bradley–Terry reward model (one ensemble member).
 
-It runs without Ray (``train_member(config)``) and, unchanged, inside a Ray Train worker, where ``distributed=True``
-wraps the model in DDP through ``ray.train.torch.prepare_model`` and shards the rows by rank. The config is a plain
-JSON-able dict (see ``ray_jobs.ensemble.member_configs``) so it travels through Tune's param space as is.
+It runs without Ray (``train_member(task)``) and, unchanged, inside a Ray Train worker, where the `WorkerRuntime`
+wraps the model in DDP and shards the rows by rank. A `MemberTask` carries the job's validated `EnsembleSpec` with
+this member's overrides applied, so a field added to the spec reaches this loop with no other edit.
 
 Loss (TRL RewardTrainer semantics): ``-log σ(r_w - r_l - margin)`` averaged over the batch, plus
 ``center_rewards_coefficient * mean((r_w + r_l)²)`` which pins the reward scale so members are comparable.
@@ -17,6 +17,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REQUIRED_COLUMNS = ("prompt", "response_a", "response_b", "label")
-# Test hook, not a feature: RMDISTILL_FAIL_MEMBER_ONCE=<k> (read by the stage driver, see ray_jobs.ensemble) sets
-# config["fail_once_marker"] for member k; its first attempt raises after one epoch and leaves this marker file, so
-# the retry runs clean. It lets tests exercise Tune's retry path with real processes and no mocks.
+from ray_jobs.layout import MEMBER_METRICS_FILE, PREFERENCES, JobLayout
+from ray_jobs.spec import EnsembleSpec
+from ray_jobs.train_runtime import WorkerRuntime, unwrap
+
+# Test hook, not a feature: RMDISTILL_FAIL_MEMBER_ONCE=<k> (read by the stage, see ray_jobs.ensemble.stage) sets
+# `fail_once_marker` for member k; its first attempt raises after one epoch and leaves this marker file, so the
+# retry runs clean. It lets tests exercise Tune's retry path with real processes and no mocks.
 FAIL_ONCE_MESSAGE = "injected failure of member {k} (RMDISTILL_FAIL_MEMBER_ONCE test hook)"
+
+
+@dataclass(frozen=True)
+class MemberTask:
+    """One member's work: `spec` is the ensemble section with the member's overrides (backbone, lr, seed, LoRA)."""
+
+    k: int
+    spec: EnsembleSpec
+    job_dir: str
+    out_dir: str
+    data_seed: int  # the ensemble's own seed: disjoint members must cut the same permutation
+    fail_once_marker: str | None = None
+    attempt: int = 1
+    launched_at: float | None = None
 
 
 class PreferenceDataError(ValueError):
@@ -51,7 +70,7 @@ def load_pairs(path: str | os.PathLike[str]) -> dict[str, list]:
     if not path.is_file():
         raise PreferenceDataError(f"{path} does not exist: run the data stage first")
     frame = pd.read_parquet(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    missing = [c for c in PREFERENCES.names if c not in frame.columns]
     if missing:
         raise PreferenceDataError(f"{path} lacks column(s) {', '.join(missing)}")
     frame = frame[frame["label"].notna()]
@@ -85,25 +104,6 @@ def member_rows(n: int, diversity: str, k: int, size: int, member_seed: int, dat
     raise ValueError(f"unknown diversity {diversity!r}; expected seed, bootstrap or disjoint")
 
 
-class _Dist:
-    """Rank, world size and collectives; a single process when torch.distributed is not initialised."""
-
-    def __init__(self) -> None:
-        self.on = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if self.on else 0
-        self.world = torch.distributed.get_world_size() if self.on else 1
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.on:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def mean(self, value: float) -> float:
-        return float(np.mean(self.gather(value)))
-
-
 def _rewards(model: torch.nn.Module, tokenizer: Any, prompts: list[str], responses: list[str], max_length: int):
     from ray_jobs.models.reward import reward_inputs
 
@@ -122,49 +122,33 @@ def _pair_rewards(model, tokenizer, data: dict[str, list], idx: list[int], max_l
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, data: dict[str, list], config: dict[str, Any], dist: _Dist) -> dict[str, Any]:
+def evaluate(model, tokenizer, data: dict[str, list], spec: EnsembleSpec, rt: WorkerRuntime) -> dict[str, Any]:
     """Held-out loss and accuracy over the whole split; each rank scores a shard, every rank gets the full result."""
     model.eval()
     n = len(data["prompt"])
-    mine = list(range(dist.rank, n, dist.world))
+    mine = list(range(rt.rank, n, rt.world))
     parts = []
-    for start in range(0, len(mine), config["batch_size"]):
-        idx = mine[start : start + config["batch_size"]]
-        r_w, r_l = _pair_rewards(model, tokenizer, data, idx, config["max_length"])
+    for start in range(0, len(mine), spec.batch_size):
+        idx = mine[start : start + spec.batch_size]
+        r_w, r_l = _pair_rewards(model, tokenizer, data, idx, spec.max_length)
         parts.append((idx, r_w.tolist(), r_l.tolist()))
     r_w, r_l = np.zeros(n), np.zeros(n)
-    for shard in dist.gather(parts):
+    for shard in rt.gather(parts):
         for idx, w, lo in shard:
             r_w[idx], r_l[idx] = w, lo
     tw, tl = torch.from_numpy(r_w), torch.from_numpy(r_l)
-    loss = bt_loss(tw, tl, config["margin"], config["center_rewards_coefficient"]).item()
+    loss = bt_loss(tw, tl, spec.margin, spec.center_rewards_coefficient).item()
     model.train()
     # Margins are r(preferred) - r(rejected): > 0 is a correct ranking.
     return {"loss": loss, "accuracy": float(np.mean(r_w > r_l)), "margins": (r_w - r_l).tolist()}
 
 
-def _load_model(config: dict[str, Any]):
+def _load_model(spec: EnsembleSpec):
     from ray_jobs.models.registry import load_reward_model
-    from ray_jobs.spec import LoraSpec
 
     # The fresh scalar head draws from torch's global RNG: the member seed makes members start apart.
-    torch.manual_seed(config["seed"])
-    lora = LoraSpec(**config["lora"]) if config.get("lora") else None
-    return load_reward_model(config["backbone"], lora=lora)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def save_member(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
-    """A plain HF folder: LoRA is merged so scoring and vLLM need no PEFT."""
-    model = _unwrap(model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(spec.seed)
+    return load_reward_model(spec.backbone, lora=spec.lora)
 
 
 def _node() -> dict[str, str | None]:
@@ -183,73 +167,72 @@ def _node() -> dict[str, str | None]:
     return {"node_id": None, "node_ip": None, "host": socket.gethostname()}
 
 
-def train_member(config: dict[str, Any], distributed: bool = False, report=None) -> dict[str, Any]:
-    """Fit member ``config["k"]`` and write its HF folder + metrics.json to ``config["out_dir"]`` (rank 0).
+def train_member(
+    task: MemberTask, rt: WorkerRuntime | None = None, report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Fit member ``task.k`` and write its HF folder + metrics.json to ``task.out_dir`` (rank 0).
 
     ``report(metrics)`` is called every epoch on every rank (Ray Train's report must be called by all workers).
     Early stopping keeps the weights of the best held-out-loss epoch. Returns the metrics dict.
     """
     from ray_jobs.events import EventLog
+    from ray_jobs.models.io import save_model_folder
 
-    launched = config.get("launched_at") or time.time()
+    spec, k = task.spec, task.k
+    rt = rt or WorkerRuntime(use_gpu=False)
+    launched = task.launched_at or time.time()
     train_start = time.time()
-    k = config["k"]
-    events = EventLog(config["job_dir"]) if config.get("job_dir") else None
-    train, test = load_pairs(config["train_path"]), load_pairs(config["test_path"])
-    rows = member_rows(
-        len(train["prompt"]), config["diversity"], k, config["size"], config["seed"], config["data_seed"]
-    )
-    model, tokenizer = _load_model(config)
-    if distributed:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model)
-    dist = _Dist()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
-    accum = config["gradient_accumulation_steps"]
+    events = EventLog(task.job_dir)
+    layout = JobLayout(task.job_dir)
+    train, test = load_pairs(layout.train), load_pairs(layout.test)
+    rows = member_rows(len(train["prompt"]), spec.diversity, k, spec.size, spec.seed, task.data_seed)
+    model, tokenizer = _load_model(spec)
+    model = rt.prepare(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    accum = spec.gradient_accumulation_steps
     best: dict[str, Any] | None = None
     best_state = None
     history = []
     stale = 0
     model.train()
-    for epoch in range(1, config["epochs"] + 1):
-        order = np.random.default_rng([config["seed"], epoch]).permutation(rows)[dist.rank :: dist.world]
-        batches = [order[i : i + config["batch_size"]].tolist() for i in range(0, len(order), config["batch_size"])]
+    for epoch in range(1, spec.epochs + 1):
+        order = np.random.default_rng([spec.seed, epoch]).permutation(rows)[rt.rank :: rt.world]
+        batches = [order[i : i + spec.batch_size].tolist() for i in range(0, len(order), spec.batch_size)]
         train_losses = []
         for step, idx in enumerate(batches):
             sync = (step + 1) % accum == 0 or step + 1 == len(batches)
             # DDP all-reduces on every backward unless told not to: only the last micro-batch of a step syncs.
-            ctx = model.no_sync() if dist.on and not sync else contextlib.nullcontext()
+            ctx = model.no_sync() if rt.collective and not sync else contextlib.nullcontext()
             with ctx:
-                r_w, r_l = _pair_rewards(model, tokenizer, train, idx, config["max_length"])
-                loss = bt_loss(r_w, r_l, config["margin"], config["center_rewards_coefficient"])
+                r_w, r_l = _pair_rewards(model, tokenizer, train, idx, spec.max_length)
+                loss = bt_loss(r_w, r_l, spec.margin, spec.center_rewards_coefficient)
                 (loss / accum).backward()
             train_losses.append(loss.item())
             if sync:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        held_out = evaluate(model, tokenizer, test, config, dist)
-        train_loss = dist.mean(float(np.mean(train_losses)) if train_losses else math.nan)
+        held_out = evaluate(model, tokenizer, test, spec, rt)
+        train_loss = rt.mean(float(np.mean(train_losses)) if train_losses else math.nan)
         epoch_metrics = {"epoch": epoch, "train_loss": train_loss, "loss": held_out["loss"]}
         epoch_metrics["accuracy"] = held_out["accuracy"]
         history.append(epoch_metrics)
-        if dist.rank == 0 and events:
+        if rt.rank == 0:
             events.metrics("ensemble", step=epoch, values=epoch_metrics, member=k, event="epoch_done")
         if best is None or held_out["loss"] < best["loss"]:
             best, stale = {**epoch_metrics, "margins": held_out["margins"]}, 0
-            if config.get("early_stopping_patience"):
-                best_state = copy.deepcopy(_unwrap(model).state_dict())
+            if spec.early_stopping_patience:
+                best_state = copy.deepcopy(unwrap(model).state_dict())
         else:
             stale += 1
         if report:
             report({"member": k, **epoch_metrics})
-        if config.get("fail_once_marker") and not Path(config["fail_once_marker"]).exists():
-            Path(config["fail_once_marker"]).write_text(str(time.time()))
+        if task.fail_once_marker and not Path(task.fail_once_marker).exists():
+            Path(task.fail_once_marker).write_text(str(time.time()))
             raise RuntimeError(FAIL_ONCE_MESSAGE.format(k=k))
-        if config.get("early_stopping_patience") and stale >= config["early_stopping_patience"]:
+        if spec.early_stopping_patience and stale >= spec.early_stopping_patience:
             break
     if best_state is not None:
-        _unwrap(model).load_state_dict(best_state)
+        unwrap(model).load_state_dict(best_state)
     metrics = {
         "member": k,
         "accuracy": best["accuracy"],
@@ -258,23 +241,24 @@ def train_member(config: dict[str, Any], distributed: bool = False, report=None)
         "epochs_run": len(history),
         "history": history,
         "heldout_margins": best["margins"],
-        "backbone": config["backbone"],
-        "lr": config["lr"],
-        "seed": config["seed"],
-        "lora_r": (config.get("lora") or {}).get("r"),
-        "diversity": config["diversity"],
+        "backbone": spec.backbone,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "lora_r": spec.lora.r if spec.lora else None,
+        "diversity": spec.diversity,
         "train_pairs": len(rows),
         "unique_train_pairs": len(np.unique(rows)),
         "test_pairs": len(test["prompt"]),
-        "world_size": dist.world,
-        "attempt": config.get("attempt", 1),
+        "world_size": rt.world,
+        "attempt": task.attempt,
         "start_time": launched,
         "train_start_time": train_start,
         **_node(),
     }
-    if dist.rank == 0:
-        save_member(model, tokenizer, Path(config["out_dir"]))
+    out = Path(task.out_dir)
+    if rt.rank == 0:
+        save_model_folder(model, tokenizer, out)
     metrics["end_time"] = time.time()
-    if dist.rank == 0:
-        (Path(config["out_dir"]) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if rt.rank == 0:
+        (out / MEMBER_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics

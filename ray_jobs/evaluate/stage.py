@@ -1,4 +1,4 @@
-"""Stage 5, evaluation: the trained policy against π_ref on held-out prompts; publishes ``eval/``.
+"""The evaluate stage: the trained policy against π_ref on held-out prompts; publishes ``evaluate/``.
 
 One sample per held-out prompt from each model, both scored by the oracle. The win rate counts ties as half a
 win and carries a 95% Wilson interval; KL(π‖π_ref) is the Monte-Carlo mean of log π − log π_ref over the
@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ray_jobs.artifacts import stage_dir, staging
 from ray_jobs.events import EventLog
-from ray_jobs.spec import JobSpec
+from ray_jobs.layout import JobLayout
+from ray_jobs.spec import GenerationSpec, JobSpec
 
-REPORT = "report.json"
+STAGE = "evaluate"
 Z95 = 1.959963984540054
 
 
@@ -64,37 +63,31 @@ def win_rate(policy: list[float], reference: list[float]) -> dict[str, Any]:
     }
 
 
-def _sample(model_ref: str | Path, prompts: list[str], spec: JobSpec, events: EventLog) -> list[str]:
-    e = spec.evaluate
-    from ray_jobs.generate import generate_texts
+def sampling(spec: JobSpec) -> GenerationSpec:
+    """The job's generation settings (engine, replicas, batching, context) with evaluation's sampling.
 
-    out = generate_texts(
-        model_ref,
-        prompts,
-        1,
-        max_new_tokens=e.max_new_tokens,
-        temperature=e.temperature,
-        seed=e.seed,
-        engine=spec.generation.engine,
-        replicas=spec.generation.replicas,
-        events=events,
-        stage="evaluate",
+    top_p stays 1: the KL estimate is a mean over the policy's own distribution, which nucleus sampling would cut.
+    """
+    e = spec.evaluate
+    return spec.generation.model_copy(
+        update={"max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "seed": e.seed, "top_p": 1.0}
     )
+
+
+def _sample(model_ref: str | Path, prompts: list[str], spec: JobSpec, events: EventLog) -> list[str]:
+    from ray_jobs.generate.engines import generate
+
+    out = generate(model_ref, prompts, 1, sampling(spec), events, stage=STAGE).texts
     return [texts[0] if texts else "" for texts in out]
 
 
-@torch.no_grad()
 def _logps(model_ref: str | Path, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
-    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+    from ray_jobs.models.logps import response_logps
     from ray_jobs.models.registry import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(model_ref))
     model.eval()
-    out = []
-    for i in range(0, len(prompts), 16):
-        batch = tokenize_responses(tokenizer, prompts[i : i + 16], responses[i : i + 16], max_length)
-        out.append(sequence_logps(model, batch).double().numpy())
-    return np.concatenate(out)
+    return response_logps(model, tokenizer, prompts, responses, max_length).numpy()
 
 
 def kl_estimate(policy: str | Path, reference: str | Path, prompts: list[str], samples: list[str], max_length: int):
@@ -115,18 +108,18 @@ def _length_stats(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
     }
 
 
-def run_evaluation(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
-    """Compare ``policy/`` with π_ref on held-out prompts; writes ``eval/report.json`` and PNG plots."""
-    from ray_jobs.evaluate_plots import write_plots
+def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
+    """Compare the policy with π_ref on held-out prompts; writes ``evaluate/report.json`` and PNG plots."""
+    from ray_jobs.evaluate.plots import write_plots
     from ray_jobs.models.registry import load_tokenizer
 
-    job_dir = Path(job_dir)
+    layout = JobLayout(job_dir)
     e = spec.evaluate
-    policy = stage_dir(job_dir, "policy")
+    policy = layout.policy
     if not policy.is_dir():
-        raise EvaluationError(f"{policy}: missing; run the distillation stage first")
-    prompts = held_out_prompts(job_dir / "data" / "test.parquet", e.num_prompts)
-    events.emit("log", "evaluate", message=f"sampling policy and reference on {len(prompts)} held-out prompts")
+        raise EvaluationError(f"the policy {policy} is missing: run the distill stage first")
+    prompts = held_out_prompts(layout.test, e.num_prompts)
+    events.emit("log", STAGE, message=f"sampling policy and reference on {len(prompts)} held-out prompts")
     policy_texts = _sample(policy, prompts, spec, events)
     reference_texts = _sample(spec.reference, prompts, spec, events)
     max_length = spec.distill.max_length + e.max_new_tokens
@@ -161,9 +154,9 @@ def run_evaluation(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict
         {"prompt": p, "policy": a, "reference": b}
         for p, a, b in zip(prompts[:5], policy_texts[:5], reference_texts[:5], strict=True)
     ]
-    with staging(job_dir, "eval") as out:
-        report["plots"] = write_plots(out, job_dir, scores, lengths)
-        (out / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    with layout.staging(STAGE) as out:
+        report["plots"] = write_plots(out, layout.root, scores, lengths)
+        (out / layout.report.name).write_text(json.dumps(report, indent=2), encoding="utf-8")
     summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths")}
-    events.metrics("evaluate", 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
+    events.metrics(STAGE, 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
     return summary

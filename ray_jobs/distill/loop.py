@@ -1,0 +1,309 @@
+"""The distillation training loop: plain PyTorch that Ray Train wraps, and that runs alone without Ray.
+
+Only the policy is in memory: reference log-probs and ensemble rewards arrive precomputed in the pairs, so one
+forward pass per micro-batch (chosen, rejected and reference samples stacked, padded to the batch's longest) and
+`sequence_logps` (logits only at response positions, float32 log-softmax) give every term of every loss.
+
+The loop reads a `DistillTask`: the job's reference and its validated `DistillSpec` as is, plus where to read and
+write. A field added to the spec therefore reaches the loop with no other edit.
+
+Test hook: ``crash_after_step = N`` (set by `distill_task` from the env var ``RMDISTILL_CRASH_AFTER_STEP``) makes
+rank 0 raise once right after step N's checkpoint, leaving a marker file in the log folder so the restarted worker
+carries on. It exists to prove resumption without mocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_jobs.distill import checkpoint as ckpt
+from ray_jobs.distill.data import (
+    collate_pairs,
+    collate_samples,
+    local_batches,
+    read_pairs,
+    read_ref_samples,
+    shard_batches,
+)
+from ray_jobs.distill.metrics import MetricsWindow
+from ray_jobs.distill.objective import Objective
+from ray_jobs.layout import POLICY_INFO_FILE, JobLayout
+from ray_jobs.spec import DistillSpec, JobSpec
+from ray_jobs.train_runtime import WorkerRuntime
+
+CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
+
+
+@dataclass(frozen=True)
+class DistillTask:
+    """What the loop needs: the reference, the distill section, and where to read and write.
+
+    ``log_dir`` receives events.jsonl and tensorboard/ (rank 0; None = silent), ``checkpoint_dir`` the resumable
+    state when running without Ray Train (None = no checkpoints), ``output_dir`` the policy (None = not saved).
+    """
+
+    reference: str
+    spec: DistillSpec
+    pairs: str
+    ref_samples: str
+    log_dir: str | None = None
+    checkpoint_dir: str | None = None
+    output_dir: str | None = None
+    total_steps: int | None = None
+    crash_after_step: int | None = None
+
+    @property
+    def objective(self) -> Objective:
+        return Objective.from_spec(self.spec)
+
+
+def distill_task(spec: JobSpec, job_dir: str | os.PathLike[str], **changes: Any) -> DistillTask:
+    """The task of a job's distill stage, reading ``score/`` and logging into the job folder."""
+    layout = JobLayout(job_dir)
+    crash = os.environ.get(CRASH_ENV)
+    task = DistillTask(
+        reference=spec.reference,
+        spec=spec.distill,
+        pairs=str(layout.pairs),
+        ref_samples=str(layout.ref_samples),
+        log_dir=str(layout.root),
+        checkpoint_dir=str(layout.checkpoints / "local"),
+        crash_after_step=int(crash) if crash else None,
+    )
+    return dataclasses.replace(task, **changes)
+
+
+def policy_info(task: DistillTask, steps: int, final_metrics: dict[str, Any]) -> dict[str, Any]:
+    """rmdistill.json, the policy's record of how it was trained: the reference and the whole distill section."""
+    return {
+        "reference": task.reference,
+        **task.spec.model_dump(mode="json"),
+        "labelled_only": task.objective.labelled,
+        "steps": steps,
+        "final_metrics": final_metrics,
+    }
+
+
+def steps_for(rows: int, spec: DistillSpec, world: int) -> int:
+    """Optimizer steps for `epochs` passes over `rows` pairs split across `world` workers."""
+    per_step = spec.batch_size * spec.gradient_accumulation_steps * world
+    return max(1, math.ceil(rows / per_step)) * spec.epochs
+
+
+def _pair_batches(task: DistillTask, rt: WorkerRuntime) -> Iterator[Any]:
+    d = task.spec
+    if rt.ray:
+        return shard_batches(rt.dataset_shard("train"), d.batch_size, d.seed)
+    return local_batches(read_pairs(task.pairs, task.objective.labelled), d.batch_size, d.seed)
+
+
+def _sample_batches(task: DistillTask, rt: WorkerRuntime) -> Iterator[Any]:
+    d = task.spec
+    if rt.ray:
+        return shard_batches(rt.dataset_shard("ref"), d.batch_size, d.seed)
+    return local_batches(read_ref_samples(task.ref_samples), d.batch_size, d.seed)
+
+
+def _total_steps(task: DistillTask, world: int) -> int:
+    if task.spec.max_steps:
+        return task.spec.max_steps
+    if task.total_steps:
+        return task.total_steps
+    return steps_for(len(read_pairs(task.pairs, task.objective.labelled)), task.spec, world)
+
+
+def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    from ray_jobs.models.registry import load_causal_lm
+
+    d = task.spec
+    dtype = torch.bfloat16 if device.type == "cuda" and d.bf16 else torch.float32
+    model, tokenizer = load_causal_lm(task.reference, dtype=dtype, device="cpu")
+    # π_ref's log-probs were computed without dropout; the policy must match it at step 0.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if d.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=d.lora.r,
+                lora_alpha=d.lora.alpha,
+                lora_dropout=d.lora.dropout,
+                target_modules=d.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if d.compile:
+        # In place, so attribute access (sequence_logps reaching the decoder and lm_head) keeps working.
+        model.compile(dynamic=True)
+    model.train()
+    return model, tokenizer
+
+
+def _scheduler(spec: DistillSpec, optimizer: torch.optim.Optimizer, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = spec.lr_scheduler
+    if name == "constant" and spec.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
+
+
+def _forward(
+    model: torch.nn.Module, tokenizer: Any, max_length: int, pairs: dict[str, Any], samples: dict[str, Any] | None
+) -> tuple[torch.Tensor, ...]:
+    """One stacked forward: [a; b; reference samples] → their summed response log-probs and the token count."""
+    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+
+    prompts = pairs["prompts"] * 2
+    responses = pairs["response_a"] + pairs["response_b"]
+    if samples is not None:
+        prompts = prompts + samples["prompts"]
+        responses = responses + samples["responses"]
+    enc = tokenize_responses(tokenizer, prompts, responses, max_length)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    logps = sequence_logps(model, batch).float()
+    n = len(pairs["prompts"])
+    return logps[:n], logps[n : 2 * n], logps[2 * n :], int(batch["attention_mask"].sum())
+
+
+def _crash_hook(task: DistillTask, step: int, rank: int) -> None:
+    if task.crash_after_step != step or rank != 0:
+        return
+    marker = Path(task.log_dir or ".") / f".crash-hook-step-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    raise RuntimeError(f"{CRASH_ENV}={step}: test hook killing the worker after its checkpoint")
+
+
+def _checkpoints(task: DistillTask, rt: WorkerRuntime) -> Any:
+    return ckpt.RayCheckpoints() if rt.ray else ckpt.LocalCheckpoints(task.checkpoint_dir)
+
+
+def train_policy(task: DistillTask) -> dict[str, Any]:
+    """Train the policy on precomputed pairs; returns the last logged metrics (rank 0) and saves the policy."""
+    d = task.spec
+    rt = WorkerRuntime(use_gpu=d.use_gpu)
+    objective = task.objective
+    torch.manual_seed(d.seed)
+    model, tokenizer = _load_policy(task, rt.device)
+    model = rt.prepare(model, d.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=d.lr, fused=rt.device.type == "cuda")
+    total = _total_steps(task, rt.world)
+    scheduler = _scheduler(d, optimizer, total)
+    checkpoints = _checkpoints(task, rt)
+    start = 0
+    with checkpoints.latest() as folder:
+        if folder is not None:
+            start = ckpt.restore(folder, model, optimizer, scheduler)
+    accum = d.gradient_accumulation_steps
+    # Skip what the checkpointed steps consumed, so a resumed run sees the data a clean run would have.
+    pair_stream = itertools.islice(_pair_batches(task, rt), start * accum, None)
+    sample_stream = (
+        itertools.islice(_sample_batches(task, rt), start * accum, None) if objective.needs_ref_samples else None
+    )
+    log = _Logger(task.log_dir if rt.rank == 0 else None)
+    if start:
+        log.event("log", message=f"resumed from checkpoint at step {start}", resumed_step=start)
+    window = MetricsWindow()
+    last: dict[str, Any] = {}
+    for step in range(start + 1, total + 1):
+        t0 = time.perf_counter()
+        for micro in range(accum):
+            pairs = collate_pairs(next(pair_stream))
+            samples = collate_samples(next(sample_stream)) if sample_stream is not None else None
+            sync = micro == accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                pi_a, pi_b, pi_s, tokens = _forward(model, tokenizer, d.max_length, pairs, samples)
+                dev = pi_a.device
+                loss, stats = objective(
+                    pi_a,
+                    pi_b,
+                    pairs["ref_a"].to(dev),
+                    pairs["ref_b"].to(dev),
+                    pairs["r_a"].to(dev),
+                    pairs["r_b"].to(dev),
+                    pi_s if samples is not None else None,
+                    samples["ref"].to(dev) if samples is not None else None,
+                )
+                (loss / accum).backward()
+            window.add(loss.detach(), stats, pairs["labelled"], tokens, len(pairs["prompts"]))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.add_step(float(grad_norm), scheduler.get_last_lr()[0], time.perf_counter() - t0)
+        if step % d.log_every == 0 or step == total:
+            last = window.flush()
+            log.metrics(step, last)
+        if step % d.checkpoint_every == 0 and step < total:
+            state = ckpt.gather(model, optimizer, scheduler, step)
+            checkpoints.save(state if rt.rank == 0 else None, step, {"step": step, **last})
+            _crash_hook(task, step, rt.rank)
+    log.close()
+    # FSDP shards the weights: every rank joins the gather, rank 0 writes the full model.
+    full_state = ckpt.full_model_state(model) if d.strategy == "fsdp" and rt.world > 1 else None
+    if task.output_dir and rt.rank == 0:
+        save_policy(model, tokenizer, Path(task.output_dir), policy_info(task, total, last), full_state)
+    return last
+
+
+def save_policy(
+    model: torch.nn.Module, tokenizer: Any, out: Path, info: dict[str, Any], state_dict: dict[str, Any] | None = None
+) -> None:
+    """A plain Hugging Face folder (LoRA merged in) plus rmdistill.json, so every reader loads it unchanged."""
+    from ray_jobs.models.io import save_model_folder
+
+    save_model_folder(model, tokenizer, out, state_dict)
+    (out / POLICY_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+
+
+class _Logger:
+    """Writes metrics to the job's event log and to TensorBoard; a None folder (other ranks) stays silent."""
+
+    def __init__(self, log_dir: str | None):
+        self.events = self.writer = None
+        if not log_dir:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        from ray_jobs.events import EventLog
+
+        self.events = EventLog(log_dir)
+        self.writer = SummaryWriter(log_dir=str(JobLayout(log_dir).tensorboard))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, "distill", **fields)
+
+    def metrics(self, step: int, values: dict[str, Any]) -> None:
+        if self.events is None:
+            return
+        self.events.metrics("distill", step, values)
+        for key, value in values.items():
+            if isinstance(value, list):
+                for k, v in enumerate(value):
+                    self.writer.add_scalar(f"distill/{key}/{k}", v, step)
+            elif value is not None:
+                self.writer.add_scalar(f"distill/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,92 @@
+"""The distill stage: train the policy on the scored pairs with Ray Train and publish ``distill/`` (the policy).
+
+`train_policy` (in `ray_jobs.distill.loop`) is the plain PyTorch loop; `run` wraps it in a `TorchTrainer` whose
+workers read the pairs (and the reference samples when alpha > 0) as Ray Data shards. Checkpoints live in
+``<job>/checkpoints/`` (outside staging, so they survive a crash): Ray Train restarts failed workers up to
+``distill.max_failures`` times from the newest one, and a re-run of the stage with the same job folder restores
+the run by its name. FSDP comes from `ray.train.torch.prepare_model(parallel_strategy="fsdp")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
+from ray_jobs.distill.loop import DistillTask, distill_task, steps_for, train_policy
+from ray_jobs.events import EventLog
+from ray_jobs.layout import JobLayout
+from ray_jobs.spec import JobSpec
+
+STAGE = "distill"
+
+
+def check_inputs(task: DistillTask) -> int:
+    """Validate the pairs against the loss before any worker starts; returns how many pairs it trains on."""
+    d, objective = task.spec, task.objective
+    if d.lora is not None and d.strategy == "fsdp":
+        raise ValueError("distill.lora with distill.strategy fsdp is not supported: use ddp for LoRA")
+    path = Path(task.pairs)
+    if not path.exists():
+        raise PairsError(f"{path}: missing; run the score stage first (or reuse.pairs)")
+    df = read_pairs(path, objective.labelled)
+    if not objective.labelled:
+        k = len(df["rewards_a"].iloc[0]) if df["rewards_a"].iloc[0] is not None else 0
+        if k == 0:
+            raise PairsError(f"{path}: rewards_a is empty (K = 0); loss {d.loss} needs ensemble rewards")
+        if d.member is not None and d.member >= k:
+            raise PairsError(f"distill.member {d.member} is not below the {k} rewards in {path}")
+    if objective.needs_ref_samples:
+        samples = read_ref_samples(task.ref_samples)
+        if len(samples) < d.num_workers:
+            raise PairsError(f"{task.ref_samples} has {len(samples)} rows, fewer than distill.num_workers")
+    if len(df) < d.num_workers:
+        raise PairsError(f"{path}: {len(df)} usable pairs, fewer than distill.num_workers={d.num_workers}")
+    return len(df)
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    train_policy(config["task"])
+
+
+def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
+    """Train with a Ray Train TorchTrainer and publish the policy atomically; needs a running Ray."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        raise RuntimeError("the distill stage needs a running Ray (the pipeline connects first)")
+    layout = JobLayout(job_dir)
+    d = spec.distill
+    task = distill_task(spec, layout.root)
+    rows = check_inputs(task)
+    task = dataclasses.replace(task, total_steps=d.max_steps or steps_for(rows, d, d.num_workers))
+    train = ray.data.read_parquet(task.pairs)
+    if task.objective.labelled:
+        train = train.map_batches(keep_labelled, batch_format="pandas")
+    # Read once into the object store: every epoch re-executes the dataset, and on a busy cluster re-reading
+    # the files each epoch costs more than the steps themselves.
+    datasets = {"train": train.materialize()}
+    if task.objective.needs_ref_samples:
+        datasets["ref"] = ray.data.read_parquet(task.ref_samples).materialize()
+    events.emit("log", STAGE, message=f"training {d.loss} on {rows} pairs for {task.total_steps} steps")
+    with layout.staging(STAGE) as out:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"task": dataclasses.replace(task, output_dir=str(out))},
+            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+            datasets=datasets,
+            run_config=RunConfig(
+                name=STAGE,
+                storage_path=str(layout.checkpoints.resolve()),
+                failure_config=FailureConfig(max_failures=d.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        trainer.fit()
+        info = json.loads((out / layout.policy_info.name).read_text(encoding="utf-8"))
+    return {"policy": str(layout.policy), "pairs": rows, "steps": info["steps"], "final_metrics": info["final_metrics"]}

@@ -1,0 +1,5 @@
+import sys
+
+from ray_jobs.ensemble.stage import main
+
+sys.exit(main())

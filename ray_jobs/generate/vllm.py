@@ -1,0 +1,108 @@
+"""vLLM, shared by the generation stage and the service's policy engines: how an engine is built on these
+machines, and the "vLLM when it loads, else transformers" rule with the reason it fell back.
+
+vLLM is an optional extra (`rmdistill[vllm]`) and is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+# KV cache in GiB for CPU engines; vLLM's CPU default (4 GiB per engine) is too much for small shared machines.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+T = TypeVar("T")
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM is not installed here, or its engine could not load the model."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def clamp_max_model_len(model: str | Path, requested: int) -> int:
+    """vLLM refuses a max_model_len above the model's position limit; clamp instead of failing on small models."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return requested
+    limit = json.loads(config.read_text()).get("max_position_embeddings")
+    return min(requested, int(limit)) if limit else requested
+
+
+def make_llm(model: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "auto", bind_threads: bool = True):
+    """A `vllm.LLM` in this process, eager (no compile: engines start in seconds, not a minute)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    if not bind_threads:
+        # vLLM's CPU auto-binding pins every engine on a node to the same cores; with several engines per node,
+        # leave placement to the OS and the thread count to Ray (OMP_NUM_THREADS = the actor's CPUs).
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # Engines run in dedicated actors: keeping the engine core and its worker in the actor saves two process
+    # spawns (each re-imports vLLM) and leaves no grandchildren to outlive a killed actor.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import vllm
+
+    return vllm.LLM(
+        model=str(model),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=clamp_max_model_len(model, max_model_len),
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        disable_log_stats=True,
+    )
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Free the engine's KV cache now rather than at interpreter exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): *(.*)$", re.MULTILINE)
+_WRAPPERS = ("UserCodeException", "RayTaskError", "RayActorError")
+
+
+def describe_failure(err: BaseException) -> str:
+    """The engine's own error in one line, also when it comes back wrapped by Ray.
+
+    Ray wraps an actor's exception and its cause does not survive the trip back; only the remote traceback text,
+    whose last non-wrapper exception line is the engine's own error, does.
+    """
+    found = [m for m in _EXCEPTION_LINE.finditer(str(err)) if not m.group(1).endswith(_WRAPPERS)]
+    if found:
+        return f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2).strip()[:300]}"
+    return f"{type(err).__name__}: {str(err).strip()[-300:]}"
+
+
+def vllm_or_fallback(
+    engine: str,
+    what: str,
+    with_vllm: Callable[[], T],
+    fallback: Callable[[], T],
+    on_fallback: Callable[[str], None] | None = None,
+) -> T:
+    """`with_vllm()` for engine vllm/auto, `fallback()` for hf or when auto's vLLM is missing or fails.
+
+    engine "vllm" raises VLLMUnavailableError instead of falling back; auto calls `on_fallback(reason)` first.
+    """
+    if engine in ("vllm", "auto"):
+        if not vllm_installed():
+            reason = "vLLM is not installed (pip install 'rmdistill[vllm]')"
+        else:
+            try:
+                return with_vllm()
+            except Exception as err:  # auto falls back on any engine failure, and says why
+                reason = f"vLLM could not run {what}: {describe_failure(err)}"
+        if engine == "vllm":
+            raise VLLMUnavailableError(reason)
+        if on_fallback is not None:
+            on_fallback(reason)
+    return fallback()

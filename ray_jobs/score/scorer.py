@@ -1,0 +1,117 @@
+"""Every number the losses need about a text, computed once: π_ref's log-probability and each member's reward.
+
+One Ray Data actor pool over the distinct (prompt, response) texts; every actor holds π_ref and all K members,
+each loaded once. A pool per model would pay the actor start and the data pass K+1 times, which dominates at the
+sizes one machine scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ray_jobs.events import EventLog
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Scorer:
+    """Ray Data actor holding π_ref and every ensemble member."""
+
+    def __init__(
+        self, reference: str | None, members: list[str], ref_max_length: int, reward_max_length: int, batch_size: int
+    ):
+        from ray_jobs.models.registry import load_causal_lm, load_reward_model
+
+        device = _device()
+        self.reference = None
+        if reference is not None:
+            self.reference, self.tokenizer = load_causal_lm(reference, device=device)
+            self.reference.eval()
+        self.members = []
+        for path in members:
+            model, tokenizer = load_reward_model(path)
+            self.members.append((model.to(device).eval(), tokenizer))
+        self.ref_max_length, self.reward_max_length, self.batch_size = ref_max_length, reward_max_length, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray_jobs.models.logps import response_logps
+        from ray_jobs.models.reward import score_pairs
+
+        prompts, responses = [str(p) for p in batch["prompt"]], [str(r) for r in batch["response"]]
+        # π_ref samples need no rewards: only rows flagged `reward` go through the members.
+        wanted = np.flatnonzero(batch["reward"])
+        rewards = np.full((len(prompts), len(self.members)), np.nan)
+        for k, (model, tokenizer) in enumerate(self.members):
+            if wanted.size:
+                rewards[wanted, k] = (
+                    score_pairs(
+                        model,
+                        tokenizer,
+                        [prompts[i] for i in wanted],
+                        [responses[i] for i in wanted],
+                        batch_size=self.batch_size,
+                        max_length=self.reward_max_length,
+                    )
+                    .double()
+                    .numpy()
+                )
+        ref = np.full(len(prompts), np.nan)
+        if self.reference is not None:
+            ref = response_logps(
+                self.reference, self.tokenizer, prompts, responses, self.ref_max_length, self.batch_size
+            ).numpy()
+        out = {"index": batch["index"], "ref_logp": ref}
+        if self.members:  # a [B, 0] tensor column is more than Ray Data's tensor type accepts
+            out["rewards"] = rewards
+        return out
+
+
+def score_texts(
+    reference: str | None,
+    members: list[str],
+    texts: list[tuple[str, str]],
+    needs_reward: list[bool],
+    *,
+    ref_max_length: int,
+    reward_max_length: int,
+    batch_size: int,
+    replicas: int,
+    events: EventLog | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """π_ref log-prob [N] and member rewards [N, K] of each (prompt, response); NaN where not asked for
+    (no reference, or `needs_reward` false)."""
+    from ray_jobs.pools import run_indexed
+
+    ref = np.full(len(texts), np.nan)
+    rewards = np.full((len(texts), len(members)), np.nan)
+
+    def place(batch: dict[str, np.ndarray]) -> None:
+        index = batch["index"]
+        ref[index] = batch["ref_logp"]
+        if members:
+            rewards[index] = np.asarray(batch["rewards"], dtype=np.float64).reshape(len(index), len(members))
+
+    def progress(done: int, total: int) -> None:
+        if events is not None:
+            events.progress("score", done, total, what="texts scored")
+
+    run_indexed(
+        Scorer,
+        dict(
+            reference=reference,
+            members=members,
+            ref_max_length=ref_max_length,
+            reward_max_length=reward_max_length,
+            batch_size=batch_size,
+        ),
+        [{"prompt": p, "response": r, "reward": w} for (p, r), w in zip(texts, needs_reward, strict=True)],
+        replicas=replicas,
+        batch_size=batch_size,
+        on_batch=place,
+        on_progress=progress,
+    )
+    return ref, rewards

@@ -1,0 +1,71 @@
+"""What differs between a training loop inside a Ray Train worker and the same loop run alone: rank, world size,
+device, model wrapping (DDP/FSDP), collectives and dataset shards. The ensemble's member loop and the distill loop
+take one `WorkerRuntime`, so each is a plain PyTorch function that Ray Train wraps unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def in_ray_train() -> bool:
+    try:
+        import ray.train
+
+        ray.train.get_context()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+class WorkerRuntime:
+    def __init__(self, use_gpu: bool | None = None):
+        self.ray = in_ray_train()
+        if self.ray:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
+        else:
+            self.rank, self.world = 0, 1
+            want_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+            self.device = torch.device("cuda" if want_gpu else "cpu")
+
+    @property
+    def collective(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
+        """Moved to this worker's device, and wrapped for DDP/FSDP under Ray Train."""
+        if not self.ray:
+            return model.to(self.device)
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+
+    def dataset_shard(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order."""
+        if not self.collective:
+            return [obj]
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        return float(np.mean(self.gather(value)))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP/FSDP wrapper (or the model itself)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model

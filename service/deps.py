@@ -1,0 +1,39 @@
+"""What the routes share, declared once as `Annotated` dependencies: the caller's owner id, the settings, and the
+objects the app's lifespan keeps on `app.state` (the store, the Ray backend, the policy engines).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.auth import current_owner
+from service.engines import EngineManager
+from service.ray_backend import RayBackend
+from service.settings import Settings
+from service.store import Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_backend(request: Request) -> RayBackend:
+    return request.app.state.backend
+
+
+def get_engines(request: Request) -> EngineManager:
+    return request.app.state.engines
+
+
+# None when auth is off; a missing or unknown token is answered with 401 before the route runs.
+Owner = Annotated[str | None, Depends(current_owner)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+BackendDep = Annotated[RayBackend, Depends(get_backend)]
+EnginesDep = Annotated[EngineManager, Depends(get_engines)]
