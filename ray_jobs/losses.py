@@ -70,41 +70,96 @@ def distill(pi_a, pi_b, ref_a, ref_b, r_a, r_b, beta: float) -> torch.Tensor:
     return (beta * h - _reward_gap(r_a, r_b, h.shape[0], 1)) ** 2
 
 
-def hull_weights(target: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
-    """Exact argmin over the simplex of mean_b (target_b − Σ_k w_k gaps_bk)².
+@dataclass
+class GapStats:
+    """Sufficient statistics of mean_b (t_b − Σ_k w_k Δr_bk)² over any set of pairs, for every w at once.
 
-    A least-squares problem on the simplex: its minimiser is the affine-constrained optimum on some support
-    (face), and on the smallest such support that optimum is unique. So we solve the KKT system of every
-    support and keep the best feasible point — exact, and cheap for the handful of members an ensemble has.
-    Done in float64 on detached values: the loss treats the optimal w as a constant (Danskin's theorem).
+    With G = Σ_b Δr_b Δr_bᵀ, c = Σ_b t_b Δr_b and q = Σ_b t_b², the loss of mixture w is (q − 2 wᵀc + wᵀGw)/n.
+    Sums add up across micro-batches and workers, so e-DPO's `min` and `hull` can choose their member (or mixture)
+    once per optimizer step, on the whole step's pairs, as the objective is defined.
     """
-    k = gaps.shape[1]
-    if k > MAX_HULL_MEMBERS:
-        raise ValueError(f"family 'hull' solves exactly over at most {MAX_HULL_MEMBERS} members, got {k}")
-    t = target.detach().double().cpu()
-    d = gaps.detach().double().cpu()
-    gram = d.T @ d
-    lin = d.T @ t
-    best_w, best_val = None, float("inf")
-    for size in range(1, k + 1):
-        for support in itertools.combinations(range(k), size):
-            idx = list(support)
-            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-            kkt[:size, :size] = 2 * gram[idx][:, idx]
-            kkt[:size, size] = 1.0
-            kkt[size, :size] = 1.0
-            rhs = torch.cat([2 * lin[idx], torch.ones(1, dtype=torch.float64)])
-            sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)[:size]
-            if (sol < -1e-10).any():
-                continue
-            w = torch.zeros(k, dtype=torch.float64)
-            w[idx] = sol.clamp_min(0)
-            w = w / w.sum()
-            val = float(((t - d @ w) ** 2).mean())
-            if val < best_val - 1e-15:
-                best_w, best_val = w, val
-    assert best_w is not None  # every singleton support is feasible
-    return best_w.to(device=gaps.device, dtype=gaps.dtype)
+
+    gram: torch.Tensor  # [K, K]
+    lin: torch.Tensor  # [K]
+    sq: torch.Tensor  # []
+    n: torch.Tensor  # [], number of pairs
+
+    @classmethod
+    def from_batch(cls, target: torch.Tensor, gaps: torch.Tensor) -> GapStats:
+        t, d = target.detach().double().cpu(), gaps.detach().double().cpu()
+        return cls(d.T @ d, d.T @ t, t @ t, torch.tensor(float(t.numel()), dtype=torch.float64))
+
+    def __add__(self, other: GapStats) -> GapStats:
+        return GapStats(self.gram + other.gram, self.lin + other.lin, self.sq + other.sq, self.n + other.n)
+
+    def all_reduce(self) -> GapStats:
+        """Summed over every process of the default torch.distributed group (unchanged when there is none)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        flat = torch.cat([self.gram.flatten(), self.lin, self.sq.reshape(1), self.n.reshape(1)])
+        torch.distributed.all_reduce(flat)
+        k = self.lin.numel()
+        return GapStats(flat[: k * k].reshape(k, k), flat[k * k : k * k + k], flat[-2], flat[-1])
+
+    def loss(self, w: torch.Tensor) -> float:
+        w = w.double()
+        return float((self.sq - 2 * w @ self.lin + w @ self.gram @ w) / self.n)
+
+    def member_losses(self) -> torch.Tensor:
+        return (self.sq - 2 * self.lin + torch.diagonal(self.gram)) / self.n
+
+    def min_member(self) -> torch.Tensor:
+        """The one-hot weights of the member with the least loss."""
+        best = int(self.member_losses().argmin())
+        return F.one_hot(torch.tensor(best), self.lin.numel()).double()
+
+    def hull_weights(self) -> torch.Tensor:
+        """Exact argmin over the simplex of the mixture loss.
+
+        A least-squares problem on the simplex: its minimiser is the affine-constrained optimum on some support
+        (face), and on the smallest such support that optimum is unique. So we solve the KKT system of every
+        support and keep the best feasible point — exact, and cheap for the handful of members an ensemble has.
+        Done in float64 on detached values: the loss treats the optimal w as a constant (Danskin's theorem).
+        """
+        k = self.lin.numel()
+        if k > MAX_HULL_MEMBERS:
+            raise ValueError(f"family 'hull' solves exactly over at most {MAX_HULL_MEMBERS} members, got {k}")
+        best_w, best_val = None, float("inf")
+        for size in range(1, k + 1):
+            for support in itertools.combinations(range(k), size):
+                idx = list(support)
+                kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+                kkt[:size, :size] = 2 * self.gram[idx][:, idx]
+                kkt[:size, size] = 1.0
+                kkt[size, :size] = 1.0
+                rhs = torch.cat([2 * self.lin[idx], torch.ones(1, dtype=torch.float64)])
+                sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)[:size]
+                if (sol < -1e-10).any():
+                    continue
+                w = torch.zeros(k, dtype=torch.float64)
+                w[idx] = sol.clamp_min(0)
+                w = w / w.sum()
+                val = self.loss(w)
+                if val < best_val - 1e-15:
+                    best_w, best_val = w, val
+        assert best_w is not None  # every singleton support is feasible
+        return best_w
+
+    def selection(self, family: str) -> torch.Tensor:
+        """The step's fixed weights over members for a family that chooses (`min`: one-hot, `hull`: mixture)."""
+        if family == "min":
+            return self.min_member()
+        if family == "hull":
+            return self.hull_weights()
+        raise ValueError(f"family {family!r} does not choose members per step (only min and hull do)")
+
+
+def hull_weights(target: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    """Exact argmin over the simplex of mean_b (target_b − Σ_k w_k gaps_bk)² (see `GapStats.hull_weights`)."""
+    return GapStats.from_batch(target, gaps).hull_weights().to(device=gaps.device, dtype=gaps.dtype)
+
+
+STEP_FAMILIES = frozenset({"min", "hull"})
 
 
 @dataclass
@@ -116,13 +171,26 @@ class FamilyStats:
     weights: torch.Tensor | None = field(default=None)  # hull mixture weights [K]
 
 
-def ensemble_distill(pi_a, pi_b, ref_a, ref_b, r_a, r_b, beta: float, family: str = "min", return_stats: bool = False):
+def ensemble_distill(
+    pi_a,
+    pi_b,
+    ref_a,
+    ref_b,
+    r_a,
+    r_b,
+    beta: float,
+    family: str = "min",
+    return_stats: bool = False,
+    selection: torch.Tensor | None = None,
+):
     """e-DPO: distillation against K reward models (r_* are ``[B, K]``), reduced by ``family``.
 
     - ``min``: min_k mean_b (β h_b − Δr_bk)², the paper's pessimistic member-min (PAPER.md §2.4).
     - ``example_min``: mean_b min_k (β h_b − Δr_bk)².
     - ``mean``: distillation from the ensemble-mean reward, averaged over the batch.
     - ``hull``: min over mixtures w in the simplex of mean_b (β h_b − Σ_k w_k Δr_bk)², the exact max-min.
+    ``selection`` (``min`` and ``hull`` only): the member weights chosen on a larger set of pairs than this batch
+    (an optimizer step's, see `GapStats`); the loss is then this batch's mean under those fixed weights.
     Returns a scalar, or ``(scalar, FamilyStats)`` with ``return_stats``.
     """
     _check_beta(beta)
@@ -137,7 +205,13 @@ def ensemble_distill(pi_a, pi_b, ref_a, ref_b, r_a, r_b, beta: float, family: st
     member_losses = per_member.mean(dim=0)
     k = gaps.shape[1]
     weights = None
-    if family == "min":
+    if selection is not None:
+        if family not in STEP_FAMILIES:
+            raise ValueError(f"selection applies to families min and hull, not {family!r}")
+        weights = selection.to(device=gaps.device, dtype=gaps.dtype)
+        loss = ((target - gaps @ weights) ** 2).mean()
+        counts = weights.detach().clone()
+    elif family == "min":
         loss, best = member_losses.min(dim=0)
         counts = F.one_hot(best, k).to(per_member.dtype)
     elif family == "example_min":

@@ -176,3 +176,73 @@ def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
     )
     assert abs(policy[0] - reference[0]) > 1e-3
 
+
+def _member_split_pairs(job: Path, tiny_llama: Path) -> None:
+    """8 unlabelled pairs on which member 0 fits 7 pairs better but misses pair 7 badly, so member 1 is the better
+    member overall while any batch without pair 7 would pick member 0 on its own."""
+    write_pairs(job, tiny_llama, n_labelled=0, n_unlabelled=8, k=2)
+    pairs = pd.read_parquet(JobLayout(job).pairs)
+    pairs["rewards_a"] = [[0.1, 0.3]] * 7 + [[3.0, 0.3]]
+    pairs["rewards_b"] = [[0.0, 0.0]] * 8
+    pairs.to_parquet(JobLayout(job).pairs, index=False)
+
+
+def _one_step(tiny_llama: Path, job: Path, run: Path, family: str, batch_size: int, accum: int) -> dict:
+    spec = JobSpec(
+        reference=str(tiny_llama),
+        distill={
+            "loss": "e-dpo",
+            "family": family,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": accum,
+            "max_steps": 1,
+            "lr": 1e-3,
+        },
+    )
+    train_policy(distill_task(spec, job, log_dir=str(run), checkpoint_dir=None))
+    return [e for e in read_events(run) if e["kind"] == "metrics"][-1]["values"]
+
+
+@pytest.mark.parametrize("family", ["min", "hull"])
+def test_ensemble_choice_is_made_once_per_optimizer_step(tiny_llama, tmp_path, family):
+    """The member (or mixture) is chosen on the step's whole batch: 4 micro-batches of 2 pairs give the choice and
+    the gradient of 1 batch of 8. Chosen per micro-batch, the three micro-batches without pair 7 would pick member 0."""
+    job = tmp_path / "job"
+    _member_split_pairs(job, tiny_llama)
+    whole = _one_step(tiny_llama, job, tmp_path / "whole", family, batch_size=8, accum=1)
+    micro = _one_step(tiny_llama, job, tmp_path / "micro", family, batch_size=2, accum=4)
+    # At step 0 the policy is π_ref (h = 0): member k's loss is mean Δr_k², (7·0.01 + 9)/8 for member 0, 0.09 for 1.
+    if family == "min":
+        assert whole["member_argmin_counts"] == [0.0, 1.0]
+        assert micro["member_argmin_counts"] == [0.0, 4.0]  # member 1 in every micro-batch
+    else:
+        weights = np.array(micro["member_argmin_counts"]) / 4
+        np.testing.assert_allclose(weights, whole["member_argmin_counts"], atol=1e-5)
+        np.testing.assert_allclose(weights, [0.0, 1.0], atol=1e-5)  # no mixture beats member 1 on the whole step
+    assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    assert micro["loss"] == pytest.approx(whole["loss"], rel=1e-5)  # the mean of the step, whatever its split
+
+
+@pytest.mark.ray
+def test_two_workers_choose_the_member_of_the_whole_step(ray_cluster, tiny_llama, tmp_path):
+    """2 DDP workers × 2 micro-batches of 2 pairs: the member statistics are all-reduced before the choice, so the
+    update is that of 1 batch of 8 (compared through the gradient norm Ray Train's rank 0 logs)."""
+    job = tmp_path / "job"
+    _member_split_pairs(job, tiny_llama)
+    whole = _one_step(tiny_llama, job, tmp_path / "whole", "min", batch_size=8, accum=1)
+    spec = JobSpec(
+        reference=str(tiny_llama),
+        distill={
+            "loss": "e-dpo",
+            "family": "min",
+            "batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "max_steps": 1,
+            "lr": 1e-3,
+            "num_workers": 2,
+        },
+    )
+    run_distill(spec, job, EventLog(job))
+    values = [e for e in read_events(job) if e["kind"] == "metrics"][-1]["values"]
+    assert values["member_argmin_counts"] == [0.0, 2.0]
+    assert values["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)

@@ -164,3 +164,24 @@ def test_bad_inputs_raise_value_error(call, message):
     r = torch.zeros(3, 2)
     with pytest.raises(ValueError, match=message):
         call(z, r)
+
+
+def test_gap_statistics_add_up_to_the_whole_batch_and_choose_as_it_would():
+    """Member losses and hull weights from statistics summed over parts equal those of the whole batch, and a
+    fixed selection gives the loss of that mixture (what a micro-batch of an optimizer step trains on)."""
+    t = _batch(b=12, k=3, seed=4)
+    beta = 0.7
+    target = beta * losses.margin(t["pi_a"], t["pi_b"], t["ref_a"], t["ref_b"])
+    gaps = t["r_a"] - t["r_b"]
+    whole = losses.GapStats.from_batch(target, gaps)
+    parts = losses.GapStats.from_batch(target[:5], gaps[:5]) + losses.GapStats.from_batch(target[5:], gaps[5:])
+    _, stats = losses.ensemble_distill(*t.values(), beta, "min", return_stats=True)
+    torch.testing.assert_close(parts.member_losses(), stats.member_losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts.hull_weights(), losses.hull_weights(target, gaps), rtol=1e-9, atol=1e-9)
+    assert int(parts.min_member().argmax()) == int(stats.member_losses.argmin())
+    assert parts.all_reduce() is parts  # no process group: nothing to reduce
+    w = whole.selection("hull")
+    fixed = losses.ensemble_distill(*t.values(), beta, "hull", selection=w)
+    assert float(fixed) == pytest.approx(whole.loss(w), rel=1e-12)
+    with pytest.raises(ValueError, match="selection applies"):
+        losses.ensemble_distill(*t.values(), beta, "mean", selection=w)

@@ -182,6 +182,34 @@ def _forward(
     return logps[:n], logps[n : 2 * n], logps[2 * n :], int(batch["attention_mask"].sum())
 
 
+def _step_selection(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    max_length: int,
+    objective: Objective,
+    micros: list[tuple[dict[str, Any], dict[str, Any] | None]],
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...] | None]]:
+    """The member weights of this optimizer step, chosen on all its pairs across micro-batches and workers.
+
+    With one micro-batch its forward (with grad) is kept for the update; with several, a gradient-free forward
+    over each gives the statistics first, since the choice must precede every backward of the step.
+    """
+    outputs: list[tuple[torch.Tensor, ...] | None] = [None] * len(micros)
+    total = None
+    for i, (pairs, samples) in enumerate(micros):
+        if len(micros) == 1:
+            outputs[i] = _forward(model, tokenizer, max_length, pairs, samples)
+            pi_a, pi_b = outputs[i][:2]
+        else:
+            with torch.no_grad():
+                pi_a, pi_b, *_ = _forward(model, tokenizer, max_length, pairs, samples)
+        dev = pi_a.device
+        refs_and_rewards = (pairs[key].to(dev) for key in ("ref_a", "ref_b", "r_a", "r_b"))
+        part = objective.gap_stats(pi_a, pi_b, *refs_and_rewards)
+        total = part if total is None else total + part
+    return total.all_reduce().selection(objective.family), outputs
+
+
 def _crash_hook(task: DistillTask, step: int, rank: int) -> None:
     if task.crash_after_step != step or rank != 0:
         return
@@ -226,12 +254,18 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     last: dict[str, Any] = {}
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
-        for micro in range(accum):
-            pairs = collate_pairs(next(pair_stream))
-            samples = collate_samples(next(sample_stream)) if sample_stream is not None else None
+        micros = [
+            (collate_pairs(next(pair_stream)), collate_samples(next(sample_stream)) if sample_stream else None)
+            for _ in range(accum)
+        ]
+        outputs: list[tuple[torch.Tensor, ...] | None] = [None] * accum
+        selection = None
+        if objective.chooses_per_step:
+            selection, outputs = _step_selection(model, tokenizer, d.max_length, objective, micros)
+        for micro, (pairs, samples) in enumerate(micros):
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
-                pi_a, pi_b, pi_s, tokens = _forward(model, tokenizer, d.max_length, pairs, samples)
+                pi_a, pi_b, pi_s, tokens = outputs[micro] or _forward(model, tokenizer, d.max_length, pairs, samples)
                 dev = pi_a.device
                 loss, stats = objective(
                     pi_a,
@@ -242,6 +276,7 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
                     pairs["r_b"].to(dev),
                     pi_s if samples is not None else None,
                     samples["ref"].to(dev) if samples is not None else None,
+                    selection=selection,
                 )
                 (loss / accum).backward()
             window.add(loss.detach(), stats, pairs["labelled"], tokens, len(pairs["prompts"]))

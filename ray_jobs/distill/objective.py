@@ -36,6 +36,18 @@ class Objective:
     def needs_ref_samples(self) -> bool:
         return self.alpha > 0
 
+    @property
+    def chooses_per_step(self) -> bool:
+        """e-DPO's `min` and `hull` pick their member (mixture) once per optimizer step, on all the step's pairs."""
+        return self.loss == "e-dpo" and self.family in losses.STEP_FAMILIES
+
+    def gap_stats(
+        self, pi_a: torch.Tensor, pi_b: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor, r_a, r_b
+    ) -> losses.GapStats:
+        """This batch's share of the step's member-choice statistics (`losses.GapStats`)."""
+        target = self.beta * losses.margin(pi_a, pi_b, ref_a, ref_b)
+        return losses.GapStats.from_batch(target, r_a - r_b)
+
     def __call__(
         self,
         pi_a: torch.Tensor,
@@ -46,8 +58,12 @@ class Objective:
         r_b: torch.Tensor | None = None,
         pi_s: torch.Tensor | None = None,
         ref_s: torch.Tensor | None = None,
+        selection: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss and detached diagnostics; r_* are ``[B, K]`` ensemble rewards, *_s reference samples."""
+        """Scalar loss and detached diagnostics; r_* are ``[B, K]`` ensemble rewards, *_s reference samples.
+
+        ``selection``: the step's member weights when `chooses_per_step` (else None).
+        """
         stats: dict[str, torch.Tensor] = {}
         if self.loss in ("dpo", "p-dpo"):
             loss = losses.dpo(pi_a, pi_b, ref_a, ref_b, self.beta).mean()
@@ -58,7 +74,7 @@ class Objective:
             loss = losses.distill(pi_a, pi_b, ref_a, ref_b, ra, rb, self.beta).mean()
         elif self.loss == "e-dpo":
             loss, fam = losses.ensemble_distill(
-                pi_a, pi_b, ref_a, ref_b, r_a, r_b, self.beta, self.family, return_stats=True
+                pi_a, pi_b, ref_a, ref_b, r_a, r_b, self.beta, self.family, return_stats=True, selection=selection
             )
             stats["member_losses"] = fam.member_losses
             stats["argmin_counts"] = fam.argmin_counts
