@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from ray_jobs.distill.loop import DistillTask, train_policy
+from ray_jobs.layout import PAIRS
 from ray_jobs.models.logps import tokenize_responses
 from ray_jobs.models.tiny import TINY_LLAMA_SHAPE, build_llama, build_llama_tokenizer
 from ray_jobs.spec import DistillSpec
@@ -65,7 +66,7 @@ def write_pairs(tokenizer, path: Path, pairs: int, prompt_tokens: int, response_
             "rewards_b": [[0.0]] * pairs,
         }
     )
-    df.to_parquet(path, index=False)
+    PAIRS.write(df, path)
 
 
 def ours(model_dir: Path, pairs_path: Path, pairs: int, steps: int, device: str) -> tuple[float, float]:

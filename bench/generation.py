@@ -69,7 +69,7 @@ def bench_scoring(num_pairs: int, replicas: list[int]) -> list[tuple[int, float,
     from ray_jobs.score.scorer import score_texts
 
     texts = [
-        (f"Review {MOVIES[i % len(MOVIES)]} #{i}:", f" It was {'great' if i % 2 else 'dull'} " * 8)
+        (f"Review {MOVIES[i % len(MOVIES)]} #{i}:", f" It was {'great' if i % 2 else 'dull'} " * 8, True)
         for i in range(2 * num_pairs)
     ]
     rows = []
@@ -85,11 +85,10 @@ def bench_scoring(num_pairs: int, replicas: list[int]) -> list[tuple[int, float,
             started = time.perf_counter()
             score_texts(
                 None,
-                [str(m) for m in members],
+                [(str(m), 256) for m in members],
                 texts,
                 [True] * len(texts),
                 ref_max_length=256,
-                reward_max_length=256,
                 batch_size=32,
                 replicas=r,
             )

@@ -10,7 +10,7 @@ written, so a stage folder that exists is complete and a crash leaves nothing th
     <job>/data/                 train.parquet, test.parquet (PREFERENCES), summary.json
     <job>/ensemble/             member-<k>/ (HF folder + metrics.json), manifest.json
     <job>/generate/             candidates.parquet (CANDIDATES), kl_samples.parquet (KL_SAMPLES)
-    <job>/score/                pairs.parquet (PAIRS), ref_samples.parquet (REF_SAMPLES)
+    <job>/score/                pairs.parquet (PAIRS), ref_samples.parquet (REF_SAMPLES), scored_with.json
     <job>/distill/              the policy: an HF folder plus rmdistill.json (how it was trained)
     <job>/evaluate/             report.json and PNG plots
     <job>/checkpoints/ .ray/ tensorboard/    working state outside the published stages
@@ -37,6 +37,7 @@ MANIFEST_FILE = "manifest.json"
 MEMBER_METRICS_FILE = "metrics.json"
 POLICY_INFO_FILE = "rmdistill.json"
 REPORT_FILE = "report.json"
+SCORED_WITH_FILE = "scored_with.json"
 
 
 def home() -> Path:
@@ -55,14 +56,24 @@ def jobs_root() -> Path:
 
 @dataclass(frozen=True)
 class Table:
-    """A Parquet table's columns as (name, Arrow type name); `arrow()` builds the pyarrow schema."""
+    """A Parquet table's columns as (name, Arrow type name); `arrow()` builds the pyarrow schema.
+
+    `defaults` fills a column its writer does not know about (preference data from files has no token caps).
+    """
 
     name: str
     columns: tuple[tuple[str, str], ...]
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c for c, _ in self.columns)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The columns a reader can insist on: those without a default."""
+        optional = {c for c, _ in self.defaults}
+        return tuple(c for c in self.names if c not in optional)
 
     def arrow(self) -> Any:
         import pyarrow as pa
@@ -73,6 +84,7 @@ class Table:
             "int32": pa.int32(),
             "float64": pa.float64(),
             "bool": pa.bool_(),
+            "list<bool>": pa.list_(pa.bool_()),
             "list<string>": pa.list_(pa.string()),
             "list<int32>": pa.list_(pa.int32()),
             "list<float64>": pa.list_(pa.float64()),
@@ -87,21 +99,36 @@ class Table:
 
         schema = self.arrow()
         if isinstance(data, pd.DataFrame):
+            data = data.assign(**{c: v for c, v in self.defaults if c not in data.columns})
             table = pa.Table.from_pandas(data[list(self.names)], schema=schema, preserve_index=False)
         else:
             extra = set(data) - set(self.names)
             if extra:
                 raise ValueError(f"{self.name}: unknown column(s) {sorted(extra)}")
+            rows = len(next(iter(data.values()))) if data else 0
+            data = {**{c: [v] * rows for c, v in self.defaults}, **data}
             table = pa.table({c: data[c] for c in self.names}, schema=schema)
         pq.write_table(table, path)
 
 
+# `ended` columns: False where a generation token cap cut the response, which is then scored without EOS.
+_ENDED = (("ended_a", True), ("ended_b", True))
+
 # Preference pairs in the normal form: label 1 = a preferred, 0 = b preferred, null = unlabelled.
 PREFERENCES = Table(
-    "preferences", (("prompt", "string"), ("response_a", "string"), ("response_b", "string"), ("label", "int8"))
+    "preferences",
+    (
+        ("prompt", "string"),
+        ("response_a", "string"),
+        ("response_b", "string"),
+        ("label", "int8"),
+        ("ended_a", "bool"),
+        ("ended_b", "bool"),
+    ),
+    _ENDED,
 )
-CANDIDATES = Table("candidates", (("prompt", "string"), ("responses", "list<string>")))
-KL_SAMPLES = Table("kl_samples", (("prompt", "string"), ("response", "string")))
+CANDIDATES = Table("candidates", (("prompt", "string"), ("responses", "list<string>"), ("ended", "list<bool>")))
+KL_SAMPLES = Table("kl_samples", (("prompt", "string"), ("response", "string"), ("ended", "bool")), (("ended", True),))
 PAIRS = Table(
     "pairs",
     (
@@ -110,13 +137,20 @@ PAIRS = Table(
         ("response_b", "string"),
         ("source", "string"),  # dataset | generated
         ("label", "int8"),
+        ("ended_a", "bool"),
+        ("ended_b", "bool"),
         ("ref_logp_a", "float64"),
         ("ref_logp_b", "float64"),
         ("rewards_a", "list<float64>"),  # one reward per ensemble member
         ("rewards_b", "list<float64>"),
     ),
+    _ENDED,
 )
-REF_SAMPLES = Table("ref_samples", (("prompt", "string"), ("response", "string"), ("ref_logp", "float64")))
+REF_SAMPLES = Table(
+    "ref_samples",
+    (("prompt", "string"), ("response", "string"), ("ended", "bool"), ("ref_logp", "float64")),
+    (("ended", True),),
+)
 
 
 class JobLayout:
@@ -185,6 +219,11 @@ class JobLayout:
     @property
     def ref_samples(self) -> Path:
         return self.root / "score" / "ref_samples.parquet"
+
+    @property
+    def scored_with(self) -> Path:
+        """What the pairs were scored with (reference, lengths, members): a reuse must match it."""
+        return self.root / "score" / SCORED_WITH_FILE
 
     @property
     def policy(self) -> Path:

@@ -26,6 +26,10 @@ FAMILIES: tuple[str, ...] = get_args(Family)
 Engine = Literal["auto", "vllm", "hf"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 
+# Compute precision: auto = bf16 autocast on GPUs, fp32 on CPUs; bf16 = bf16 autocast everywhere (CPUs with bf16
+# units); fp32 = none. Weights stay fp32 in every case: the optimizer updates fp32 master weights.
+Precision = Literal["auto", "fp32", "bf16"]
+
 Diversity = Literal["seed", "bootstrap", "disjoint"]
 Pairing = Literal["all", "random"]
 DataFormat = Literal["auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"]

@@ -118,7 +118,11 @@ def run_job(
     current: str | None = None
     try:
         if spec.reuse.pairs:
-            _adopt(resolve_job_ref(spec.reuse.pairs), job_dir, ["data", "ensemble", "generate", "score"], events)
+            from ray_jobs.score.stage import check_reusable
+
+            source = resolve_job_ref(spec.reuse.pairs)
+            check_reusable(spec, JobLayout(source))
+            _adopt(source, job_dir, ["data", "ensemble", "generate", "score"], events)
         if spec.reuse.ensemble:
             _adopt(resolve_job_ref(spec.reuse.ensemble), job_dir, ["ensemble"], events)
         layout = JobLayout(job_dir)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ray_jobs.names import LABELLED_LOSSES, DataFormat, Diversity, Engine, Family, Loss, Pairing
+from ray_jobs.names import LABELLED_LOSSES, DataFormat, Diversity, Engine, Family, Loss, Pairing, Precision
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -78,10 +78,22 @@ class EnsembleSpec(_Strict):
     lr: PositiveFloat = 2.0e-5
     batch_size: PositiveInt = 16
     gradient_accumulation_steps: PositiveInt = 1
-    max_length: int = Field(256, ge=8)
+    max_length: int = Field(256, ge=8, description="Token budget of prompt + response; members score at it too.")
     margin: float = Field(0.0, ge=0.0, description="Constant margin m in -log σ(r_w - r_l - m).")
     center_rewards_coefficient: float = Field(0.0, ge=0.0, description="Weight of the (r_w + r_l)² penalty.")
-    early_stopping_patience: PositiveInt | None = Field(None, description="Epochs without held-out improvement.")
+    precision: Precision = Field(
+        "auto", description="Compute precision of member training: auto = bf16 autocast on GPUs, fp32 on CPUs."
+    )
+    validation_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of training prompts (by prompt hash) each member holds out to choose its epoch; the saved "
+        "weights are the chosen epoch's. 0 keeps the last epoch. The test split is never used to choose.",
+    )
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="Stop a member after this many epochs without a lower validation loss."
+    )
     lora: LoraSpec | None = None
     seed: int = 0
     workers_per_member: PositiveInt = 1
@@ -107,8 +119,16 @@ class GenerationSpec(_Strict):
     seed: int = 0
     max_prompts: PositiveInt | None = Field(None, description="Sample for at most this many training prompts.")
     include_dataset_pairs: bool = Field(True, description="Also distil on the dataset's own pairs.")
+    capped: Literal["keep", "drop"] = Field(
+        "keep",
+        description="Sampled responses cut at max_new_tokens: keep (scored and trained without EOS, since π_ref did "
+        "not choose to stop there) or drop them from the pairs and the KL samples. Counts are reported either way.",
+    )
     kl_samples_per_prompt: int = Field(
-        1, ge=0, description="π_ref samples per prompt for the forward-KL term (used when distill.alpha > 0)."
+        1,
+        ge=0,
+        description="π_ref samples per prompt for the forward-KL term (used when distill.alpha > 0). They are drawn "
+        "at temperature 1 and top_p 1 whatever the candidates' settings: the term estimates KL under π_ref itself.",
     )
     replicas: PositiveInt = Field(1, description="Generation engines run in parallel (one per GPU or CPU worker).")
     batch_size: PositiveInt = 16
@@ -124,8 +144,18 @@ class ScoreSpec(_Strict):
 class DistillSpec(_Strict):
     loss: Loss = "e-dpo"
     beta: PositiveFloat = Field(0.1, description="KL strength β of the implicit reward β·log(π/π_ref).")
-    alpha: float = Field(0.0, ge=0.0, description="Weight of the forward KL(π_ref‖π) term; > 0 for p-dpo.")
-    family: Family = Field("min", description="e-dpo's reduction over members.")
+    alpha: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the forward KL(π_ref‖π) term, estimated on π_ref samples; > 0 for p-dpo. With alpha = 0 "
+        "e-dpo's min and hull have no unique minimiser on pairs every member can fit exactly (each member's optimum "
+        "has zero loss), so which member wins depends on the data and the optimiser: sweep alpha in experiments.",
+    )
+    family: Family = Field(
+        "min",
+        description="e-dpo's reduction over members: min (the member whose loss on the optimizer step's batch is "
+        "least), example_min (per pair), mean (the ensemble-mean reward), hull (the least-loss mixture).",
+    )
     member: int | None = Field(
         None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
     )
@@ -142,7 +172,11 @@ class DistillSpec(_Strict):
     num_workers: PositiveInt = 1
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    bf16: bool = Field(True, description="bf16 weights on GPU (ignored on CPU).")
+    precision: Precision = Field(
+        "auto",
+        description="Compute precision of the policy's forward (and of π_ref's log-probs at scoring): auto = bf16 "
+        "autocast on GPUs and fp32 on CPUs, bf16 = bf16 autocast everywhere, fp32. Weights stay fp32.",
+    )
     compile: bool = Field(False, description="torch.compile the policy.")
     checkpoint_every: PositiveInt = Field(50, description="Save a resumable checkpoint every N steps.")
     log_every: PositiveInt = 1

@@ -56,8 +56,15 @@ def tldr_rows(shared_data) -> list[dict]:
 
 def test_standard_jsonl_keeps_prompt_and_marks_chosen_preferred(tmp_path):
     ds = load_preference_data(str(write_jsonl(tmp_path / "d.jsonl", STANDARD)))
-    assert ds.column_names == ["prompt", "response_a", "response_b", "label"]
-    assert ds.to_list()[1] == {"prompt": "Say hi.", "response_a": " Hello!", "response_b": " Go away.", "label": 1}
+    assert ds.column_names == ["prompt", "response_a", "response_b", "label", "ended_a", "ended_b"]
+    assert ds.to_list()[1] == {
+        "prompt": "Say hi.",
+        "response_a": " Hello!",
+        "response_b": " Go away.",
+        "label": 1,
+        "ended_a": True,  # written text: nothing was cut at a generation cap
+        "ended_b": True,
+    }
     assert str(ds.features["label"].dtype) == "int8"
 
 
@@ -349,7 +356,8 @@ def test_prepare_data_writes_the_stage_folder(tmp_path, tiny_llama):
     assert json.loads((job / "data" / "summary.json").read_text()) == summary
     assert (summary["format"], summary["kept"], summary["test_prompts"]) == ("unlabeled", 40, 3)
     assert set(test.column("prompt").to_pylist()).isdisjoint(train.column("prompt").to_pylist())
-    assert sorted(train.to_pylist() + test.to_pylist(), key=str) == sorted(rows, key=str)
+    expected = [{**row, "ended_a": True, "ended_b": True} for row in rows]
+    assert sorted(train.to_pylist() + test.to_pylist(), key=str) == sorted(expected, key=str)
     assert [e["done"] for e in read_events(job) if e["kind"] == "progress"] == [1, 2, 3, 4]
 
 
@@ -421,6 +429,9 @@ def test_builtin_reviews_labels_agree_with_vader(tmp_path, monkeypatch):
     rows = [*pq.read_table(tmp_path / "job/data/train.parquet").to_pylist()]
     rows += pq.read_table(tmp_path / "job/data/test.parquet").to_pylist()
     assert summary["prompts"] == 6 and not summary["candidates_cached"]
+    # 24 tokens cut most reviews short: the cut ones are flagged, so they are scored and trained without EOS.
+    flags = [row[k] for row in rows for k in ("ended_a", "ended_b")]
+    assert summary["capped"] >= 1 and not all(flags)
     assert len(rows) == 6 - sum(summary["skipped"].values()) >= 4
     vader = SentimentIntensityAnalyzer()
     for row in rows:

@@ -46,6 +46,8 @@ def test_collate_orients_labelled_pairs_so_a_is_chosen():
             "response_a": ["a0", "a1", "a2"],
             "response_b": ["b0", "b1", "b2"],
             "label": pd.array([1, 0, None], dtype="Int8"),
+            "ended_a": [True, False, True],
+            "ended_b": [False, True, True],
             "ref_logp_a": [-1.0, -2.0, -3.0],
             "ref_logp_b": [-4.0, -5.0, -6.0],
             "rewards_a": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
@@ -58,6 +60,7 @@ def test_collate_orients_labelled_pairs_so_a_is_chosen():
     assert batch["ref_a"].tolist() == [-1.0, -5.0, -3.0]
     assert torch.allclose(batch["r_a"], torch.tensor([[1.0, 2.0], [0.1, 0.2], [5.0, 6.0]]))
     assert batch["labelled"].tolist() == [True, True, False]
+    assert (batch["ended_a"], batch["ended_b"]) == ([True, True, True], [False, False, True])  # travel with the text
 
 
 LOSSES = [
@@ -246,3 +249,70 @@ def test_two_workers_choose_the_member_of_the_whole_step(ray_cluster, tiny_llama
     values = [e for e in read_events(job) if e["kind"] == "metrics"][-1]["values"]
     assert values["member_argmin_counts"] == [0.0, 2.0]
     assert values["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+
+
+def test_policy_weights_stay_fp32_under_bf16_compute(tiny_llama, tmp_path):
+    """On a GPU (precision auto) the policy trains in bf16 autocast on fp32 master weights: bf16 weights would
+    round away most AdamW updates at lr 5e-6 (1.0 + 5e-6 == 1.0 in bf16)."""
+    from ray_jobs.distill.loop import _load_policy
+
+    assert torch.tensor(1.0, dtype=torch.bfloat16) + 5e-6 == 1.0  # why it matters
+    task = distill_task(JobSpec(reference=str(tiny_llama), distill={"precision": "auto"}), tmp_path)
+    model, _ = _load_policy(task, torch.device("cuda"))  # loaded on the CPU; only the dtype policy is asked
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_reference_logps_use_the_policys_precision_so_h_starts_at_zero(tiny_llama, tmp_path):
+    """π_ref's log-probs come from the scoring actor under distill.precision; at step 0 the policy (= π_ref) then
+    sees h = 0 exactly, while log-probs from another precision would start it off zero."""
+    from ray_jobs.score.scorer import Scorer
+
+    job = tmp_path / "job"
+    write_pairs(job, tiny_llama, n_labelled=8, n_unlabelled=0, k=2)
+    pairs = pd.read_parquet(JobLayout(job).pairs)
+    responses = pairs["response_a"].tolist() + pairs["response_b"].tolist()
+    batch = {
+        "index": np.arange(16),
+        "prompt": np.array(pairs["prompt"].tolist() * 2, dtype=object),
+        "response": np.array(responses, dtype=object),
+        "reward": np.zeros(16, dtype=bool),
+        "ended": np.ones(16, dtype=bool),
+    }
+    shift = {}
+    for ref_precision in ("bf16", "fp32"):
+        ref = Scorer(str(tiny_llama), [], 512, 16, ref_precision=ref_precision)(batch)["ref_logp"]
+        pairs["ref_logp_a"], pairs["ref_logp_b"] = ref[:8], ref[8:]
+        pairs.to_parquet(JobLayout(job).pairs, index=False)
+        spec = JobSpec(
+            reference=str(tiny_llama), distill={"loss": "dpo", "batch_size": 8, "max_steps": 1, "precision": "bf16"}
+        )
+        run = tmp_path / ref_precision
+        train_policy(distill_task(spec, job, log_dir=str(run), checkpoint_dir=None))
+        metrics = [e for e in read_events(run) if e["kind"] == "metrics"][-1]["values"]
+        shift[ref_precision] = (metrics["logp_shift_chosen"], metrics["beta_h_max"])
+    assert shift["bf16"] == (0.0, 0.0)
+    assert abs(shift["fp32"][0]) > 1e-5  # measured 3.6e-4 nats per response on the tiny Llama
+
+
+def test_capped_responses_train_without_eos_as_they_were_scored(tiny_llama, tmp_path):
+    """Pairs whose responses were cut at the generation cap were scored without EOS; the loop must leave it out
+    too, or every capped pair starts training at h != 0 (a length signal nobody chose)."""
+    from ray_jobs.score.scorer import Scorer
+
+    job = tmp_path / "job"
+    write_pairs(job, tiny_llama, n_labelled=0, n_unlabelled=8, k=2)
+    pairs = pd.read_parquet(JobLayout(job).pairs)
+    pairs["ended_a"] = [True, False] * 4
+    pairs["ended_b"] = [False] * 8
+    batch = {
+        "index": np.arange(16),
+        "prompt": np.array(pairs["prompt"].tolist() * 2, dtype=object),
+        "response": np.array(pairs["response_a"].tolist() + pairs["response_b"].tolist(), dtype=object),
+        "reward": np.zeros(16, dtype=bool),
+        "ended": np.array(pairs["ended_a"].tolist() + pairs["ended_b"].tolist()),
+    }
+    ref = Scorer(str(tiny_llama), [], 512, 16)(batch)["ref_logp"]
+    pairs["ref_logp_a"], pairs["ref_logp_b"] = ref[:8], ref[8:]
+    pairs.to_parquet(JobLayout(job).pairs, index=False)
+    values = _one_step(tiny_llama, job, tmp_path / "run", "min", batch_size=8, accum=1)
+    assert (values["logp_shift_a"], values["logp_shift_b"], values["beta_h_max"]) == (0.0, 0.0, 0.0)

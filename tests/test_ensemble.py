@@ -25,6 +25,7 @@ from ray_jobs.ensemble.stage import FAIL_ONCE_ENV, EnsembleError, load_members, 
 from ray_jobs.ensemble.stage import run as run_ensemble
 from ray_jobs.ensemble.train import MemberTask, PreferenceDataError, bt_loss, load_pairs, member_rows, train_member
 from ray_jobs.events import EventLog, read_events
+from ray_jobs.layout import JobLayout
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride
 
 
@@ -122,14 +123,58 @@ def test_plain_loop_learns_and_saves_reloadable_checkpoint(tmp_path):
     np.testing.assert_allclose((r_w - r_l).numpy(), metrics["heldout_margins"], atol=1e-4)
 
 
-def test_early_stopping_keeps_best_epoch_when_held_out_loss_rises(tmp_path):
-    # Held-out labels prefer the negative review: the better the model learns train, the worse held-out loss gets.
-    job = write_job_data(tmp_path, prefer_bad_test=True)
+def _flip_validation_labels(job: Path) -> None:
+    """Make the prompts a member holds out for validation prefer the negative review: the better the model learns
+    the other training prompts, the worse its validation loss gets."""
+    from ray_jobs.data.split import split_by_prompt
+
+    train = pd.read_parquet(JobLayout(job).train)
+    held = np.array(split_by_prompt(train["prompt"].tolist(), EnsembleSpec().validation_fraction, seed=0))
+    assert 0 < held.sum() < len(train)
+    train.loc[held, "label"] = 1 - train.loc[held, "label"]
+    train.to_parquet(JobLayout(job).train)
+
+
+def _margins_of(out: Path, job: Path) -> np.ndarray:
+    from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.reward import score_pairs
+
+    model, tokenizer = load_reward_model(out)
+    test = load_pairs(JobLayout(job).test)
+    r_w = score_pairs(model.eval(), tokenizer, test["prompt"], test["chosen"], max_length=64)
+    return (r_w - score_pairs(model, tokenizer, test["prompt"], test["rejected"], max_length=64)).numpy()
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(tmp_path):
+    job = write_job_data(tmp_path)
+    _flip_validation_labels(job)
     metrics = train_member(plain_task(job, epochs=6, lr=3e-3, early_stopping_patience=1))
-    losses = [h["loss"] for h in metrics["history"]]
-    assert metrics["epochs_run"] < 6
+    losses = [h["validation_loss"] for h in metrics["history"]]
+    assert metrics["epochs_run"] < 6 and metrics["selected_by"] == "validation"
     assert metrics["best_epoch"] == int(np.argmin(losses)) + 1
-    assert metrics["loss"] == min(losses)
+    assert metrics["validation_loss"] == min(losses)
+
+
+def test_saved_weights_are_the_epoch_the_metrics_describe(tmp_path):
+    """Without early stopping the member still keeps its chosen epoch: its saved weights give that epoch's margins,
+    not the last epoch's."""
+    job = write_job_data(tmp_path)
+    _flip_validation_labels(job)
+    metrics = train_member(plain_task(job, epochs=4, lr=3e-3))
+    assert metrics["best_epoch"] < metrics["epochs_run"] == 4  # the last epoch is not the chosen one
+    np.testing.assert_allclose(_margins_of(job / "out" / "member-0", job), metrics["heldout_margins"], atol=1e-4)
+
+
+def test_the_test_split_never_chooses_the_epoch(tmp_path):
+    """The test split holds the evaluation prompts: its labels here prefer the negative review, so its loss rises
+    as the member learns, while validation (from the training prompts) keeps improving. The choice follows
+    validation."""
+    job = write_job_data(tmp_path, prefer_bad_test=True)
+    metrics = train_member(plain_task(job, epochs=3, lr=3e-3))
+    validation = [h["validation_loss"] for h in metrics["history"]]
+    test = [h["loss"] for h in metrics["history"]]
+    assert metrics["best_epoch"] == int(np.argmin(validation)) + 1
+    assert metrics["best_epoch"] > int(np.argmin(test)) + 1
 
 
 def test_lora_member_is_saved_merged(tmp_path):
@@ -224,8 +269,9 @@ def test_checkpoints_reload_score_pairs_and_differ(fitted):
     from ray_jobs.models.reward import score_pairs
 
     job, _ = fitted
-    paths = load_members(job / "ensemble")
-    assert paths == [job / "ensemble" / f"member-{k}" for k in range(3)]
+    members = load_members(job / "ensemble")
+    assert members == [(job / "ensemble" / f"member-{k}", 64) for k in range(3)]  # with the budget they trained at
+    paths = [path for path, _ in members]
     test = load_pairs(job / "data" / "test.parquet")
     scores = []
     for path in paths:

@@ -67,3 +67,12 @@ def test_nothing_to_generate_starts_no_engine(ray_cluster, tiny_llama):
     assert generate(tiny_llama, [], 2, gen).engine == "none"
     with pytest.raises(SpecError, match="generation.engine"):
         parse_spec({"generation": {"engine": "tgi"}})
+
+
+def test_each_stage_samples_its_own_responses(ray_cluster, tiny_llama):
+    """builtin:reviews' data stage and the generate stage sample the same prompts with the same settings: with one
+    seed for both, the generated pairs would repeat the dataset's pairs."""
+    gen = GenerationSpec(max_new_tokens=6, temperature=1.0, seed=0, engine="hf", batch_size=3)
+    data = generate(tiny_llama, PROMPTS, 2, gen, stage="data").texts
+    assert generate(tiny_llama, PROMPTS, 2, gen, stage="data").texts == data  # still reproducible per stage
+    assert all(set(a).isdisjoint(b) for a, b in zip(data, generate(tiny_llama, PROMPTS, 2, gen).texts, strict=True))

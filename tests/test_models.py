@@ -166,7 +166,8 @@ def test_hf_generate_is_seeded_batched_and_returns_new_text_only(tiny_llama):
     prompts = ["The film was", "Hi", "Write a short review of a book you read last week."]
     kwargs = {"n": 2, "max_new_tokens": 6, "temperature": 1.0}
     first = hf_generate(model, tokenizer, prompts, seed=3, **kwargs)
-    assert [len(group) for group in first] == [2, 2, 2]
+    assert [len(group) for group in first.texts] == [2, 2, 2]
+    assert [len(group) for group in first.ended] == [2, 2, 2]
     assert first == hf_generate(model, tokenizer, prompts, seed=3, **kwargs)
     assert first != hf_generate(model, tokenizer, prompts, seed=4, **kwargs)
     torch.manual_seed(123)
@@ -175,12 +176,13 @@ def test_hf_generate_is_seeded_batched_and_returns_new_text_only(tiny_llama):
     hf_generate(model, tokenizer, prompts, seed=3, **kwargs)
     assert torch.equal(torch.rand(3), untouched), "the caller's RNG stream must not move"
     greedy = hf_generate(model, tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.0, batch_size=4)
-    assert all(a == b for a, b in greedy)
+    assert all(a == b for a, b in greedy.texts)
     # Left padding must not change what a prompt produces: one at a time equals batched.
     assert greedy == hf_generate(model, tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.0, batch_size=1)
     ids = tokenizer(prompts[1], return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
-    assert greedy[1][0] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert greedy.texts[1][0] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert greedy.ended[1][0] == bool((expected == tokenizer.eos_token_id).any())
 
 
 # --- built-in models -----------------------------------------------------------------------------------------------
@@ -212,7 +214,11 @@ def test_smollm2_writes_coherent_english(smollm2):
     model, tokenizer = smollm2
     prompt = render_prompt(tokenizer, "Write a short review of a film you enjoyed.")
     assert "<|im_start|>user\nWrite a short review" in prompt
-    [[text]] = hf_generate(model, tokenizer, [prompt], n=1, max_new_tokens=32, temperature=0.0)
+    [[text]], [[ended]] = hf_generate(model, tokenizer, [prompt], n=1, max_new_tokens=32, temperature=0.0)
+    assert not ended  # a review runs past 32 tokens: cut at the cap, not ended
+    short = render_prompt(tokenizer, "Answer with one word: is the sky blue?")
+    [[answer]], [[short_ended]] = hf_generate(model, tokenizer, [short], n=1, max_new_tokens=24, temperature=0.0)
+    assert short_ended and len(answer.split()) < 10, answer
     words = text.lower().replace(",", " ").replace(".", " ").split()
     assert len(words) >= 15, text
     assert len(COMMON_WORDS & set(words)) >= 3, text

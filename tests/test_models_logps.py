@@ -104,3 +104,15 @@ def test_mismatched_lengths_are_rejected(llama):
     _, tokenizer = llama
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         tokenize_responses(tokenizer, ["a", "b"], ["c"], max_length=32)
+
+
+def test_a_response_cut_at_the_cap_gets_no_eos(tiny_llama):
+    """EOS is appended only to responses that ended: scoring a stop the model did not make would score a length."""
+    _, tokenizer = load_causal_lm(tiny_llama)
+    prompts, responses = ["The film was", "The film was"], ["good and long", "good and long"]
+    batch = tokenize_responses(tokenizer, prompts, responses, 64, ended=[True, False])
+    n_response = len(tokenizer(responses[0], add_special_tokens=False)["input_ids"])
+    assert batch["response_mask"].sum(dim=1).tolist() == [n_response + 1, n_response]
+    assert batch["input_ids"][0, -1] == tokenizer.eos_token_id != batch["input_ids"][1, -1]
+    with pytest.raises(ValueError, match="ended flags"):
+        tokenize_responses(tokenizer, prompts, responses, 64, ended=[True])

@@ -17,7 +17,7 @@ from support.data import write_prefs
 from ray_jobs.events import read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.pipeline import main, planned_stages, run_job
-from ray_jobs.spec import parse_spec
+from ray_jobs.spec import SpecError, parse_spec
 
 
 def tiny_spec(source: Path, **distill) -> dict:
@@ -98,6 +98,18 @@ def test_reuse_pairs_from_an_earlier_job_trains_another_loss(finished_job, tmp_p
     assert JobLayout(tmp_path / "dpo-job").pairs.is_file()
     meta = json.loads(JobLayout(tmp_path / "dpo-job").policy_info.read_text())
     assert meta["loss"] == "dpo"
+
+
+def test_reuse_refuses_pairs_scored_with_another_truncation(finished_job, tmp_path):
+    """π_ref's log-probs in the pairs were computed at distill.max_length 96: a job training at 64 would start with
+    h != 0 on every truncated pair, so reuse is refused before anything is copied."""
+    spec, job_dir, _ = finished_job
+    assert json.loads(JobLayout(job_dir).scored_with.read_text())["ref_max_length"] == 96
+    data = tiny_spec(Path(spec.data.source), loss="dpo", max_length=64)
+    data["reuse"] = {"pairs": str(job_dir)}
+    with pytest.raises(SpecError, match=r"reuse.pairs: .*distill.max_length = 96, this job trains with 64"):
+        run_job(parse_spec(data), tmp_path / "job")
+    assert not JobLayout(tmp_path / "job").is_complete("score")
 
 
 def test_a_bad_row_fails_the_data_stage_and_publishes_nothing(tmp_path, ray_cluster):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ray_jobs.events import EventLog
+from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.generate.stage import run as run_generation
 from ray_jobs.layout import CANDIDATES, KL_SAMPLES, PAIRS, REF_SAMPLES, JobLayout
 from ray_jobs.score.stage import ScoringError, build_pairs
@@ -46,11 +47,18 @@ def _save_member(tiny_bert: Path, out: Path, seed: int, broken: bool = False) ->
     tokenizer.save_pretrained(out)
 
 
+# Member 1 was trained at an 8-token budget and must score at it; member 0 records none (score.max_length).
+MEMBER_MAX_LENGTHS = (None, 8)
+
+
 def _write_ensemble(job_dir: Path, tiny_bert: Path, broken: tuple[bool, ...]) -> None:
     ensemble = job_dir / "ensemble"
     for k, bad in enumerate(broken):
         _save_member(tiny_bert, ensemble / f"member-{k}", seed=k, broken=bad)
-    members = [{"path": f"member-{k}", "member": k} for k in range(len(broken))]
+    members = [
+        {"path": f"member-{k}", "member": k} | ({"max_length": n} if (n := MEMBER_MAX_LENGTHS[k]) else {})
+        for k in range(len(broken))
+    ]
     (ensemble / "manifest.json").write_text(json.dumps({"size": len(broken), "members": members}))
 
 
@@ -95,7 +103,13 @@ def test_generation_writes_candidates_and_kl_samples(scored):
     assert candidates.column("prompt").to_pylist() == prompts
     assert all(len(r) == 3 for r in candidates.column("responses").to_pylist())
     assert sorted(kl.column("prompt").to_pylist()) == sorted(prompts * 2)
-    assert summary == {"prompts": 3, "candidates": 9, "kl_samples": 6, "engine": "hf"}
+    # A random tiny model rarely emits EOS within 6 tokens: nearly every sample is cut at the cap, and says so.
+    capped = {
+        "candidates": sum(not e for es in candidates.column("ended").to_pylist() for e in es),
+        "kl_samples": sum(not e for e in kl.column("ended").to_pylist()),
+    }
+    assert capped["candidates"] >= 7 and capped["kl_samples"] >= 4
+    assert summary == {"prompts": 3, "candidates": 9, "kl_samples": 6, "capped": capped, "engine": "hf"}
     assert not (job_dir / ".partial" / "generate").exists()
 
 
@@ -132,9 +146,13 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
     for k in range(2):
         model, tokenizer = load_reward_model(job_dir / "ensemble" / f"member-{k}")
         model.eval()
-        direct = score_pairs(model, tokenizer, prompts, responses, batch_size=8, max_length=MAX_LENGTH).numpy()
+        budget = MEMBER_MAX_LENGTHS[k] or MAX_LENGTH
+        direct = score_pairs(model, tokenizer, prompts, responses, batch_size=8, max_length=budget).numpy()
         stored = np.array([r[k] for r in pairs["rewards_a"]] + [r[k] for r in pairs["rewards_b"]])
         np.testing.assert_allclose(stored, direct, atol=1e-4, rtol=0)
+        if budget != MAX_LENGTH:  # the budget bites: scored at score.max_length, some texts would differ
+            longer = score_pairs(model, tokenizer, prompts, responses, batch_size=8, max_length=MAX_LENGTH).numpy()
+            assert not np.allclose(stored, longer, atol=1e-4)
     # The two members really differ, so a mixed-up member order would fail above.
     assert not np.allclose([r[0] for r in pairs["rewards_a"]], [r[1] for r in pairs["rewards_a"]])
 
@@ -142,8 +160,12 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
     model, tokenizer = load_causal_lm(tiny_llama)
     model.eval()
     all_prompts, all_responses = prompts + samples["prompt"].tolist(), responses + samples["response"].tolist()
+    # Responses cut at the token cap are scored without EOS: π_ref did not choose to stop there.
+    ended = pairs["ended_a"].tolist() + pairs["ended_b"].tolist() + samples["ended"].tolist()
+    assert not all(ended) and any(ended)  # capped samples and the dataset's complete responses
     with torch.no_grad():
-        direct = sequence_logps(model, tokenize_responses(tokenizer, all_prompts, all_responses, MAX_LENGTH)).numpy()
+        batch = tokenize_responses(tokenizer, all_prompts, all_responses, MAX_LENGTH, ended)
+        direct = sequence_logps(model, batch).numpy()
     stored = np.concatenate([pairs["ref_logp_a"], pairs["ref_logp_b"], samples["ref_logp"]])
     np.testing.assert_allclose(stored, direct, atol=1e-4, rtol=0)
     assert (stored < 0).all()
@@ -189,3 +211,33 @@ def test_pair_construction_drops_identical_responses():
     assert one["prompt"].tolist() == ["p", "q"]
     assert all(a != b for a, b in zip(one["response_a"], one["response_b"], strict=True))
     assert set(one.iloc[1][["response_a", "response_b"]]) <= {"x", "y", "z"}
+
+
+def test_kl_samples_come_from_pi_ref_itself_whatever_the_candidates_settings(
+    ray_cluster, tiny_llama, tiny_bert, tmp_path
+):
+    """Candidates at temperature 0.7 and top_p 0.9; the forward-KL samples must still be draws of π_ref (T = 1,
+    top_p = 1), or the α term estimates the KL to a sharpened π_ref."""
+    JobLayout(tmp_path).train.parent.mkdir(parents=True)
+    TRAIN.to_parquet(JobLayout(tmp_path).train, index=False)
+    spec = _spec(tiny_llama, tiny_bert, temperature=0.7, top_p=0.9)
+    run_generation(spec, tmp_path, EventLog(tmp_path))
+    prompts = list(dict.fromkeys(TRAIN["prompt"]))
+    kl = pd.read_parquet(JobLayout(tmp_path).kl_samples)
+    gen = spec.generation
+    assert (kl_sampling(gen).temperature, kl_sampling(gen).top_p) == (1.0, 1.0)
+    expected = generate(tiny_llama, prompts, 2, kl_sampling(gen), stage="generate").texts
+    assert kl["response"].tolist() == [r for texts in expected for r in texts]
+    candidates = pd.read_parquet(JobLayout(tmp_path).candidates)
+    assert [list(r) for r in candidates["responses"]] == generate(tiny_llama, prompts, 3, gen, stage="generate").texts
+
+
+def test_capped_samples_can_be_dropped(scored, tiny_llama, tiny_bert, tmp_path):
+    job_dir = _copy_job(scored[0], tmp_path)
+    shutil.rmtree(JobLayout(job_dir).stage("generate"))
+    summary = run_generation(_spec(tiny_llama, tiny_bert, capped="drop"), job_dir, EventLog(job_dir))
+    candidates = pd.read_parquet(JobLayout(job_dir).candidates)
+    kl = pd.read_parquet(JobLayout(job_dir).kl_samples)
+    assert all(all(e) for e in candidates["ended"]) and kl["ended"].all()
+    assert summary["candidates"] == 9 - summary["capped"]["candidates"]
+    assert summary["kl_samples"] == len(kl) == 6 - summary["capped"]["kl_samples"]

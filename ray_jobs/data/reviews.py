@@ -25,7 +25,7 @@ from ray_jobs.spec import GenerationSpec, JobSpec
 PROMPTS_FILE = Path(__file__).parent / "builtin" / "reviews_prompts.txt"
 ORACLE = "builtin:vader"
 TIE = 1e-6
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the data stage samples with its own stage seed
 
 
 def review_prompts() -> list[str]:
@@ -57,28 +57,24 @@ def _cache_path(reference: str, prompts: list[str], n: int, gen: GenerationSpec)
     return model_cache() / "reviews" / f"{digest}.parquet"
 
 
-def _generate(
-    reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None
-) -> list[list[str]]:
-    # The generate stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
-    from ray_jobs.generate.engines import generate
-
-    return generate(reference, prompts, n, gen, events, stage="data").texts
-
-
 def sample_candidates(
     reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None = None
-) -> tuple[list[list[str]], bool]:
-    """n responses per rendered prompt, and whether they came from the cache."""
+) -> tuple[list[list[str]], list[list[bool]], bool]:
+    """n responses per rendered prompt, whether each ended on its own (not cut at the cap), and whether they came
+    from the cache."""
+    from ray_jobs.generate.engines import generate
+
     path = _cache_path(reference, prompts, n, gen)
     if path.is_file():
-        return pq.read_table(path).column("responses").to_pylist(), True
-    responses = _generate(reference, prompts, n, gen, events)
+        table = pq.read_table(path)
+        return table.column("responses").to_pylist(), table.column("ended").to_pylist(), True
+    # The generate stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
+    result = generate(reference, prompts, n, gen, events, stage="data")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    CANDIDATES.write({"prompt": prompts, "responses": responses}, tmp)
+    CANDIDATES.write({"prompt": prompts, "responses": result.texts, "ended": result.ended}, tmp)
     os.replace(tmp, path)  # concurrent jobs may both sample; the last complete file wins
-    return responses, False
+    return result.texts, result.ended, False
 
 
 def candidate_pairs(prompts: list[str], responses: list[list[str]]) -> list[tuple[int, dict[str, Any]]]:
@@ -108,11 +104,19 @@ def label_by_oracle(rows: list[dict[str, Any]], oracle_ref: str = ORACLE) -> tup
 
 def reviews_records(
     spec: JobSpec, render: Callable[[str], str], events: EventLog | None = None
-) -> tuple[list, dict[str, Any]]:
-    """Numbered unlabeled records of sampled review pairs, with what was sampled."""
+) -> tuple[list, dict[tuple[str, str], bool], dict[str, Any]]:
+    """Numbered unlabeled records of sampled review pairs, whether each (prompt, response) ended on its own, and
+    what was sampled. Responses cut at the token cap are dropped under ``generation.capped: drop``."""
     gen = spec.generation
     n = max(2, gen.samples_per_prompt)
     prompts = [render(p) for p in select_prompts(spec.data.num_prompts, spec.data.seed)]
-    responses, cached = sample_candidates(spec.reference, prompts, n, gen, events)
-    info = {"prompts": len(prompts), "samples_per_prompt": n, "candidates_cached": cached}
-    return candidate_pairs(prompts, responses), info
+    responses, ended, cached = sample_candidates(spec.reference, prompts, n, gen, events)
+    capped = sum(not flag for flags in ended for flag in flags)
+    if gen.capped == "drop":
+        kept = [[(r, e) for r, e in zip(rs, es, strict=True) if e] for rs, es in zip(responses, ended, strict=True)]
+        responses, ended = [[r for r, _ in k] for k in kept], [[e for _, e in k] for k in kept]
+    ended_of = {
+        (p, r): e for p, rs, es in zip(prompts, responses, ended, strict=True) for r, e in zip(rs, es, strict=True)
+    }
+    info = {"prompts": len(prompts), "samples_per_prompt": n, "candidates_cached": cached, "capped": capped}
+    return candidate_pairs(prompts, responses), ended_of, info

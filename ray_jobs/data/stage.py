@@ -54,7 +54,8 @@ def load_preference_data(
     apply_chat_template: bool = True,
     on_error: Literal["fail", "skip"] = "fail",
 ) -> Any:
-    """A `datasets.Dataset` of normal-form rows {prompt, response_a, response_b, label (1 = a preferred, 0, None)}.
+    """A `datasets.Dataset` of normal-form rows {prompt, response_a, response_b, label (1 = a preferred, 0, None),
+    ended_a, ended_b (False only for sampled responses cut at a token cap; always True for data read from files)}.
 
     `tokenizer` (a tokenizer or a model reference) renders prompts with its chat template; without one, text
     prompts are kept as they are and conversational data is refused.
@@ -70,14 +71,24 @@ def load_preference_data(
 def _table(rows: list[dict[str, Any]]) -> Any:
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=PREFERENCES.arrow())
+    defaults = dict(PREFERENCES.defaults)
+    return pa.Table.from_pylist([{**defaults, **row} for row in rows], schema=PREFERENCES.arrow())
 
 
 def _builtin_reviews(spec: JobSpec, renderer: Renderer, events: EventLog) -> tuple[list[dict[str, Any]], dict]:
-    records, sampled = reviews_records(spec, renderer, events)
+    records, ended_of, sampled = reviews_records(spec, renderer, events)
     # Generated text is never the user's fault: bad candidates (empty, identical) are always skipped and counted.
     collected = collect(records, EXTRACTORS["unlabeled"], on_error="skip", source=BUILTIN_REVIEWS)
-    unlabeled = [{"prompt": p.prompt, "response_a": p.response_a, "response_b": p.response_b} for p in collected.rows]
+    unlabeled = [
+        {
+            "prompt": p.prompt,
+            "response_a": p.response_a,
+            "response_b": p.response_b,
+            "ended_a": ended_of[(p.prompt, p.response_a)],
+            "ended_b": ended_of[(p.prompt, p.response_b)],
+        }
+        for p in collected.rows
+    ]
     rows, ties = label_by_oracle(unlabeled)
     skipped = {**collected.skipped, **({"oracle tie": ties} if ties else {})}
     return rows, {"format": "builtin:reviews", "rows_read": collected.rows_read, "skipped": skipped, **sampled}

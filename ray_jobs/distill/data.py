@@ -102,11 +102,14 @@ def collate_pairs(df: pd.DataFrame) -> dict[str, Any]:
     a, b = df["response_a"].to_numpy(), df["response_b"].to_numpy()
     ref_a, ref_b = df["ref_logp_a"].to_numpy(np.float64), df["ref_logp_b"].to_numpy(np.float64)
     r_a, r_b = _reward_matrix(df["rewards_a"], "rewards_a"), _reward_matrix(df["rewards_b"], "rewards_b")
+    ended_a, ended_b = df["ended_a"].to_numpy(dtype=bool), df["ended_b"].to_numpy(dtype=bool)
     swap_t = torch.from_numpy(swap)[:, None]
     return {
         "prompts": df["prompt"].tolist(),
         "response_a": np.where(swap, b, a).tolist(),
         "response_b": np.where(swap, a, b).tolist(),
+        "ended_a": np.where(swap, ended_b, ended_a).tolist(),
+        "ended_b": np.where(swap, ended_a, ended_b).tolist(),
         "ref_a": torch.from_numpy(np.where(swap, ref_b, ref_a)).float(),
         "ref_b": torch.from_numpy(np.where(swap, ref_a, ref_b)).float(),
         "r_a": torch.where(swap_t, r_b, r_a).float(),
@@ -119,5 +122,6 @@ def collate_samples(df: pd.DataFrame) -> dict[str, Any]:
     return {
         "prompts": df["prompt"].tolist(),
         "responses": df["response"].tolist(),
+        "ended": df["ended"].to_numpy(dtype=bool).tolist(),
         "ref": torch.tensor(df["ref_logp"].to_numpy(np.float64), dtype=torch.float32),
     }

@@ -40,6 +40,7 @@ from ray_jobs.distill.data import (
 from ray_jobs.distill.metrics import MetricsWindow
 from ray_jobs.distill.objective import Objective
 from ray_jobs.layout import POLICY_INFO_FILE, JobLayout
+from ray_jobs.precision import autocast
 from ray_jobs.spec import DistillSpec, JobSpec
 from ray_jobs.train_runtime import WorkerRuntime
 
@@ -128,8 +129,8 @@ def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Modu
     from ray_jobs.models.registry import load_causal_lm
 
     d = task.spec
-    dtype = torch.bfloat16 if device.type == "cuda" and d.bf16 else torch.float32
-    model, tokenizer = load_causal_lm(task.reference, dtype=dtype, device="cpu")
+    # fp32 master weights whatever the compute precision (ray_jobs.precision).
+    model, tokenizer = load_causal_lm(task.reference, dtype=torch.float32, device="cpu")
     # π_ref's log-probs were computed without dropout; the policy must match it at step 0.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -164,20 +165,24 @@ def _scheduler(spec: DistillSpec, optimizer: torch.optim.Optimizer, total: int) 
 
 
 def _forward(
-    model: torch.nn.Module, tokenizer: Any, max_length: int, pairs: dict[str, Any], samples: dict[str, Any] | None
+    model: torch.nn.Module, tokenizer: Any, spec: DistillSpec, pairs: dict[str, Any], samples: dict[str, Any] | None
 ) -> tuple[torch.Tensor, ...]:
     """One stacked forward: [a; b; reference samples] → their summed response log-probs and the token count."""
     from ray_jobs.models.logps import sequence_logps, tokenize_responses
 
     prompts = pairs["prompts"] * 2
     responses = pairs["response_a"] + pairs["response_b"]
+    ended = pairs["ended_a"] + pairs["ended_b"]
     if samples is not None:
         prompts = prompts + samples["prompts"]
         responses = responses + samples["responses"]
-    enc = tokenize_responses(tokenizer, prompts, responses, max_length)
+        ended = ended + samples["ended"]
+    # Responses cut at the generation cap carry no EOS, exactly as π_ref's log-probs were computed at scoring.
+    enc = tokenize_responses(tokenizer, prompts, responses, spec.max_length, ended)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    logps = sequence_logps(model, batch).float()
+    with autocast(spec.precision, device):
+        logps = sequence_logps(model, batch).float()
     n = len(pairs["prompts"])
     return logps[:n], logps[n : 2 * n], logps[2 * n :], int(batch["attention_mask"].sum())
 
@@ -185,7 +190,7 @@ def _forward(
 def _step_selection(
     model: torch.nn.Module,
     tokenizer: Any,
-    max_length: int,
+    spec: DistillSpec,
     objective: Objective,
     micros: list[tuple[dict[str, Any], dict[str, Any] | None]],
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...] | None]]:
@@ -198,11 +203,11 @@ def _step_selection(
     total = None
     for i, (pairs, samples) in enumerate(micros):
         if len(micros) == 1:
-            outputs[i] = _forward(model, tokenizer, max_length, pairs, samples)
+            outputs[i] = _forward(model, tokenizer, spec, pairs, samples)
             pi_a, pi_b = outputs[i][:2]
         else:
             with torch.no_grad():
-                pi_a, pi_b, *_ = _forward(model, tokenizer, max_length, pairs, samples)
+                pi_a, pi_b, *_ = _forward(model, tokenizer, spec, pairs, samples)
         dev = pi_a.device
         refs_and_rewards = (pairs[key].to(dev) for key in ("ref_a", "ref_b", "r_a", "r_b"))
         part = objective.gap_stats(pi_a, pi_b, *refs_and_rewards)
@@ -261,11 +266,11 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
         outputs: list[tuple[torch.Tensor, ...] | None] = [None] * accum
         selection = None
         if objective.chooses_per_step:
-            selection, outputs = _step_selection(model, tokenizer, d.max_length, objective, micros)
+            selection, outputs = _step_selection(model, tokenizer, d, objective, micros)
         for micro, (pairs, samples) in enumerate(micros):
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
-                pi_a, pi_b, pi_s, tokens = outputs[micro] or _forward(model, tokenizer, d.max_length, pairs, samples)
+                pi_a, pi_b, pi_s, tokens = outputs[micro] or _forward(model, tokenizer, d, pairs, samples)
                 dev = pi_a.device
                 loss, stats = objective(
                     pi_a,

@@ -194,7 +194,20 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
     """Summarise the members: accuracies, where they ran, and their disagreement on the held-out pairs."""
     members = [json.loads((member_dir(out_root, k) / MEMBER_METRICS_FILE).read_text()) for k in range(spec.size)]
     margins = np.array([m["heldout_margins"] for m in members])  # [K, test pairs], r(preferred) - r(rejected)
-    keys = ("accuracy", "loss", "epochs_run", "best_epoch", "attempt", "backbone", "lr", "seed", "lora_r")
+    keys = (
+        "accuracy",
+        "loss",
+        "validation_accuracy",
+        "selected_by",
+        "epochs_run",
+        "best_epoch",
+        "attempt",
+        "backbone",
+        "lr",
+        "seed",
+        "lora_r",
+        "max_length",
+    )
     return {
         "size": spec.size,
         "backbone": spec.backbone,
@@ -251,14 +264,15 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
     return summary | {"wall_time_s": manifest["wall_time_s"]}
 
 
-def load_members(ensemble_dir: str | os.PathLike[str]) -> list[Path]:
-    """The member folders of a published ensemble, in member order (empty when there is no ensemble)."""
+def load_members(ensemble_dir: str | os.PathLike[str]) -> list[tuple[Path, int | None]]:
+    """(folder, the token budget it was trained at, if recorded) of each member of a published ensemble, in member
+    order; empty when there is no ensemble."""
     ensemble_dir = Path(ensemble_dir)
     manifest = ensemble_dir / MANIFEST_FILE
     if not manifest.is_file():
         return []
-    members = [ensemble_dir / m["path"] for m in json.loads(manifest.read_text())["members"]]
-    missing = [str(p) for p in members if not p.is_dir()]
+    members = [(ensemble_dir / m["path"], m.get("max_length")) for m in json.loads(manifest.read_text())["members"]]
+    missing = [str(p) for p, _ in members if not p.is_dir()]
     if missing:
         raise EnsembleError(f"{manifest} lists member folders that do not exist: {', '.join(missing)}")
     return members

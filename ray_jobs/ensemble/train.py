@@ -11,7 +11,6 @@ Loss (TRL RewardTrainer semantics): ``-log σ(r_w - r_l - margin)`` averaged ove
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -70,7 +69,7 @@ def load_pairs(path: str | os.PathLike[str]) -> dict[str, list]:
     if not path.is_file():
         raise PreferenceDataError(f"{path} does not exist: run the data stage first")
     frame = pd.read_parquet(path)
-    missing = [c for c in PREFERENCES.names if c not in frame.columns]
+    missing = [c for c in PREFERENCES.required if c not in frame.columns]
     if missing:
         raise PreferenceDataError(f"{path} lacks column(s) {', '.join(missing)}")
     frame = frame[frame["label"].notna()]
@@ -104,20 +103,18 @@ def member_rows(n: int, diversity: str, k: int, size: int, member_seed: int, dat
     raise ValueError(f"unknown diversity {diversity!r}; expected seed, bootstrap or disjoint")
 
 
-def _rewards(model: torch.nn.Module, tokenizer: Any, prompts: list[str], responses: list[str], max_length: int):
+def _pair_rewards(model, tokenizer, data: dict[str, list], idx: list[int], spec: EnsembleSpec):
+    """Rewards of the chosen and the rejected responses of rows `idx`, computed under the member's precision."""
     from ray_jobs.models.reward import reward_inputs
+    from ray_jobs.precision import autocast
 
-    batch = reward_inputs(tokenizer, prompts, responses, max_length)
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    return model(**inputs).logits[:, 0].float()
-
-
-def _pair_rewards(model, tokenizer, data: dict[str, list], idx: list[int], max_length: int):
     # One forward over chosen and rejected together: half the calls, and both sides see the same padding.
     prompts = [data["prompt"][i] for i in idx]
     responses = [data["chosen"][i] for i in idx] + [data["rejected"][i] for i in idx]
-    r = _rewards(model, tokenizer, prompts + prompts, responses, max_length)
+    batch = reward_inputs(tokenizer, prompts + prompts, responses, spec.max_length)
+    device = next(model.parameters()).device
+    with autocast(spec.precision, device):
+        r = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float()
     return r[: len(idx)], r[len(idx) :]
 
 
@@ -130,7 +127,7 @@ def evaluate(model, tokenizer, data: dict[str, list], spec: EnsembleSpec, rt: Wo
     parts = []
     for start in range(0, len(mine), spec.batch_size):
         idx = mine[start : start + spec.batch_size]
-        r_w, r_l = _pair_rewards(model, tokenizer, data, idx, spec.max_length)
+        r_w, r_l = _pair_rewards(model, tokenizer, data, idx, spec)
         parts.append((idx, r_w.tolist(), r_l.tolist()))
     r_w, r_l = np.zeros(n), np.zeros(n)
     for shard in rt.gather(parts):
@@ -167,13 +164,28 @@ def _node() -> dict[str, str | None]:
     return {"node_id": None, "node_ip": None, "host": socket.gethostname()}
 
 
+def split_validation(train: dict[str, list], fraction: float, seed: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Training pairs cut by prompt into (fit, validation); no validation split when `fraction` is 0 or the
+    training data has a single prompt. Selection never looks at the test split: it holds the evaluation prompts."""
+    from ray_jobs.data.split import split_by_prompt
+
+    held = split_by_prompt(train["prompt"], fraction, seed) if fraction > 0 else [False] * len(train["prompt"])
+    part = {
+        side: {c: [v for v, h in zip(vals, held, strict=True) if h == side] for c, vals in train.items()}
+        for side in (False, True)
+    }
+    return part[False], part[True]
+
+
 def train_member(
     task: MemberTask, rt: WorkerRuntime | None = None, report: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Fit member ``task.k`` and write its HF folder + metrics.json to ``task.out_dir`` (rank 0).
 
-    ``report(metrics)`` is called every epoch on every rank (Ray Train's report must be called by all workers).
-    Early stopping keeps the weights of the best held-out-loss epoch. Returns the metrics dict.
+    The epoch is chosen on a validation split carved from the training prompts (`ensemble.validation_fraction`),
+    and the saved weights are that epoch's; `early_stopping_patience` stops after epochs without validation gains.
+    The test split is only measured. ``report(metrics)`` is called every epoch on every rank (Ray Train's report
+    must be called by all workers). Returns the metrics dict.
     """
     from ray_jobs.events import EventLog
     from ray_jobs.models.io import save_model_folder
@@ -184,7 +196,9 @@ def train_member(
     train_start = time.time()
     events = EventLog(task.job_dir)
     layout = JobLayout(task.job_dir)
-    train, test = load_pairs(layout.train), load_pairs(layout.test)
+    train, validation = split_validation(load_pairs(layout.train), spec.validation_fraction, task.data_seed)
+    test = load_pairs(layout.test)
+    selects = bool(validation["prompt"])
     rows = member_rows(len(train["prompt"]), spec.diversity, k, spec.size, spec.seed, task.data_seed)
     model, tokenizer = _load_model(spec)
     model = rt.prepare(model)
@@ -204,7 +218,7 @@ def train_member(
             # DDP all-reduces on every backward unless told not to: only the last micro-batch of a step syncs.
             ctx = model.no_sync() if rt.collective and not sync else contextlib.nullcontext()
             with ctx:
-                r_w, r_l = _pair_rewards(model, tokenizer, train, idx, spec.max_length)
+                r_w, r_l = _pair_rewards(model, tokenizer, train, idx, spec)
                 loss = bt_loss(r_w, r_l, spec.margin, spec.center_rewards_coefficient)
                 (loss / accum).backward()
             train_losses.append(loss.item())
@@ -212,16 +226,24 @@ def train_member(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         held_out = evaluate(model, tokenizer, test, spec, rt)
-        train_loss = rt.mean(float(np.mean(train_losses)) if train_losses else math.nan)
-        epoch_metrics = {"epoch": epoch, "train_loss": train_loss, "loss": held_out["loss"]}
-        epoch_metrics["accuracy"] = held_out["accuracy"]
+        epoch_metrics = {
+            "epoch": epoch,
+            "train_loss": rt.mean(float(np.mean(train_losses)) if train_losses else math.nan),
+            "loss": held_out["loss"],
+            "accuracy": held_out["accuracy"],
+        }
+        if selects:
+            checked = evaluate(model, tokenizer, validation, spec, rt)
+            epoch_metrics |= {"validation_loss": checked["loss"], "validation_accuracy": checked["accuracy"]}
         history.append(epoch_metrics)
         if rt.rank == 0:
             events.metrics("ensemble", step=epoch, values=epoch_metrics, member=k, event="epoch_done")
-        if best is None or held_out["loss"] < best["loss"]:
-            best, stale = {**epoch_metrics, "margins": held_out["margins"]}, 0
-            if spec.early_stopping_patience:
-                best_state = copy.deepcopy(unwrap(model).state_dict())
+        # Without a validation split the last epoch is kept: never choose on the test split.
+        score = epoch_metrics["validation_loss"] if selects else -epoch
+        if best is None or score < best["score"]:
+            best, stale = {**epoch_metrics, "score": score, "margins": held_out["margins"]}, 0
+            if selects and epoch < spec.epochs:
+                best_state = {name: t.detach().to("cpu", copy=True) for name, t in unwrap(model).state_dict().items()}
         else:
             stale += 1
         if report:
@@ -229,9 +251,9 @@ def train_member(
         if task.fail_once_marker and not Path(task.fail_once_marker).exists():
             Path(task.fail_once_marker).write_text(str(time.time()))
             raise RuntimeError(FAIL_ONCE_MESSAGE.format(k=k))
-        if spec.early_stopping_patience and stale >= spec.early_stopping_patience:
+        if selects and spec.early_stopping_patience and stale >= spec.early_stopping_patience:
             break
-    if best_state is not None:
+    if best["epoch"] != history[-1]["epoch"]:
         unwrap(model).load_state_dict(best_state)
     metrics = {
         "member": k,
@@ -249,6 +271,11 @@ def train_member(
         "train_pairs": len(rows),
         "unique_train_pairs": len(np.unique(rows)),
         "test_pairs": len(test["prompt"]),
+        "validation_pairs": len(validation["prompt"]),
+        "validation_loss": best.get("validation_loss"),
+        "validation_accuracy": best.get("validation_accuracy"),
+        "selected_by": "validation" if selects else "last epoch",
+        "max_length": spec.max_length,
         "world_size": rt.world,
         "attempt": task.attempt,
         "start_time": launched,

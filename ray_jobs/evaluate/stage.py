@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ray_jobs.events import EventLog
+from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.layout import JobLayout
+from ray_jobs.names import Precision
 from ray_jobs.spec import GenerationSpec, JobSpec
 
 STAGE = "evaluate"
@@ -64,35 +66,54 @@ def win_rate(policy: list[float], reference: list[float]) -> dict[str, Any]:
 
 
 def sampling(spec: JobSpec) -> GenerationSpec:
-    """The job's generation settings (engine, replicas, batching, context) with evaluation's sampling.
-
-    top_p stays 1: the KL estimate is a mean over the policy's own distribution, which nucleus sampling would cut.
-    """
+    """The job's generation settings (engine, replicas, batching, context) with evaluation's sampling (top_p 1)."""
     e = spec.evaluate
     return spec.generation.model_copy(
         update={"max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "seed": e.seed, "top_p": 1.0}
     )
 
 
-def _sample(model_ref: str | Path, prompts: list[str], spec: JobSpec, events: EventLog) -> list[str]:
-    from ray_jobs.generate.engines import generate
+def _sample(
+    model_ref: str | Path, prompts: list[str], gen: GenerationSpec, events: EventLog
+) -> tuple[list[str], list[bool]]:
+    """One completion per prompt, and whether it ended on its own (False: cut at max_new_tokens)."""
+    out = generate(model_ref, prompts, 1, gen, events, stage=STAGE)
+    return [t[0] if t else "" for t in out.texts], [e[0] if e else True for e in out.ended]
 
-    out = generate(model_ref, prompts, 1, sampling(spec), events, stage=STAGE).texts
-    return [texts[0] if texts else "" for texts in out]
 
-
-def _logps(model_ref: str | Path, prompts: list[str], responses: list[str], max_length: int) -> np.ndarray:
+def _logps(
+    model_ref: str | Path,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    precision: Precision,
+    ended: list[bool] | None,
+) -> np.ndarray:
     from ray_jobs.models.logps import response_logps
     from ray_jobs.models.registry import load_causal_lm
+    from ray_jobs.precision import autocast
 
     model, tokenizer = load_causal_lm(str(model_ref))
     model.eval()
-    return response_logps(model, tokenizer, prompts, responses, max_length).numpy()
+    with autocast(precision, model.device):
+        return response_logps(model, tokenizer, prompts, responses, max_length, ended=ended).numpy()
 
 
-def kl_estimate(policy: str | Path, reference: str | Path, prompts: list[str], samples: list[str], max_length: int):
-    """Monte-Carlo KL(π‖π_ref) from the policy's samples, and its standard error."""
-    diff = _logps(policy, prompts, samples, max_length) - _logps(reference, prompts, samples, max_length)
+def kl_estimate(
+    policy: str | Path,
+    reference: str | Path,
+    prompts: list[str],
+    samples: list[str],
+    max_length: int,
+    precision: Precision = "fp32",
+    ended: list[bool] | None = None,
+):
+    """Monte-Carlo KL(π‖π_ref) from the policy's samples (both models under one precision), and its standard error.
+
+    ``ended`` False marks samples cut at the token cap: their log-probs then have no EOS term.
+    """
+    policy_logps = _logps(policy, prompts, samples, max_length, precision, ended)
+    diff = policy_logps - _logps(reference, prompts, samples, max_length, precision, ended)
     sem = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
     return float(diff.mean()), sem
 
@@ -120,18 +141,28 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         raise EvaluationError(f"the policy {policy} is missing: run the distill stage first")
     prompts = held_out_prompts(layout.test, e.num_prompts)
     events.emit("log", STAGE, message=f"sampling policy and reference on {len(prompts)} held-out prompts")
-    policy_texts = _sample(policy, prompts, spec, events)
-    reference_texts = _sample(spec.reference, prompts, spec, events)
+    gen = sampling(spec)
+    policy_texts, policy_ended = _sample(policy, prompts, gen, events)
+    reference_texts, reference_ended = _sample(spec.reference, prompts, gen, events)
+    # KL(π‖π_ref) is an expectation under π itself: samples at temperature 1, drawn apart when evaluation's differs.
+    kl_gen = kl_sampling(gen)
+    kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events)
     max_length = spec.distill.max_length + e.max_new_tokens
-    kl, kl_sem = kl_estimate(policy, spec.reference, prompts, policy_texts, max_length)
+    kl, kl_sem = kl_estimate(policy, spec.reference, prompts, kl_texts, max_length, spec.distill.precision, kl_ended)
     tokenizer = load_tokenizer(spec.reference)
     lengths = {"policy": _length_stats(tokenizer, policy_texts), "reference": _length_stats(tokenizer, reference_texts)}
     report: dict[str, Any] = {
         "num_prompts": len(prompts),
         "oracle": e.oracle,
-        "kl": {"estimate": kl, "stderr": kl_sem, "method": "mean over policy samples of log pi - log pi_ref"},
+        "kl": {
+            "estimate": kl,
+            "stderr": kl_sem,
+            "method": "mean over policy samples at temperature 1 of log pi - log pi_ref",
+        },
+        # capped: samples cut at max_new_tokens, whose length says more about the cap than about the model.
         "lengths": {
-            side: {"mean_tokens": s["mean_tokens"], "mean_words": s["mean_words"]} for side, s in lengths.items()
+            side: {"mean_tokens": s["mean_tokens"], "mean_words": s["mean_words"], "capped": sum(not e for e in ended)}
+            for (side, s), ended in zip(lengths.items(), (policy_ended, reference_ended), strict=True)
         },
         "win_rate": None,
         "reward": None,

@@ -11,6 +11,7 @@ the CPU build pinned here. A `map_batches` actor that owns a plain `vllm.LLM` ru
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,19 @@ from ray_jobs.events import EventLog
 from ray_jobs.generate.vllm import VLLMUnavailableError, make_llm, shutdown_llm, vllm_or_fallback
 from ray_jobs.names import Stage
 from ray_jobs.spec import GenerationSpec
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The sampling seed a stage uses: the spec's seed mixed with the stage's name, so that stages sampling the same
+    prompts with the same settings (builtin:reviews' data stage and the generate stage) draw different responses."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stage}".encode()).digest()[:4], "big")
+
+
+def kl_sampling(gen: GenerationSpec) -> GenerationSpec:
+    """π_ref's own distribution (temperature 1, top_p 1) for the forward-KL samples, on a stream of its own."""
+    if gen.temperature == 1.0 and gen.top_p == 1.0:
+        return gen
+    return gen.model_copy(update={"temperature": 1.0, "top_p": 1.0, "seed": gen.seed + 1})
 
 
 def _prompt_seed(seed: int, index: int, n: int) -> int:
@@ -57,6 +71,7 @@ class VLLMPredictor:
                 "index": batch["index"],
                 "responses": [[c.text for c in cs] for cs in completions],
                 "num_tokens": [[len(c.token_ids) for c in cs] for cs in completions],
+                "ended": [[c.finish_reason != "length" for c in cs] for cs in completions],
             }
         )
 
@@ -76,7 +91,7 @@ class HFPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         from ray_jobs.models.hf_generate import hf_generate
 
-        responses = hf_generate(
+        responses, ended = hf_generate(
             self.model,
             self.tokenizer,
             [str(p) for p in batch["prompt"]],
@@ -93,7 +108,12 @@ class HFPredictor:
             [len(ids) for ids in self.tokenizer(list(r), add_special_tokens=False)["input_ids"]] for r in responses
         ]
         return pd.DataFrame(
-            {"index": batch["index"], "responses": [list(r) for r in responses], "num_tokens": num_tokens}
+            {
+                "index": batch["index"],
+                "responses": [list(r) for r in responses],
+                "num_tokens": num_tokens,
+                "ended": ended,
+            }
         )
 
 
@@ -101,20 +121,29 @@ class HFPredictor:
 class Generation:
     texts: list[list[str]]  # n completions per prompt, in prompt order
     num_tokens: list[list[int]]  # generated tokens of each completion
+    ended: list[list[bool]]  # False where max_new_tokens cut the completion (no EOS: the model did not stop)
     engine: str  # "vllm", "hf", or "none" when nothing was asked for
 
 
 def _run_pool(
     predictor: type, kwargs: dict, prompts: list[str], gen: GenerationSpec, events: EventLog | None, stage: Stage
-) -> tuple[list[list[str]], list[list[int]]]:
+) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
     from ray_jobs.pools import run_indexed
 
     texts: list[list[str]] = [[] for _ in prompts]
     num_tokens: list[list[int]] = [[] for _ in prompts]
+    ended: list[list[bool]] = [[] for _ in prompts]
 
     def place(batch: pd.DataFrame) -> None:
-        for index, responses, counts in zip(batch["index"], batch["responses"], batch["num_tokens"], strict=True):
-            texts[int(index)], num_tokens[int(index)] = [str(r) for r in responses], [int(c) for c in counts]
+        for index, responses, counts, flags in zip(
+            batch["index"], batch["responses"], batch["num_tokens"], batch["ended"], strict=True
+        ):
+            i = int(index)
+            texts[i], num_tokens[i], ended[i] = (
+                [str(r) for r in responses],
+                [int(c) for c in counts],
+                list(map(bool, flags)),
+            )
 
     def progress(done: int, total: int) -> None:
         if events is not None:
@@ -130,7 +159,7 @@ def _run_pool(
         on_progress=progress,
         batch_format="pandas",
     )
-    return texts, num_tokens
+    return texts, num_tokens, ended
 
 
 def generate(
@@ -145,22 +174,24 @@ def generate(
 
     With Ray running, generation is Ray Data batch inference over `gen.replicas` actors: vLLM engines for engine
     "vllm" or "auto" (auto falls back to transformers with a `log` event when vLLM is missing or cannot load the
-    model), transformers for "hf". Without Ray it runs transformers in this process.
+    model), transformers for "hf". Without Ray it runs transformers in this process. Sampling is seeded by
+    `stage_seed(gen.seed, stage)` and each prompt's position, so a stage's texts do not depend on batching.
     """
     import ray
 
     from ray_jobs.models.registry import resolve_model_path
 
     if not prompts or n == 0:
-        return Generation([[] for _ in prompts], [[] for _ in prompts], "none")
+        return Generation([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts], "none")
     model = str(resolve_model_path(model_ref))
+    gen = gen.model_copy(update={"seed": stage_seed(gen.seed, stage)})
     if not ray.is_initialized():
         if gen.engine == "vllm":
             raise VLLMUnavailableError("engine 'vllm' runs through Ray Data: initialise Ray first (ray.init)")
         frame = HFPredictor(model, n, gen)(
             {"index": np.arange(len(prompts)), "prompt": np.array(prompts, dtype=object)}
         )
-        return Generation(list(frame["responses"]), list(frame["num_tokens"]), "hf")
+        return Generation(list(frame["responses"]), list(frame["num_tokens"]), list(frame["ended"]), "hf")
 
     def with_vllm() -> Generation:
         kwargs = dict(model=model, n=n, gen=gen, bind_threads=gen.replicas == 1)

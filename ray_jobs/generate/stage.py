@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ray_jobs.events import EventLog
-from ray_jobs.generate.engines import generate
+from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.layout import CANDIDATES, KL_SAMPLES, JobLayout
 from ray_jobs.spec import JobSpec
 
@@ -29,6 +29,10 @@ def training_prompts(layout: JobLayout, max_prompts: int | None, seed: int) -> l
     return prompts
 
 
+def _count_capped(ended: list[list[bool]]) -> int:
+    return sum(not e for es in ended for e in es)
+
+
 def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
     import ray
 
@@ -40,16 +44,50 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
     n_kl = gen.kl_samples_per_prompt if spec.distill.alpha > 0 else 0
     if gen.temperature == 0 and gen.samples_per_prompt > 1:
         events.emit("log", STAGE, message="temperature 0 samples identical responses: no generated pairs")
-    # Candidates and KL samples are both i.i.d. draws from π_ref, so one call serves both and starts one engine.
-    result = generate(spec.reference, prompts, gen.samples_per_prompt + n_kl, gen, events, stage=STAGE)
-    candidates = pd.DataFrame({"prompt": prompts, "responses": [s[: gen.samples_per_prompt] for s in result.texts]})
-    kl = [(p, r) for p, s in zip(prompts, result.texts, strict=True) for r in s[gen.samples_per_prompt :]]
+    kl_gen = kl_sampling(gen)
+    k = gen.samples_per_prompt
+    if kl_gen == gen:
+        # Candidates and KL samples are then i.i.d. draws of one distribution: one call, one engine start.
+        both = generate(spec.reference, prompts, k + n_kl, gen, events, stage=STAGE)
+        engine = both.engine
+        texts, ended = [t[:k] for t in both.texts], [e[:k] for e in both.ended]
+        kl_texts, kl_ended = [t[k:] for t in both.texts], [e[k:] for e in both.ended]
+    else:
+        result = generate(spec.reference, prompts, k, gen, events, stage=STAGE)
+        kl = generate(spec.reference, prompts, n_kl, kl_gen, events, stage=STAGE)
+        engine, texts, ended, kl_texts, kl_ended = result.engine, result.texts, result.ended, kl.texts, kl.ended
+    capped = {"candidates": _count_capped(ended), "kl_samples": _count_capped(kl_ended)}
+    if any(capped.values()):
+        events.emit(
+            "log",
+            STAGE,
+            message=f"{capped['candidates']} candidates and {capped['kl_samples']} KL samples reached "
+            f"max_new_tokens={gen.max_new_tokens}: {'dropped' if gen.capped == 'drop' else 'kept, scored without EOS'}",
+            capped=capped,
+        )
+    keep = gen.capped == "keep"
+    candidates = pd.DataFrame(
+        {
+            "prompt": prompts,
+            "responses": [
+                [t for t, e in zip(ts, es, strict=True) if keep or e] for ts, es in zip(texts, ended, strict=True)
+            ],
+            "ended": [[e for e in es if keep or e] for es in ended],
+        }
+    )
+    kl_rows = [
+        (p, t, e)
+        for p, ts, es in zip(prompts, kl_texts, kl_ended, strict=True)
+        for t, e in zip(ts, es, strict=True)
+        if keep or e
+    ]
     with layout.staging(STAGE) as out:
         CANDIDATES.write(candidates, out / layout.candidates.name)
-        KL_SAMPLES.write(pd.DataFrame(kl, columns=list(KL_SAMPLES.names)), out / layout.kl_samples.name)
+        KL_SAMPLES.write(pd.DataFrame(kl_rows, columns=list(KL_SAMPLES.names)), out / layout.kl_samples.name)
     return {
         "prompts": len(prompts),
-        "candidates": len(prompts) * gen.samples_per_prompt,
-        "kl_samples": len(kl),
-        "engine": result.engine,
+        "candidates": sum(len(r) for r in candidates["responses"]),
+        "kl_samples": len(kl_rows),
+        "capped": capped,
+        "engine": engine,
     }

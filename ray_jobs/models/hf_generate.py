@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class Samples(NamedTuple):
+    texts: list[list[str]]  # n per prompt
+    ended: list[list[bool]]  # False where the token cap cut the response
 
 
 @torch.no_grad()
@@ -21,8 +26,9 @@ def hf_generate(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
-) -> list[list[str]]:
-    """``n`` completions of each already-rendered prompt (new text only, special tokens stripped).
+) -> Samples:
+    """``n`` completions of each already-rendered prompt (new text only, special tokens stripped), and whether each
+    ended on EOS (False: cut at ``max_new_tokens``).
 
     Greedy when ``temperature == 0`` (then the n completions are identical). Sampling is seeded once per call, so
     the same arguments give the same texts.
@@ -40,6 +46,7 @@ def hf_generate(
     repeats = n if sampling else 1
     flat = [p for p in prompts for _ in range(repeats)]
     texts: list[str] = []
+    ended: list[bool] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: every row's prompt must end at the last column
     was_training = model.training
@@ -58,10 +65,16 @@ def hf_generate(
                     do_sample=sampling,
                     **options,
                 )
-                texts.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+                new = out[:, enc["input_ids"].shape[1] :]
+                texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+                # A row that stopped early is padded after its EOS; one cut at the cap holds no EOS at all.
+                ended.extend((new == tokenizer.eos_token_id).any(dim=1).tolist())
         finally:
             tokenizer.padding_side = side
             model.train(was_training)
     if not sampling:
-        return [[text] * n for text in texts]
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return Samples([[text] * n for text in texts], [[flag] * n for flag in ended])
+    return Samples(
+        [texts[i * n : (i + 1) * n] for i in range(len(prompts))],
+        [ended[i * n : (i + 1) * n] for i in range(len(prompts))],
+    )

@@ -6,6 +6,7 @@ the last ``max_response_len + 1`` positions, and the model computes the LM head 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,9 +16,16 @@ if TYPE_CHECKING:
 
 
 def tokenize_responses(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    ended: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Tokenize prompt and response separately (as generation sees them), append EOS to the response, left-pad.
+
+    ``ended[i]`` False marks a response cut at a generation token cap: it gets no EOS, since the model did not
+    choose to stop there, and scoring the stop would reward or punish a length nobody chose (default: all ended).
 
     Over-long rows keep the whole response and lose the prompt's start; a response longer than the budget by itself
     keeps its head and one prompt token (the first response token needs a predecessor). Returns ``input_ids``,
@@ -31,10 +39,13 @@ def tokenize_responses(
         raise ValueError("the tokenizer has no EOS token to end responses with")
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    if ended is not None and len(ended) != len(responses):
+        raise ValueError(f"got {len(ended)} ended flags for {len(responses)} responses")
     rows: list[tuple[list[int], list[int]]] = []
     num_truncated = 0
-    for p, r in zip(prompt_ids, response_ids, strict=True):
-        r = [*r, tokenizer.eos_token_id]
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        if ended is None or ended[i]:
+            r = [*r, tokenizer.eos_token_id]
         if len(r) > max_length - 1:
             r = r[: max_length - 1]
         keep = max_length - len(r)
@@ -100,10 +111,14 @@ def response_logps(
     responses: list[str],
     max_length: int,
     batch_size: int = 16,
+    ended: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """log π(response | prompt) of each row under a frozen model, float64 on the CPU, shape [N]."""
     out = [torch.zeros(0, dtype=torch.float64)]
     for i in range(0, len(prompts), batch_size):
-        batch = tokenize_responses(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length)
+        flags = None if ended is None else ended[i : i + batch_size]
+        batch = tokenize_responses(
+            tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length, flags
+        )
         out.append(sequence_logps(model, batch).double().cpu())
     return torch.cat(out)

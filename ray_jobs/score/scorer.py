@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ray_jobs.events import EventLog
+from ray_jobs.names import Precision
+from ray_jobs.precision import autocast
 
 
 def _device() -> str:
@@ -22,8 +24,15 @@ class Scorer:
     """Ray Data actor holding π_ref and every ensemble member."""
 
     def __init__(
-        self, reference: str | None, members: list[str], ref_max_length: int, reward_max_length: int, batch_size: int
+        self,
+        reference: str | None,
+        members: list[tuple[str, int]],
+        ref_max_length: int,
+        batch_size: int,
+        ref_precision: Precision = "fp32",
     ):
+        """`members`: (folder, token budget to score at) of each reward model; π_ref's log-probs are computed under
+        `ref_precision`, the policy's own compute precision (ray_jobs.precision)."""
         from ray_jobs.models.registry import load_causal_lm, load_reward_model
 
         device = _device()
@@ -32,20 +41,21 @@ class Scorer:
             self.reference, self.tokenizer = load_causal_lm(reference, device=device)
             self.reference.eval()
         self.members = []
-        for path in members:
+        for path, max_length in members:
             model, tokenizer = load_reward_model(path)
-            self.members.append((model.to(device).eval(), tokenizer))
-        self.ref_max_length, self.reward_max_length, self.batch_size = ref_max_length, reward_max_length, batch_size
+            self.members.append((model.to(device).eval(), tokenizer, max_length))
+        self.ref_max_length, self.batch_size, self.ref_precision = ref_max_length, batch_size, ref_precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ray_jobs.models.logps import response_logps
         from ray_jobs.models.reward import score_pairs
 
         prompts, responses = [str(p) for p in batch["prompt"]], [str(r) for r in batch["response"]]
+        ended = [bool(e) for e in batch["ended"]]
         # π_ref samples need no rewards: only rows flagged `reward` go through the members.
         wanted = np.flatnonzero(batch["reward"])
         rewards = np.full((len(prompts), len(self.members)), np.nan)
-        for k, (model, tokenizer) in enumerate(self.members):
+        for k, (model, tokenizer, max_length) in enumerate(self.members):
             if wanted.size:
                 rewards[wanted, k] = (
                     score_pairs(
@@ -54,16 +64,17 @@ class Scorer:
                         [prompts[i] for i in wanted],
                         [responses[i] for i in wanted],
                         batch_size=self.batch_size,
-                        max_length=self.reward_max_length,
+                        max_length=max_length,
                     )
                     .double()
                     .numpy()
                 )
         ref = np.full(len(prompts), np.nan)
         if self.reference is not None:
-            ref = response_logps(
-                self.reference, self.tokenizer, prompts, responses, self.ref_max_length, self.batch_size
-            ).numpy()
+            with autocast(self.ref_precision, self.reference.device):
+                ref = response_logps(
+                    self.reference, self.tokenizer, prompts, responses, self.ref_max_length, self.batch_size, ended
+                ).numpy()
         out = {"index": batch["index"], "ref_logp": ref}
         if self.members:  # a [B, 0] tensor column is more than Ray Data's tensor type accepts
             out["rewards"] = rewards
@@ -72,18 +83,18 @@ class Scorer:
 
 def score_texts(
     reference: str | None,
-    members: list[str],
-    texts: list[tuple[str, str]],
+    members: list[tuple[str, int]],
+    texts: list[tuple[str, str, bool]],
     needs_reward: list[bool],
     *,
     ref_max_length: int,
-    reward_max_length: int,
     batch_size: int,
     replicas: int,
     events: EventLog | None = None,
+    ref_precision: Precision = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """π_ref log-prob [N] and member rewards [N, K] of each (prompt, response); NaN where not asked for
-    (no reference, or `needs_reward` false)."""
+    """π_ref log-prob [N] and member rewards [N, K] of each (prompt, response, ended); NaN where not asked for
+    (no reference, or `needs_reward` false). `members`: (folder, token budget) of each reward model."""
     from ray_jobs.pools import run_indexed
 
     ref = np.full(len(texts), np.nan)
@@ -105,10 +116,13 @@ def score_texts(
             reference=reference,
             members=members,
             ref_max_length=ref_max_length,
-            reward_max_length=reward_max_length,
             batch_size=batch_size,
+            ref_precision=ref_precision,
         ),
-        [{"prompt": p, "response": r, "reward": w} for (p, r), w in zip(texts, needs_reward, strict=True)],
+        [
+            {"prompt": p, "response": r, "ended": e, "reward": w}
+            for (p, r, e), w in zip(texts, needs_reward, strict=True)
+        ],
         replicas=replicas,
         batch_size=batch_size,
         on_batch=place,
