@@ -19,6 +19,7 @@ from ray_jobs.data.length_bias import apply_length_bias, words
 from ray_jobs.data.split import split_by_prompt
 from ray_jobs.data.stage import run as prepare_data
 from ray_jobs.events import EventLog, read_events
+from ray_jobs.layout import PREFERENCES
 from ray_jobs.models.registry import ModelNotFoundError
 from ray_jobs.spec import parse_spec
 
@@ -81,9 +82,10 @@ def test_csv_gz_tldr_vertex_choice_becomes_label(tmp_path):
     path.write_bytes(gzip.compress(csv.encode()))
     rows = load_preference_data(str(path)).to_list()
     # choice is the preferred index: choice 1 means candidate_1 (response_b) won, so label 0.
+    ended = {"ended_a": True, "ended_b": True}
     assert rows == [
-        {"prompt": "Post one [summary]: ", "response_a": "short", "response_b": "a longer one", "label": 0},
-        {"prompt": "Post two", "response_a": "x y", "response_b": "z", "label": 1},
+        {"prompt": "Post one [summary]: ", "response_a": "short", "response_b": "a longer one", "label": 0} | ended,
+        {"prompt": "Post two", "response_a": "x y", "response_b": "z", "label": 1} | ended,
     ]
 
 
@@ -369,7 +371,7 @@ def test_stage_splits_read_back_as_datasets_and_ray_datasets(tmp_path, tiny_llam
     assert (summary["train"], summary["test"]) == (8, 2)
     assert load_split(tmp_path / "job", "train")[0]["prompt"].startswith("<|im_start|>user\np")
     ray_test = ray_split(tmp_path / "job", "test")
-    assert ray_test.count() == 2 and ray_test.schema().names == ["prompt", "response_a", "response_b", "label"]
+    assert ray_test.count() == 2 and ray_test.schema().names == list(PREFERENCES.names)
 
 
 def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_data):
