@@ -57,7 +57,11 @@ class EventLog:
 
 
 def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[dict[str, Any]]:
-    """Events from line ``offset`` on; a torn last line (a writer mid-append) is left for the next read."""
+    """Events from line ``offset`` on, one per line; a torn last line (a writer mid-append) is left for the next read.
+
+    A complete line that is not an event (a short write on a full disk, a stray byte) reads as an ``unreadable``
+    event, so one bad line neither stops a reader nor shifts the line numbers that offsets count.
+    """
     path = JobLayout(job_dir).events
     if not path.exists():
         return
@@ -67,4 +71,10 @@ def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[di
                 continue
             if not raw.endswith(b"\n"):
                 return
-            yield json.loads(raw)
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                event = {"ts": None, "kind": "unreadable", "stage": None, "line": i}
+            yield event

@@ -36,6 +36,17 @@ def _confine(field: str, value: str, roots: tuple[Path, ...]) -> str:
     """The absolute path a local reference means, or the value unchanged when it is a builtin/hub reference."""
     if value.startswith(MODEL_PREFIXES):
         return value
+    try:
+        return _resolve_in_roots(field, value, roots)
+    except (OSError, UnicodeError) as exc:
+        # A name the filesystem cannot take (too long, lone surrogates): a bad request, not a server fault.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ApiError(
+            422, f"{field}: not a usable path ({reason})", [{"field": field, "message": "not a usable path"}]
+        ) from None
+
+
+def _resolve_in_roots(field: str, value: str, roots: tuple[Path, ...]) -> str:
     if "://" in value or "\\" in value or "\x00" in value:
         raise ApiError(
             403,

@@ -24,6 +24,9 @@ from service.ray_backend import RayUnavailable
 from service.schemas import PLAIN_TEXT, EventPage, JobBrief, JobDetail, JobPage, Transition, error_responses
 from service.store import Job, Store
 
+# Offsets past this are no page of anything: SQL backends cannot even take them (SQLite's are 64-bit).
+MAX_OFFSET = 10**9
+
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 422))
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
@@ -124,7 +127,7 @@ def list_jobs(
     state: JobState | None = None,
     name: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     jobs, total = store.list_jobs(owner, state=state, name=name, limit=limit, offset=offset)
     return JobPage(items=[job_brief(j) for j in jobs], total=total, limit=limit, offset=offset)
@@ -191,14 +194,15 @@ def job_events(
     job_id: str,
     owner: Owner,
     store: StoreDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
 ) -> Any:
     job = _owned_job(store, job_id, owner)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         last_id = request.headers.get("last-event-id", "")
-        start = int(last_id) if last_id.isdigit() else offset
+        # isdecimal() also admits non-ASCII digits, which int() reads but a client's id never holds.
+        start = int(last_id) if last_id.isascii() and last_id.isdecimal() and len(last_id) <= 12 else offset
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(_stream(request, store, job, start), media_type="text/event-stream", headers=headers)
     events = []

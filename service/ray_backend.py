@@ -76,7 +76,8 @@ class LocalRayHead:
 
     def __init__(self, root: Path, num_cpus: int | None = None, env: dict[str, str] | None = None):
         self.root = Path(root)
-        self.num_cpus = num_cpus or os.cpu_count() or 1
+        # 0 is a valid head: one that runs nothing (the fuzz test's cluster that can never take a job).
+        self.num_cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
         self.env = env or {}
         temp = self.root / "ray"
         if len(str(temp)) > MAX_TEMP_DIR_LEN:

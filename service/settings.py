@@ -35,7 +35,9 @@ class Settings(BaseModel):
     ray_address: str | None = Field(
         None, description="Existing cluster (dashboard URL or GCS address); None = embedded."
     )
-    ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded head; None = all of them.")
+    ray_num_cpus: int | None = Field(
+        None, ge=0, description="CPUs of the embedded head; None = all of them, 0 = a head that runs no job."
+    )
     max_loaded_policies: int = Field(2, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
 
