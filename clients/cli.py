@@ -54,22 +54,33 @@ def serve(
     tokens: str = typer.Option(None, envvar="RMDISTILL_TOKENS", help="Comma-separated bearer tokens."),
     ray_address: str = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster; none = embedded."),
     data_root: list[Path] = typer.Option(None, help="Extra folders specs may read data from (repeatable)."),
+    insecure: bool = typer.Option(
+        None, "--insecure", envvar="RMDISTILL_INSECURE", help="Allow a non-loopback bind without tokens."
+    ),
 ) -> None:
     """Start the service (FastAPI on uvicorn)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings.from_env(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        database_url=database_url,
-        tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
-        ray_address=ray_address,
-        data_roots=tuple(data_root) if data_root else None,
-    )
+    try:
+        settings = Settings.from_env(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            database_url=database_url,
+            tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
+            ray_address=ray_address,
+            data_roots=tuple(data_root) if data_root else None,
+            insecure=insecure,
+        )
+    except ValidationError as exc:
+        console.print(f"[red]error[/red]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
+        raise typer.Exit(2) from None
+    if settings.insecure and not settings.auth_enabled:
+        console.print(f"[yellow]warning[/yellow]: no tokens: anyone who reaches {settings.host} has full access")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 

@@ -7,6 +7,7 @@ moment they are read: the process never keeps a plain token after start-up.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _split(value: str | None, sep: str) -> list[str]:
@@ -40,6 +51,9 @@ class Settings(BaseModel):
     )
     max_loaded_policies: int = Field(2, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
+    insecure: bool = Field(
+        False, description="Allow a bind address other than loopback without tokens (anyone who reaches it is in)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -58,6 +72,12 @@ class Settings(BaseModel):
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'rmdistill.db'}")
         roots = [data_dir / "datasets", *(Path(r).expanduser().resolve() for r in self.data_roots)]
         object.__setattr__(self, "data_roots", tuple(dict.fromkeys(roots)))
+        if not (self.auth_enabled or self.insecure or is_loopback(self.host)):
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and no tokens are set: anyone who reaches it "
+                "could submit jobs and read every job and policy. Set tokens (--tokens / RMDISTILL_TOKENS), bind "
+                "127.0.0.1, or pass --insecure (RMDISTILL_INSECURE=1) to accept that."
+            )
         return self
 
     @property
@@ -83,6 +103,7 @@ class Settings(BaseModel):
             "ray_address": env.get("RAY_ADDRESS") or None,
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
             "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),
+            "insecure": env.get("RMDISTILL_INSECURE", "").lower() in ("1", "true", "yes"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
