@@ -81,6 +81,10 @@ def serve(
         raise typer.Exit(2) from None
     if settings.insecure and not settings.auth_enabled:
         console.print(f"[yellow]warning[/yellow]: no tokens: anyone who reaches {settings.host} has full access")
+    if settings.ray_address is None:
+        from service.ray_backend import prepare_embedded_auth
+
+        prepare_embedded_auth(settings.data_dir)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 

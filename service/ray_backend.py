@@ -7,9 +7,11 @@ Two modes:
 - cluster (ray_address = dashboard URL or GCS address): use that cluster; it outlives the service, so a restarted
   service re-attaches to jobs that kept running.
 
-The service process never joins a cluster as a driver: submission, status, logs, stop and the resource totals all
-go through the dashboard's HTTP API. Ray 2.60 turns token authentication on by default and every party must agree,
-so RAY_AUTH_MODE (default "disabled") is set alike for this process, the embedded head and every job.
+Jobs are never submitted from a driver: submission, status, logs, stop and the resource totals all go through
+the dashboard's HTTP API, with the cluster's bearer token. The embedded head runs with Ray's token authentication
+and a token of its own (see LocalRayHead); against an external cluster the operator sets Ray's own variables in the
+service's environment (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on every node), and the
+service sends that token and hands RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH on to every job.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -61,18 +64,68 @@ def free_port() -> int:
 
 
 def auth_mode() -> str:
-    """The RAY_AUTH_MODE every party uses; set in this process so the submission client agrees with the head."""
-    return os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """The RAY_AUTH_MODE of an external cluster: the operator's (Ray's own variable), else disabled."""
+    return os.environ.get("RAY_AUTH_MODE") or "disabled"
 
 
-def _alive_nodes(dashboard_url: str) -> list[Any]:
-    from ray.util.state import list_nodes
+def read_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise RayUnavailable(f"the Ray auth token file {path} is empty")
+    return token
 
-    return list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
+
+def write_token(path: Path) -> None:
+    """A fresh random token in an owner-only file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+
+
+def embedded_token_file(data_dir: Path) -> Path:
+    return Path(data_dir) / "ray-auth-token"
+
+
+def prepare_embedded_auth(data_dir: Path) -> None:
+    """Give this process the embedded head's auth settings, with a fresh token, before it imports Ray.
+
+    Ray reads RAY_AUTH_MODE and the token when it is imported, not when a driver connects: the service's own
+    driver (the serving actors' owner) can only join the token-protected embedded head if the variables are set
+    first. `rmdistill serve` calls this before anything imports Ray; the head then uses this token.
+    """
+    token_file = embedded_token_file(data_dir)
+    write_token(token_file)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def _env_token() -> str | None:
+    """An external cluster's token as Ray itself finds it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return read_token(path) if path.is_file() else None
+
+
+def _alive_nodes(dashboard_url: str, headers: dict[str, str]) -> list[Any]:
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    options = ListApiOptions(filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
+    client = StateApiClient(address=dashboard_url, headers={"Content-Type": "application/json", **headers})
+    return client.list(StateResource.NODES, options=options, raise_on_missing_output=True)
 
 
 class LocalRayHead:
-    """A private single-node Ray head with the dashboard, started as its own process group."""
+    """A private single-node Ray head with the dashboard, started as its own process group.
+
+    Locked down: Ray's token authentication is on with a fresh random token per start (a 0600 file in the data
+    folder, which the head and every job read through RAY_AUTH_TOKEN_PATH), and the dashboard listens on loopback
+    only. Ray's gRPC servers (GCS, raylet, object manager) listen on every interface and Ray has no setting to
+    change that: the token is what keeps a machine that reaches them from joining or submitting work.
+    """
 
     def __init__(self, root: Path, num_cpus: int | None = None, env: dict[str, str] | None = None):
         self.root = Path(root)
@@ -87,6 +140,7 @@ class LocalRayHead:
         self.dashboard_url = ""
         self.gcs_address = ""
         self._pid_file = self.root / "ray-head.json"
+        self.token_file = embedded_token_file(self.root)
 
     def start(self, timeout_s: float = 180.0, attempts: int = 5) -> LocalRayHead:
         """Start the head; retried because Ray gives a raylet only 30 s to register, which a loaded machine misses."""
@@ -133,8 +187,10 @@ class LocalRayHead:
             "--disable-usage-stats",
             *(f"--{name}={port}" for name, port in ports.items()),
         ]
-        env = {**os.environ, **self.env, "RAY_AUTH_MODE": auth_mode(), "RAY_USAGE_STATS_ENABLED": "0"}
+        self._write_token()
+        env = {**os.environ, **self.env, **self.auth_env, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's own token file
         self._log_path = self.root / "ray-head.log"
         with self._log_path.open("ab") as out:
             # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
@@ -146,6 +202,19 @@ class LocalRayHead:
         self._pid_file.write_text(json.dumps({"pid": self.process.pid, "temp_dir": str(self.temp_dir)}))
         self._wait_ready(timeout_s)
 
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """What a process needs to talk to this head: its auth mode and where its token is."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {read_token(self.token_file)}"}
+
+    def _write_token(self) -> None:
+        if not (self.token_file.is_file() and self.token_file.read_text().strip()):
+            write_token(self.token_file)
+
     def _wait_ready(self, timeout_s: float) -> None:
         # The dashboard answers before the node registers; a submission in that gap fails, so wait for an ALIVE node.
         deadline = time.monotonic() + timeout_s
@@ -155,8 +224,9 @@ class LocalRayHead:
                 tail = self._log_path.read_text(errors="replace")[-2000:]
                 raise RayUnavailable(f"the embedded Ray head exited with {self.process.returncode}:\n{tail}")
             try:
-                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2).read()
-                if _alive_nodes(self.dashboard_url):
+                request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers)
+                urllib.request.urlopen(request, timeout=2).read()
+                if _alive_nodes(self.dashboard_url, self.auth_headers):
                     return
             except Exception:  # not up yet; any failure means "poll again"
                 pass
@@ -218,12 +288,30 @@ class RayBackend:
     def job_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         env.setdefault("RMDISTILL_CACHE", str(self.data_dir / "cache"))
-        return {**env, "RMDISTILL_HOME": str(self.data_dir), "RAY_AUTH_MODE": auth_mode()}
+        return {**env, "RMDISTILL_HOME": str(self.data_dir), **self.auth_env}
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """Ray auth settings a job's driver needs (never the token itself: nodes hold it, or a file path does)."""
+        if self.head is not None:
+            return self.head.auth_env
+        env = {"RAY_AUTH_MODE": auth_mode()}
+        if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            env["RAY_AUTH_TOKEN_PATH"] = os.environ["RAY_AUTH_TOKEN_PATH"]
+        return env
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The dashboard's bearer header for this service's own HTTP calls (submission, status, logs, nodes)."""
+        if self.head is not None:
+            return self.head.auth_headers
+        token = _env_token() if auth_mode() == "token" else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def start(self) -> None:
-        auth_mode()
         if self.embedded:
-            self.head = LocalRayHead(self.data_dir, self.num_cpus, env=self.job_env()).start()
+            self.head = LocalRayHead(self.data_dir, self.num_cpus, env=self.job_env())
+            self.head.start()
 
     def stop(self) -> None:
         if self.head is not None:
@@ -245,7 +333,8 @@ class RayBackend:
             if not self.address:
                 raise RayUnavailable("the embedded Ray head is not running")
             try:
-                self._client = JobSubmissionClient(self.address)
+                headers = {"Content-Type": "application/json", **self.auth_headers}
+                self._client = JobSubmissionClient(self.address, headers=headers)
             except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError alike
                 raise RayUnavailable(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
         return self._client
@@ -308,7 +397,7 @@ class RayBackend:
     def resources(self) -> ClusterResources:
         dashboard = self.client().get_address()
         try:
-            nodes = _alive_nodes(dashboard)
+            nodes = _alive_nodes(dashboard, self.auth_headers)
         except Exception as exc:  # the state API wraps HTTP failures in several types
             raise RayUnavailable(f"cannot list the nodes of the Ray cluster at {dashboard}: {exc}") from None
         return ClusterResources.from_nodes(n.resources_total or {} for n in nodes)

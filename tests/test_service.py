@@ -84,8 +84,8 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def ray_status(dashboard_url: str, submission_id: str) -> str:
-    body = httpx.get(f"{dashboard_url}/api/jobs/{submission_id}", timeout=10).json()
+def ray_status(dashboard_url: str, submission_id: str, headers: dict[str, str]) -> str:
+    body = httpx.get(f"{dashboard_url}/api/jobs/{submission_id}", headers=headers, timeout=10).json()
     return body["status"]
 
 
@@ -135,7 +135,15 @@ def completed(embedded: Server) -> dict[str, Any]:
         events = list(client.follow(job["id"]))
         final = client.wait(job["id"], timeout=60)
         dashboard = client.health()["ray"]["address"]
-    return {"submitted": job, "events": events, "job": final, "dashboard": dashboard}
+    backend = embedded.app.state.backend
+    return {
+        "submitted": job,
+        "events": events,
+        "job": final,
+        "dashboard": dashboard,
+        "ray_headers": backend.auth_headers,
+        "ray_env": backend.auth_env,
+    }
 
 
 class TestEmbedded:
@@ -309,15 +317,28 @@ class TestEmbedded:
         assert final["state"] == "cancelled"
         assert [t["to"] for t in final["transitions"]][-2:] == ["cancelling", "cancelled"]
         assert "distill" not in final["artifacts"] and final["policy_id"] is None
-        assert ray_status(completed["dashboard"], job["ray_submission_id"]) == "STOPPED"
+        assert ray_status(completed["dashboard"], job["ray_submission_id"], completed["ray_headers"]) == "STOPPED"
 
 
 # -------------------------------------------------------------------------------------------------------------
 # RAY_ADDRESS mode: a separately started head that outlives a service restart
 
 
+def test_the_embedded_head_takes_nothing_without_its_token(completed: dict[str, Any]) -> None:
+    """Ray's job API and state API on the embedded head answer only with its token: anyone else reaching the
+    machine can neither submit a job (any shell command) nor list the cluster. The token file is owner-only."""
+    dashboard, headers = completed["dashboard"], completed["ray_headers"]
+    job = {"entrypoint": "echo pwned"}
+    refused = httpx.post(f"{dashboard}/api/jobs/", json=job, timeout=10)
+    assert refused.status_code in (401, 403), refused.text
+    assert httpx.get(f"{dashboard}/api/v0/nodes", timeout=10).status_code in (401, 403)
+    assert httpx.get(f"{dashboard}/api/jobs/", headers=headers, timeout=10).status_code == 200
+    token_file = Path(completed["ray_env"]["RAY_AUTH_TOKEN_PATH"])
+    assert completed["ray_env"]["RAY_AUTH_MODE"] == "token" and token_file.stat().st_mode & 0o077 == 0
+
+
 def test_restart_reattaches_to_a_running_job(
-    tmp_path_factory: pytest.TempPathFactory, completed: dict[str, Any]
+    tmp_path_factory: pytest.TempPathFactory, completed: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A second service with its own data folder and database, pointed (RAY_ADDRESS mode) at a head it did not
     start: the first service's. One head for the whole file keeps it fast; the head outlives this service's
@@ -327,6 +348,9 @@ def test_restart_reattaches_to_a_running_job(
     earlier = Path(completed["job"]["job_dir"])
     dashboard = completed["dashboard"]
     settings = Settings(data_dir=home, ray_address=dashboard, data_roots=(earlier,), poll_interval_s=0.5)
+    # As an operator of an external token-authenticated cluster would: Ray's own variables, the head's token file.
+    for name, value in completed["ray_env"].items():
+        monkeypatch.setenv(name, value)
     # No evaluation: the restart only needs a stage long enough to restart the service during.
     spec = {**tiny_spec("restarted"), "reuse": {"pairs": str(earlier)}, "evaluate": {"oracle": None}}
     first = Server(settings).start()
@@ -334,7 +358,7 @@ def test_restart_reattaches_to_a_running_job(
         job = client.submit(spec)
         wait_for(lambda: client.get(job["id"])["state"] == "running", 120, "the job to run")
     first.stop()
-    assert ray_status(dashboard, job["ray_submission_id"]) in ("PENDING", "RUNNING")
+    assert ray_status(dashboard, job["ray_submission_id"], completed["ray_headers"]) in ("PENDING", "RUNNING")
 
     # A job the store thinks is running but that Ray never heard of: reconciliation must fail it.
     store = Store(settings.database_url)
@@ -359,4 +383,4 @@ def test_restart_reattaches_to_a_running_job(
         assert "ensemble" not in {e["stage"] for e in events if e["kind"] == "stage_started"}
     finally:
         second.stop()
-    assert ray_status(dashboard, job["ray_submission_id"]) == "SUCCEEDED"  # Ray's own record agrees
+    assert ray_status(dashboard, job["ray_submission_id"], completed["ray_headers"]) == "SUCCEEDED"  # Ray agrees

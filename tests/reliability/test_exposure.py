@@ -33,3 +33,23 @@ def test_rmdistill_serve_refuses_before_starting_anything(tmp_path, monkeypatch)
     assert result.exit_code == 2
     assert "no tokens are set" in result.output and "--insecure" in result.output
     assert not (tmp_path / "rmdistill.db").exists()  # refused before the store or a Ray head was touched
+
+
+def test_serve_gives_its_process_a_fresh_embedded_token_before_ray_is_imported(tmp_path):
+    """Ray reads RAY_AUTH_MODE and the token when it is imported: `rmdistill serve` must set them first, or its
+    own serving driver cannot join the token-protected embedded head."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from pathlib import Path; from service.ray_backend import prepare_embedded_auth; "
+        f"prepare_embedded_auth(Path({str(tmp_path)!r})); "
+        "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN_PATH'], 'ray' in sys.modules)"
+    )
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    token_file = tmp_path / "ray-auth-token"
+    assert first == ["token", str(token_file), "False"]
+    token = token_file.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and token_file.stat().st_mode & 0o077 == 0
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert token_file.read_text() != token  # fresh per start
