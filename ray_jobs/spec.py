@@ -18,6 +18,19 @@ from ray_jobs.names import LABELLED_LOSSES, DataFormat, Diversity, Engine, Famil
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+# Upper bounds: generous for any real job, but a spec cannot ask for what no cluster could ever hold (a job that
+# would wait forever, or allocate without limit, is refused at submission, naming the field).
+MAX_ROWS = 10_000_000
+MAX_EPOCHS = 1_000
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_ACCUM = 4_096
+MAX_TOKENS = 131_072
+MAX_NEW_TOKENS = 32_768
+MAX_WORKERS = 1_024
+MAX_SAMPLES = 64
+MAX_RANK = 1_024
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -33,7 +46,7 @@ class LengthBias(_Strict):
 
 
 class LoraSpec(_Strict):
-    r: PositiveInt = Field(16, description="LoRA rank.")
+    r: PositiveInt = Field(16, le=MAX_RANK, description="LoRA rank.")
     alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(None, description="Module names to adapt; None lets PEFT choose.")
@@ -53,9 +66,11 @@ class DataSpec(_Strict):
         True, description="Render prompts with the reference tokenizer's chat template when it has one."
     )
     on_error: Literal["fail", "skip"] = Field("fail", description="What a malformed row does: fail the job or skip.")
-    max_pairs: PositiveInt | None = Field(None, description="Keep at most this many pairs after validation.")
+    max_pairs: PositiveInt | None = Field(
+        None, le=MAX_ROWS, description="Keep at most this many pairs after validation."
+    )
     num_prompts: PositiveInt = Field(
-        200, description="builtin:reviews only: how many of its prompts to sample candidates for."
+        200, le=MAX_ROWS, description="builtin:reviews only: how many of its prompts to sample candidates for."
     )
     length_bias: LengthBias | None = None
 
@@ -74,11 +89,13 @@ class EnsembleSpec(_Strict):
     backbone: str = Field("builtin:minilm-l6", description="Encoder or causal LM under a scalar reward head.")
     diversity: Diversity = "bootstrap"
     members: list[MemberOverride] = Field(default_factory=list, description="Overrides for member 0, 1, ...")
-    epochs: PositiveInt = 2
+    epochs: PositiveInt = Field(2, le=MAX_EPOCHS)
     lr: PositiveFloat = 2.0e-5
-    batch_size: PositiveInt = 16
-    gradient_accumulation_steps: PositiveInt = 1
-    max_length: int = Field(256, ge=8, description="Token budget of prompt + response; members score at it too.")
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
+    gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_ACCUM)
+    max_length: int = Field(
+        256, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response; members score at it too."
+    )
     margin: float = Field(0.0, ge=0.0, description="Constant margin m in -log σ(r_w - r_l - m).")
     center_rewards_coefficient: float = Field(0.0, ge=0.0, description="Weight of the (r_w + r_l)² penalty.")
     precision: Precision = Field(
@@ -96,9 +113,9 @@ class EnsembleSpec(_Strict):
     )
     lora: LoraSpec | None = None
     seed: int = 0
-    workers_per_member: PositiveInt = 1
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: float = Field(0.0, ge=0.0, description="Fractions let several members share one GPU.")
+    workers_per_member: PositiveInt = Field(1, le=MAX_WORKERS)
+    cpus_per_worker: PositiveFloat = Field(1.0, le=MAX_WORKERS)
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=64, description="Fractions let several members share one GPU.")
     max_concurrent: PositiveInt | None = Field(None, description="Members trained at once; None = all that fit.")
     max_retries: int = Field(1, ge=0, description="Retries of a failed member before the stage fails.")
 
@@ -111,13 +128,17 @@ class EnsembleSpec(_Strict):
 
 class GenerationSpec(_Strict):
     engine: Engine = Field("auto", description="auto = vLLM when it loads, else HF generate.")
-    samples_per_prompt: int = Field(2, ge=0, description="Responses sampled from π_ref per prompt (0 = none).")
+    samples_per_prompt: int = Field(
+        2, ge=0, le=MAX_SAMPLES, description="Responses sampled from π_ref per prompt (0 = none)."
+    )
     pairing: Pairing = Field("all", description="All distinct pairs per prompt, or one random pair.")
-    max_new_tokens: PositiveInt = 48
+    max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
-    max_prompts: PositiveInt | None = Field(None, description="Sample for at most this many training prompts.")
+    max_prompts: PositiveInt | None = Field(
+        None, le=MAX_ROWS, description="Sample for at most this many training prompts."
+    )
     include_dataset_pairs: bool = Field(True, description="Also distil on the dataset's own pairs.")
     capped: Literal["keep", "drop"] = Field(
         "keep",
@@ -127,18 +148,21 @@ class GenerationSpec(_Strict):
     kl_samples_per_prompt: int = Field(
         1,
         ge=0,
+        le=MAX_SAMPLES,
         description="π_ref samples per prompt for the forward-KL term (used when distill.alpha > 0). They are drawn "
         "at temperature 1 and top_p 1 whatever the candidates' settings: the term estimates KL under π_ref itself.",
     )
-    replicas: PositiveInt = Field(1, description="Generation engines run in parallel (one per GPU or CPU worker).")
-    batch_size: PositiveInt = 16
-    max_model_len: PositiveInt = 1024
+    replicas: PositiveInt = Field(
+        1, le=MAX_WORKERS, description="Generation engines run in parallel (one per GPU or CPU worker)."
+    )
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
+    max_model_len: PositiveInt = Field(1024, le=MAX_TOKENS)
 
 
 class ScoreSpec(_Strict):
-    batch_size: PositiveInt = 16
-    max_length: int = Field(512, ge=8, description="Token budget of prompt + response when scoring.")
-    replicas: PositiveInt = 1
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response when scoring.")
+    replicas: PositiveInt = Field(1, le=MAX_WORKERS)
 
 
 class DistillSpec(_Strict):
@@ -159,17 +183,17 @@ class DistillSpec(_Strict):
     member: int | None = Field(
         None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
     )
-    epochs: PositiveInt = 1
-    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    epochs: PositiveInt = Field(1, le=MAX_EPOCHS)
+    max_steps: PositiveInt | None = Field(None, le=MAX_STEPS, description="Stop after this many optimizer steps.")
     lr: PositiveFloat = 5.0e-6
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
-    batch_size: PositiveInt = 8
-    gradient_accumulation_steps: PositiveInt = 1
+    batch_size: PositiveInt = Field(8, le=MAX_BATCH)
+    gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_ACCUM)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    max_length: int = Field(512, ge=8, description="Token budget of prompt + response.")
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response.")
     lora: LoraSpec | None = None
-    num_workers: PositiveInt = 1
+    num_workers: PositiveInt = Field(1, le=MAX_WORKERS)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Precision = Field(
@@ -178,8 +202,8 @@ class DistillSpec(_Strict):
         "autocast on GPUs and fp32 on CPUs, bf16 = bf16 autocast everywhere, fp32. Weights stay fp32.",
     )
     compile: bool = Field(False, description="torch.compile the policy.")
-    checkpoint_every: PositiveInt = Field(50, description="Save a resumable checkpoint every N steps.")
-    log_every: PositiveInt = 1
+    checkpoint_every: PositiveInt = Field(50, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
+    log_every: PositiveInt = Field(1, le=MAX_STEPS)
     max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
     seed: int = 0
 
@@ -192,8 +216,8 @@ class DistillSpec(_Strict):
 
 class EvaluateSpec(_Strict):
     oracle: str | None = Field("builtin:vader", description="builtin:vader, a reward-model path, or None to skip.")
-    num_prompts: PositiveInt = 64
-    max_new_tokens: PositiveInt = 48
+    num_prompts: PositiveInt = Field(64, le=MAX_ROWS)
+    max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.7, ge=0.0)
     seed: int = 0
 

@@ -75,7 +75,7 @@ def _owned_job(store: Store, job_id: str, owner: str | None) -> Job:
     "",
     status_code=202,
     summary="Submit a job spec (ray_jobs.spec.JobSpec as JSON)",
-    responses=error_responses(403, 409, 503),
+    responses=error_responses(403, 409, 429, 503),
 )
 def submit_job(
     owner: Owner,
@@ -89,6 +89,14 @@ def submit_job(
         spec = parse_spec(body)
     except SpecError as exc:
         raise ApiError(422, f"invalid job spec: {exc}", exc.errors) from None
+    active = store.count_active(owner)
+    if active >= settings.max_active_jobs:
+        # Each job is a driver process importing torch: one token must not crowd out everyone else.
+        raise ApiError(
+            429,
+            f"{active} of your jobs are pending or running, the limit is {settings.max_active_jobs}: "
+            "wait for one to finish or cancel one",
+        )
 
     def own_job_dir(ref: str) -> str | None:
         job = store.get_job(ref, owner)

@@ -45,6 +45,7 @@ ERROR_DESCRIPTIONS = {
     409: "Conflicts with the job's state, an existing id, or what the cluster can ever provide",
     413: "Request body over the size limit",
     422: "Invalid request or job spec; `fields` names each offending field",
+    429: "Too many of the caller's jobs are pending or running",
     503: "Ray is unavailable or refused the job",
 }
 

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     )
     max_loaded_policies: int = Field(2, gt=0)
     poll_interval_s: float = Field(1.0, gt=0)
+    max_active_jobs: int = Field(
+        10, gt=0, description="Jobs one token may have pending or running at once; more are refused with 429."
+    )
     insecure: bool = Field(
         False, description="Allow a bind address other than loopback without tokens (anyone who reaches it is in)."
     )
@@ -103,6 +106,7 @@ class Settings(BaseModel):
             "ray_address": env.get("RAY_ADDRESS") or None,
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
             "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),
+            "max_active_jobs": int(env.get("RMDISTILL_MAX_ACTIVE_JOBS", "10")),
             "insecure": env.get("RMDISTILL_INSECURE", "").lower() in ("1", "true", "yes"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -158,6 +158,12 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.state.not_in(FINAL_STATES))).all())
 
+    def count_active(self, owner: str | None) -> int:
+        """An owner's jobs that are not final (everyone's when auth is off)."""
+        stmt = _owned(select(func.count()).select_from(Job), Job, owner).where(Job.state.not_in(FINAL_STATES))
+        with self.session() as s:
+            return s.scalar(stmt) or 0
+
     def update_job(self, job_id: str, **fields: Any) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow(), **fields))

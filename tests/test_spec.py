@@ -64,3 +64,22 @@ def test_load_yaml_and_json(tmp_path):
     (tmp_path / "d.yaml").write_text("- a list\n")
     with pytest.raises(SpecError, match="must be a mapping"):
         load_spec(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "bound"),
+    [
+        ("generation", "samples_per_prompt", 10**6, 64),
+        ("generation", "max_new_tokens", 10**9, 32768),
+        ("generation", "replicas", 10**5, 1024),
+        ("distill", "batch_size", 10**7, 65536),
+        ("distill", "max_length", 10**7, 131072),
+        ("ensemble", "workers_per_member", 10**5, 1024),
+        ("evaluate", "num_prompts", 10**9, 10_000_000),
+    ],
+)
+def test_sizes_have_upper_bounds_named_in_the_error(section, field, value, bound):
+    """A spec cannot ask for what no cluster could hold: refused at submission, naming the field and the bound."""
+    with pytest.raises(SpecError) as err:
+        parse_spec({section: {field: value}})
+    assert err.value.errors == [{"field": f"{section}.{field}", "message": f"must be <= {bound}"}]

@@ -96,3 +96,27 @@ def test_a_non_ascii_last_event_id_is_ignored_not_a_500(server):
         with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", headers=headers, timeout=30) as response:
             assert response.status_code == 200
             assert b"job_finished" in b"".join(response.iter_bytes())
+
+
+def test_one_token_cannot_queue_jobs_past_its_limit(tmp_path):
+    """Each job is a driver process importing torch: past `max_active_jobs` pending or running jobs, a token's next
+    submission is a 429 that says why, and touches nothing; another token is not held back by it."""
+    other = "token-other"
+    settings = Settings(
+        data_dir=tmp_path, ray_address=f"http://127.0.0.1:{free_port()}", tokens=[TOKEN, other], max_active_jobs=2
+    )
+    store = Store(settings.database_url)
+    for i in range(2):
+        store.create_job(job_id=f"job-{i}", name="q", owner=owner_of(hash_token(TOKEN)), spec={}, job_dir=str(tmp_path))
+    store.close()
+    server = BackgroundServer(settings).start(timeout_s=120)
+    try:
+        response = httpx.post(f"{server.url}/v1/jobs", json={"name": "third"}, headers=AUTH)
+        assert "2 of your jobs are pending or running, the limit is 2" in _error(response, 429)["message"]
+        assert httpx.get(f"{server.url}/v1/jobs", headers=AUTH).json()["total"] == 2  # nothing recorded
+        elsewhere = httpx.post(
+            f"{server.url}/v1/jobs", json={"name": "x"}, headers={"Authorization": f"Bearer {other}"}
+        )
+        assert elsewhere.status_code == 503  # past the quota, on to the (unreachable) cluster
+    finally:
+        server.stop()
