@@ -50,8 +50,12 @@ def model_cache() -> Path:
     return Path(os.environ.get("RMDISTILL_CACHE", str(home() / "cache"))).expanduser()
 
 
+JOBS_DIR = "jobs"
+
+
 def jobs_root() -> Path:
-    return home() / "jobs"
+    """Where job folders live under the data home (the service's `data_dir`, which it passes to jobs as home)."""
+    return home() / JOBS_DIR
 
 
 @dataclass(frozen=True)

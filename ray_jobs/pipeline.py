@@ -100,9 +100,7 @@ def _write_spec(spec: JobSpec, job_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_job(
-    spec: JobSpec, job_dir: Path, only: list[str] | None = None, stage_fns: dict[str, StageFn] | None = None
-) -> dict[str, Any]:
+def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a job; returns {stage: summary}. Raises on failure after logging an error event."""
     job_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(spec, job_dir)
@@ -136,8 +134,7 @@ def run_job(
             current = stage
             events.emit("stage_started", stage)
             start = time.time()
-            fn = (stage_fns or {}).get(stage) or stage_function(stage)
-            summary = fn(spec, job_dir, events) or {}
+            summary = stage_function(stage)(spec, job_dir, events) or {}
             if not layout.is_complete(stage):
                 raise RuntimeError(f"stage {stage} returned without publishing {stage}/")
             seconds = round(time.time() - start, 2)

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ray_jobs.layout import JOBS_DIR
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -89,7 +91,7 @@ class Settings(BaseModel):
 
     @property
     def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+        return self.data_dir / JOBS_DIR
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

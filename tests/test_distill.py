@@ -190,18 +190,17 @@ def _member_split_pairs(job: Path, tiny_llama: Path) -> None:
     pairs.to_parquet(JobLayout(job).pairs, index=False)
 
 
-def _one_step(tiny_llama: Path, job: Path, run: Path, family: str, batch_size: int, accum: int) -> dict:
-    spec = JobSpec(
+def _step_spec(tiny_llama: Path, family: str, batch_size: int, accum: int, workers: int = 1) -> JobSpec:
+    """One e-DPO optimizer step of `batch_size` × `accum` pairs per worker."""
+    distill = {"loss": "e-dpo", "family": family, "batch_size": batch_size, "max_steps": 1, "lr": 1e-3}
+    return JobSpec(
         reference=str(tiny_llama),
-        distill={
-            "loss": "e-dpo",
-            "family": family,
-            "batch_size": batch_size,
-            "gradient_accumulation_steps": accum,
-            "max_steps": 1,
-            "lr": 1e-3,
-        },
+        distill={**distill, "gradient_accumulation_steps": accum, "num_workers": workers},
     )
+
+
+def _one_step(tiny_llama: Path, job: Path, run: Path, family: str, batch_size: int, accum: int) -> dict:
+    spec = _step_spec(tiny_llama, family, batch_size, accum)
     train_policy(distill_task(spec, job, log_dir=str(run), checkpoint_dir=None))
     return [e for e in read_events(run) if e["kind"] == "metrics"][-1]["values"]
 
@@ -233,19 +232,7 @@ def test_two_workers_choose_the_member_of_the_whole_step(ray_cluster, tiny_llama
     job = tmp_path / "job"
     _member_split_pairs(job, tiny_llama)
     whole = _one_step(tiny_llama, job, tmp_path / "whole", "min", batch_size=8, accum=1)
-    spec = JobSpec(
-        reference=str(tiny_llama),
-        distill={
-            "loss": "e-dpo",
-            "family": "min",
-            "batch_size": 2,
-            "gradient_accumulation_steps": 2,
-            "max_steps": 1,
-            "lr": 1e-3,
-            "num_workers": 2,
-        },
-    )
-    run_distill(spec, job, EventLog(job))
+    run_distill(_step_spec(tiny_llama, "min", batch_size=2, accum=2, workers=2), job, EventLog(job))
     values = [e for e in read_events(job) if e["kind"] == "metrics"][-1]["values"]
     assert values["member_argmin_counts"] == [0.0, 2.0]
     assert values["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)

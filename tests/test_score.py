@@ -16,7 +16,7 @@ import torch
 from ray_jobs.events import EventLog
 from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.generate.stage import run as run_generation
-from ray_jobs.layout import CANDIDATES, KL_SAMPLES, PAIRS, REF_SAMPLES, JobLayout
+from ray_jobs.layout import CANDIDATES, KL_SAMPLES, PAIRS, PREFERENCES, REF_SAMPLES, JobLayout
 from ray_jobs.score.stage import ScoringError, build_pairs
 from ray_jobs.score.stage import run as run_scoring
 from ray_jobs.spec import JobSpec
@@ -85,7 +85,7 @@ def _spec(tiny_llama: Path, tiny_bert: Path, **generation) -> JobSpec:
 def scored(ray_cluster, tiny_llama, tiny_bert, tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("job")
     (job_dir / "data").mkdir()
-    TRAIN.to_parquet(job_dir / "data" / "train.parquet", index=False)
+    PREFERENCES.write(TRAIN, JobLayout(job_dir).train)
     _write_ensemble(job_dir, tiny_bert, broken=(False, False))
     spec = _spec(tiny_llama, tiny_bert)
     events = EventLog(job_dir)
@@ -196,8 +196,9 @@ def test_a_member_that_gives_nan_fails_the_stage_and_writes_nothing(scored, tiny
 
 
 def test_pair_construction_drops_identical_responses():
+    responses = [["a", "a", "b"], ["x", "y", "z"], ["m", "m"], ["u"]]
     candidates = pd.DataFrame(
-        {"prompt": ["p", "q", "r", "s"], "responses": [["a", "a", "b"], ["x", "y", "z"], ["m", "m"], ["u"]]}
+        {"prompt": ["p", "q", "r", "s"], "responses": responses, "ended": [[True] * len(r) for r in responses]}
     )
     every = build_pairs(candidates, "all", seed=0)
     assert every[["prompt", "response_a", "response_b"]].values.tolist() == [
@@ -219,7 +220,7 @@ def test_kl_samples_come_from_pi_ref_itself_whatever_the_candidates_settings(
     """Candidates at temperature 0.7 and top_p 0.9; the forward-KL samples must still be draws of π_ref (T = 1,
     top_p = 1), or the α term estimates the KL to a sharpened π_ref."""
     JobLayout(tmp_path).train.parent.mkdir(parents=True)
-    TRAIN.to_parquet(JobLayout(tmp_path).train, index=False)
+    PREFERENCES.write(TRAIN, JobLayout(tmp_path).train)
     spec = _spec(tiny_llama, tiny_bert, temperature=0.7, top_p=0.9)
     run_generation(spec, tmp_path, EventLog(tmp_path))
     prompts = list(dict.fromkeys(TRAIN["prompt"]))

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ray_jobs.events import EventLog
+from ray_jobs.generate.engines import count_capped, drop_capped
 from ray_jobs.layout import CANDIDATES, model_cache
 from ray_jobs.spec import GenerationSpec, JobSpec
 
@@ -111,10 +112,9 @@ def reviews_records(
     n = max(2, gen.samples_per_prompt)
     prompts = [render(p) for p in select_prompts(spec.data.num_prompts, spec.data.seed)]
     responses, ended, cached = sample_candidates(spec.reference, prompts, n, gen, events)
-    capped = sum(not flag for flags in ended for flag in flags)
+    capped = count_capped(ended)
     if gen.capped == "drop":
-        kept = [[(r, e) for r, e in zip(rs, es, strict=True) if e] for rs, es in zip(responses, ended, strict=True)]
-        responses, ended = [[r for r, _ in k] for k in kept], [[e for _, e in k] for k in kept]
+        responses, ended = drop_capped(responses, ended)
     ended_of = {
         (p, r): e for p, rs, es in zip(prompts, responses, ended, strict=True) for r, e in zip(rs, es, strict=True)
     }

@@ -214,7 +214,7 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
         "backbones": sorted({m["backbone"] for m in members}),
         "diversity": spec.diversity,
         "members": [
-            {"path": member_dir("", m["member"]).name, "member": m["member"], **{key: m[key] for key in keys}}
+            {"path": member_dir(out_root, m["member"]).name, "member": m["member"], **{key: m[key] for key in keys}}
             | {
                 "node_id": m["node_id"],
                 "node_ip": m["node_ip"],

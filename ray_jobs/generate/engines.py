@@ -125,6 +125,16 @@ class Generation:
     engine: str  # "vllm", "hf", or "none" when nothing was asked for
 
 
+def drop_capped(texts: list[list[str]], ended: list[list[bool]]) -> tuple[list[list[str]], list[list[bool]]]:
+    """Each prompt's completions without those cut at the token cap (`generation.capped: drop`)."""
+    kept = [[(t, e) for t, e in zip(ts, es, strict=True) if e] for ts, es in zip(texts, ended, strict=True)]
+    return [[t for t, _ in k] for k in kept], [[e for _, e in k] for k in kept]
+
+
+def count_capped(ended: list[list[bool]]) -> int:
+    return sum(not e for es in ended for e in es)
+
+
 def _run_pool(
     predictor: type, kwargs: dict, prompts: list[str], gen: GenerationSpec, events: EventLog | None, stage: Stage
 ) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ray_jobs.events import EventLog
-from ray_jobs.generate.engines import generate, kl_sampling
+from ray_jobs.generate.engines import count_capped, drop_capped, generate, kl_sampling
 from ray_jobs.layout import CANDIDATES, KL_SAMPLES, JobLayout
 from ray_jobs.spec import JobSpec
 
@@ -27,10 +27,6 @@ def training_prompts(layout: JobLayout, max_prompts: int | None, seed: int) -> l
         keep = np.sort(np.random.default_rng(seed).choice(len(prompts), size=max_prompts, replace=False))
         prompts = [prompts[i] for i in keep]
     return prompts
-
-
-def _count_capped(ended: list[list[bool]]) -> int:
-    return sum(not e for es in ended for e in es)
 
 
 def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
@@ -56,7 +52,7 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
         result = generate(spec.reference, prompts, k, gen, events, stage=STAGE)
         kl = generate(spec.reference, prompts, n_kl, kl_gen, events, stage=STAGE)
         engine, texts, ended, kl_texts, kl_ended = result.engine, result.texts, result.ended, kl.texts, kl.ended
-    capped = {"candidates": _count_capped(ended), "kl_samples": _count_capped(kl_ended)}
+    capped = {"candidates": count_capped(ended), "kl_samples": count_capped(kl_ended)}
     if any(capped.values()):
         events.emit(
             "log",
@@ -65,21 +61,12 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
             f"max_new_tokens={gen.max_new_tokens}: {'dropped' if gen.capped == 'drop' else 'kept, scored without EOS'}",
             capped=capped,
         )
-    keep = gen.capped == "keep"
-    candidates = pd.DataFrame(
-        {
-            "prompt": prompts,
-            "responses": [
-                [t for t, e in zip(ts, es, strict=True) if keep or e] for ts, es in zip(texts, ended, strict=True)
-            ],
-            "ended": [[e for e in es if keep or e] for es in ended],
-        }
-    )
+    if gen.capped == "drop":
+        texts, ended = drop_capped(texts, ended)
+        kl_texts, kl_ended = drop_capped(kl_texts, kl_ended)
+    candidates = pd.DataFrame({"prompt": prompts, "responses": texts, "ended": ended})
     kl_rows = [
-        (p, t, e)
-        for p, ts, es in zip(prompts, kl_texts, kl_ended, strict=True)
-        for t, e in zip(ts, es, strict=True)
-        if keep or e
+        (p, t, e) for p, ts, es in zip(prompts, kl_texts, kl_ended, strict=True) for t, e in zip(ts, es, strict=True)
     ]
     with layout.staging(STAGE) as out:
         CANDIDATES.write(candidates, out / layout.candidates.name)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ray_jobs.ensemble.stage import load_members
 from ray_jobs.events import EventLog
-from ray_jobs.layout import PAIRS, PREFERENCES, REF_SAMPLES, JobLayout
+from ray_jobs.layout import PAIRS, REF_SAMPLES, JobLayout
 from ray_jobs.score.scorer import score_texts
 from ray_jobs.spec import JobSpec, SpecError
 
@@ -49,8 +49,8 @@ def build_pairs(candidates: pd.DataFrame, pairing: str, seed: int) -> pd.DataFra
         raise ValueError(f"pairing must be 'all' or 'random', got {pairing!r}")
     rng = np.random.default_rng(seed)
     rows = []
-    ended = candidates["ended"] if "ended" in candidates else [[True] * len(r) for r in candidates["responses"]]
-    for prompt, responses, flags in zip(candidates["prompt"], candidates["responses"], ended, strict=True):
+    columns = (candidates["prompt"], candidates["responses"], candidates["ended"])
+    for prompt, responses, flags in zip(*columns, strict=True):
         ended_of = dict(zip((str(r) for r in responses), map(bool, flags), strict=True))
         distinct = list(ended_of)
         if len(distinct) < 2:
@@ -70,8 +70,7 @@ def build_pairs(candidates: pd.DataFrame, pairing: str, seed: int) -> pd.DataFra
 def dataset_pairs(train: pd.DataFrame) -> pd.DataFrame:
     """The preference data's own pairs with their labels (1 = a preferred, 0 = b, null = unlabelled)."""
     pairs = train[["prompt", "response_a", "response_b"]].astype(str).reset_index(drop=True)
-    for column, default in PREFERENCES.defaults:  # data written before the ended flags existed: complete texts
-        pairs[column] = train[column].to_numpy(dtype=bool) if column in train else default
+    pairs["ended_a"], pairs["ended_b"] = train["ended_a"].to_numpy(dtype=bool), train["ended_b"].to_numpy(dtype=bool)
     pairs["source"] = "dataset"
     pairs["label"] = pd.array(train["label"].to_numpy(), dtype="Int8")
     return pairs
@@ -113,9 +112,7 @@ def check_reusable(spec: JobSpec, source: JobLayout) -> None:
 def _read_samples(layout: JobLayout) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not layout.candidates.is_file():
         raise FileNotFoundError(f"{layout.candidates} is missing: run the generate stage first")
-    kl = layout.kl_samples
-    kl_samples = pd.read_parquet(kl) if kl.is_file() else pd.DataFrame({"prompt": [], "response": []})
-    return pd.read_parquet(layout.candidates), kl_samples
+    return pd.read_parquet(layout.candidates), pd.read_parquet(layout.kl_samples)
 
 
 def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
@@ -139,8 +136,8 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
     keys_a = list(zip(pairs["prompt"], pairs["response_a"], pairs["ended_a"].astype(bool), strict=True))
     keys_b = list(zip(pairs["prompt"], pairs["response_b"], pairs["ended_b"].astype(bool), strict=True))
     pair_texts = list(dict.fromkeys(keys_a + keys_b))
-    kl_ended = kl_samples["ended"].astype(bool) if "ended" in kl_samples else [True] * len(kl_samples)
-    kl_texts = list(zip(kl_samples["prompt"].astype(str), kl_samples["response"].astype(str), kl_ended, strict=True))
+    columns = (kl_samples["prompt"].astype(str), kl_samples["response"].astype(str), kl_samples["ended"].astype(bool))
+    kl_texts = list(zip(*columns, strict=True))
     all_texts = list(dict.fromkeys(pair_texts + kl_texts))
     # Each member scores at the token budget it was trained at; score.max_length where none is recorded.
     members = [(str(path), max_length or sc.max_length) for path, max_length in load_members(layout.ensemble)]
