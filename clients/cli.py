@@ -185,3 +185,56 @@ def chat(
     with _client(ctx) as client:
         answer = client.chat(policy, message, max_tokens=max_tokens)
     typer.echo(answer["choices"][0]["message"]["content"])
+
+
+@app.command()
+def experiment(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="Experiment spec (.yaml), e.g. examples/experiment.yaml."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Run the spec's quick grid (minutes) instead of the full one."),
+    results: Path | None = typer.Option(
+        None, help="Folder for the cell files and the table (default: experiments/<name>); re-runs skip done cells."
+    ),
+    on_service: bool = typer.Option(
+        False, "--on-service", help="Let the service run the grid (POST /v1/experiments) and only watch it."
+    ),
+) -> None:
+    """Run a robustness grid (ρ × arm × α × seed), each cell an ordinary job; resumable, ends with the table."""
+    from ray_jobs.experiment.grid import load_experiment
+    from ray_jobs.experiment.runner import run_experiment
+    from ray_jobs.spec import SpecError
+
+    try:
+        plan = load_experiment(spec, quick)
+    except SpecError as exc:
+        console.print(f"[red]invalid experiment[/red]: {exc}")
+        raise typer.Exit(2) from None
+    with _client(ctx) as client:
+        if on_service:
+            outcome = _watch_experiment(client, client.submit_experiment(spec, quick)["id"])
+        else:
+            folder = results or Path("experiments") / plan.name
+            outcome = run_experiment(plan, client, folder, log=lambda line: console.print(f"[dim]{line}"))
+            outcome["table"] = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
+    typer.echo(outcome["table"])
+    if outcome["failures"]:
+        console.print(f"[red]failed cells[/red]: {outcome['failures']}")
+        raise typer.Exit(1)
+
+
+def _watch_experiment(client: Client, experiment_id: str) -> dict[str, Any]:
+    """Poll a service-run experiment until it ends, printing each cell as it finishes."""
+    import time
+
+    seen: set[str] = set()
+    while True:
+        state = client.experiment(experiment_id)
+        for cell in state["done"]:
+            if cell not in seen:
+                seen.add(cell)
+                console.print(f"[dim]cell {cell} done ({len(seen)}/{state['cells']})")
+        if state["state"] != "running":
+            return state
+        time.sleep(5.0)

@@ -150,6 +150,22 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['state']} (stage {job.get('stage')}) after {timeout} s")
             time.sleep(poll_s)
 
+    def results(self, job_id: str) -> dict[str, Any]:
+        """A finished job's {"data": data summary, "evaluate": evaluation report with per-sample scores}."""
+        return self._request("GET", f"/v1/jobs/{job_id}/results").json()
+
+    def run(self, spec: dict[str, Any]) -> tuple[str, str]:
+        """Submit a spec and wait for it to end: (job id, final state). With `results`, a runner for experiments."""
+        job = self.submit(spec)
+        return job["id"], self.wait(job["id"], poll_s=2.0)["state"]
+
+    # -- experiments run by the service --
+    def submit_experiment(self, spec: dict[str, Any] | str | Path, quick: bool = False) -> dict[str, Any]:
+        return self._request("POST", "/v1/experiments", json={"spec": _load_spec(spec), "quick": quick}).json()
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/experiments/{experiment_id}").json()
+
     # -- policies --
     def policies(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/policies").json()["items"]

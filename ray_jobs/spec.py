@@ -37,11 +37,25 @@ class _Strict(BaseModel):
 
 
 class LengthBias(_Strict):
-    """The paper's induced length shift (PAPER.md §4.1)."""
+    """The paper's induced length shift (PAPER.md §4.1), applied to the training split only.
+
+    The test split is cut by prompt first and stays as the data had it, so held-out numbers never see the bias.
+    """
 
     rho: float = Field(0.8, ge=0.0, le=1.0, description="Fraction of kept pairs whose longer response is preferred.")
     min_ratio: float = Field(
         1.1, ge=1.0, description="Pairs count as length-different when longer/shorter >= this ratio."
+    )
+    match_rhos: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Keep as many pairs as every rho in this list could keep (the largest common size), so jobs of "
+        "a rho sweep differ in bias and not in training-set size. Empty: as many as this rho allows.",
+    )
+    similar_length: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Pairs below min_ratio carry no length signal: drop them (the paper) or keep them all, the same "
+        "ones for every rho, on top of the biased subset.",
     )
 
 
@@ -67,10 +81,25 @@ class DataSpec(_Strict):
     )
     on_error: Literal["fail", "skip"] = Field("fail", description="What a malformed row does: fail the job or skip.")
     max_pairs: PositiveInt | None = Field(
-        None, le=MAX_ROWS, description="Keep at most this many pairs after validation."
+        None,
+        le=MAX_ROWS,
+        description="Keep at most this many training pairs (the test split is cut first and not capped).",
+    )
+    relabel: str | None = Field(
+        None,
+        description="Relabel every pair with this oracle before the split and the bias (builtin:vader or a "
+        "reward-model path), so the oracle that judges the policy also labels its data, as in the paper. Ties are "
+        "dropped.",
     )
     num_prompts: PositiveInt = Field(
         200, le=MAX_ROWS, description="builtin:reviews only: how many of its prompts to sample candidates for."
+    )
+    candidates_per_prompt: int = Field(
+        3,
+        ge=2,
+        le=MAX_SAMPLES,
+        description="builtin:reviews only: responses sampled from the reference per prompt; every two of them make "
+        "a pair (3 → 3 pairs). Independent of generation.samples_per_prompt, which adds generated pairs for training.",
     )
     length_bias: LengthBias | None = None
 
@@ -216,7 +245,24 @@ class DistillSpec(_Strict):
 
 class EvaluateSpec(_Strict):
     oracle: str | None = Field("builtin:vader", description="builtin:vader, a reward-model path, or None to skip.")
-    num_prompts: PositiveInt = Field(64, le=MAX_ROWS)
+    prompts: str = Field(
+        "auto",
+        description="Where evaluation prompts come from: held_out (the data stage's test split), builtin:reviews "
+        "(a fixed set of 200 review prompts whose subjects never occur in builtin:reviews' training prompts), a "
+        ".txt file with one prompt per line, or auto (builtin:reviews for that source, else held_out). A fixed set "
+        "keeps evaluation the same for every job of a sweep, whatever the data's bias or split.",
+    )
+    num_prompts: PositiveInt = Field(64, le=MAX_ROWS, description="The first this-many prompts of that set.")
+    samples_per_prompt: PositiveInt = Field(
+        1, le=MAX_SAMPLES, description="Samples per prompt from the policy and from π_ref, compared one to one."
+    )
+    chosen_pairs: int = Field(
+        64,
+        ge=0,
+        le=MAX_ROWS,
+        description="Training pairs on which to report log π(chosen) − log π_ref(chosen) (0 = skip): DPO is known to "
+        "push it down even as it fits the labels.",
+    )
     max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.7, ge=0.0)
     seed: int = 0
@@ -267,7 +313,8 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
-def _friendly(err: dict[str, Any]) -> dict[str, str]:
+def friendly_error(err: dict[str, Any]) -> dict[str, str]:
+    """One pydantic error as {field: dotted path, message: what is wrong} for API bodies."""
     field = ".".join(str(p) for p in err["loc"]) or "spec"
     kind, ctx = err["type"], err.get("ctx") or {}
     messages = {
@@ -290,7 +337,7 @@ def parse_spec(data: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_friendly(e) for e in exc.errors()]) from None
+        raise SpecError([friendly_error(e) for e in exc.errors()]) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -66,8 +66,8 @@ def main() -> int:
     openai = OpenAI(base_url=f"{args.url}/v1", api_key="unused")
     reply = openai.chat.completions.create(
         model=job["id"],
-        messages=[{"role": "user", "content": "Write a short review of a small seaside café."}],
-        max_tokens=60,
+        messages=[{"role": "user", "content": "In one sentence, review a small seaside café."}],
+        max_tokens=96,
         temperature=0.7,
     )
     print(f"\npolicy {job['id']} says:\n{reply.choices[0].message.content}")

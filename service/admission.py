@@ -26,6 +26,8 @@ def _ref_fields(spec: JobSpec) -> Iterator[tuple[str, str]]:
             yield f"ensemble.members.{i}.backbone", member.backbone
     if spec.evaluate.oracle:
         yield "evaluate.oracle", spec.evaluate.oracle
+    if spec.data.relabel:
+        yield "data.relabel", spec.data.relabel
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
@@ -106,6 +108,8 @@ def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[s
         for part in parents:
             target = target[int(part)] if part.isdigit() else target[part]
         target[leaf] = confined
+    if spec.evaluate.prompts not in ("auto", "held_out") and not spec.evaluate.prompts.startswith(MODEL_PREFIXES):
+        data["evaluate"]["prompts"] = confine_path("evaluate.prompts", spec.evaluate.prompts, roots)
     for name in ("ensemble", "pairs"):
         value = getattr(spec.reuse, name)
         if value is not None:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import jobs_api, ops_api, policies_api, serving
+from service import experiments_api, jobs_api, ops_api, policies_api, serving
 from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
@@ -86,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        experiments_api.stop_all(app.state)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.experiments = {}  # experiment id -> its running thread (service/experiments_api.py)
     install_error_handlers(app)
 
     @app.exception_handler(RayUnavailable)
@@ -115,6 +117,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
-    for module in (jobs_api, policies_api, serving, ops_api):
+    for module in (jobs_api, experiments_api, policies_api, serving, ops_api):
         app.include_router(module.router)
     return app

@@ -20,8 +20,9 @@ from service.admission import check_cluster, confine_spec
 from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.progress import artifacts, summarize
-from service.ray_backend import RayUnavailable
+from service.ray_backend import RayBackend, RayUnavailable
 from service.schemas import PLAIN_TEXT, EventPage, JobBrief, JobDetail, JobPage, Transition, error_responses
+from service.settings import Settings
 from service.store import Job, Store
 
 # Offsets past this are no page of anything: SQL backends cannot even take them (SQLite's are 64-bit).
@@ -85,6 +86,13 @@ def submit_job(
     response: Response,
     body: Annotated[dict[str, Any], Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
 ) -> JobDetail:
+    job = submit_spec(body, owner, store, settings, backend)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_detail(store, job)
+
+
+def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings: Settings, backend: RayBackend) -> Job:
+    """Validate, admit and submit one job spec: the path of POST /v1/jobs, and of each experiment cell."""
     try:
         spec = parse_spec(body)
     except SpecError as exc:
@@ -124,8 +132,7 @@ def submit_job(
     store.update_job(job_id, ray_submission_id=submission_id)
     job = store.get_job(job_id)
     assert job is not None
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return job_detail(store, job)
+    return job
 
 
 @router.get("", summary="List jobs, newest first")
@@ -148,6 +155,24 @@ def list_jobs(
 )
 def get_job(job_id: str, owner: Owner, store: StoreDep) -> JobDetail:
     return job_detail(store, _owned_job(store, job_id, owner))
+
+
+def job_results(job: Job) -> dict[str, Any]:
+    """What a finished job measured: its data summary and its evaluation report."""
+    layout = JobLayout(job.job_dir)
+    if not layout.report.is_file():
+        raise ApiError(404, f"job {job.id} has no evaluation report (state {job.state})")
+    data = json.loads(layout.data_summary.read_text()) if layout.data_summary.is_file() else None
+    return {"data": data, "evaluate": json.loads(layout.report.read_text())}
+
+
+@router.get(
+    "/{job_id}/results",
+    summary="A finished job's data summary and evaluation report (win rate, KL, lengths, per-sample scores)",
+    responses=error_responses(404),
+)
+def get_results(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
+    return job_results(_owned_job(store, job_id, owner))
 
 
 def _sse(event: dict[str, Any], event_id: int) -> bytes:

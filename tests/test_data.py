@@ -374,22 +374,81 @@ def test_stage_splits_read_back_as_datasets_and_ray_datasets(tmp_path, tiny_llam
     assert ray_test.count() == 2 and ray_test.schema().names == list(PREFERENCES.names)
 
 
-def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_data):
+def _tldr_job(tmp_path, tiny_llama, shared_data, name: str, **data) -> tuple[dict, list, list]:
     spec = parse_spec(
         {
             "reference": str(tiny_llama),
-            "data": {
-                "source": str(shared_data / TLDR),
-                "length_bias": {"rho": 0.2, "min_ratio": 1.1},
-                "max_pairs": 300,
-                "apply_chat_template": False,
-            },
+            "data": {"source": str(shared_data / TLDR), "apply_chat_template": False, **data},
         }
     )
-    summary = prepare_data(spec, tmp_path / "job", EventLog(tmp_path / "job"))
-    assert (summary["length_bias"]["kept"], summary["kept"], summary["train"] + summary["test"]) == (300, 300, 300)
+    job = tmp_path / name
+    summary = prepare_data(spec, job, EventLog(job))
+    return summary, *(pq.read_table(job / "data" / f"{s}.parquet").to_pylist() for s in ("train", "test"))
+
+
+def test_prepare_data_length_bias_and_max_pairs(tmp_path, tiny_llama, shared_data):
+    bias = {"length_bias": {"rho": 0.2, "min_ratio": 1.1}, "max_pairs": 300}
+    summary, train, test = _tldr_job(tmp_path, tiny_llama, shared_data, "job", **bias)
+    # The cap and the bias apply to the training split only; the held-out split is cut first and kept whole.
+    assert (summary["length_bias"]["kept"], summary["train"], len(train)) == (300, 300, 300)
     assert (summary["length_bias"]["longer_preferred_kept"], summary["length_bias"]["rho_achieved"]) == (60, 0.2)
     assert summary["length_bias"]["length_unit"] == "words"
+    unbiased, _, unbiased_test = _tldr_job(tmp_path, tiny_llama, shared_data, "plain")
+    assert test == unbiased_test and summary["test"] == unbiased["test"] == len(test) > 0
+    assert summary["kept"] == 300 + len(test)
+
+
+def test_split_comes_before_the_bias_so_every_rho_shares_the_held_out_prompts(tmp_path, tiny_llama, shared_data):
+    tests = {}
+    for rho in (0.2, 0.8):
+        summary, train, tests[rho] = _tldr_job(
+            tmp_path, tiny_llama, shared_data, f"rho{rho}", length_bias={"rho": rho, "min_ratio": 1.1}
+        )
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in tests[rho]}
+    assert tests[0.2] == tests[0.8]
+
+
+def test_match_rhos_gives_every_rho_the_same_training_size(tmp_path, tiny_llama, shared_data):
+    sizes, matched = {}, {}
+    for rho in (0.2, 0.5, 0.8):
+        bias = {"rho": rho, "min_ratio": 1.1}
+        sizes[rho] = _tldr_job(tmp_path, tiny_llama, shared_data, f"a{rho}", length_bias=bias)[0]["train"]
+        summary = _tldr_job(
+            tmp_path, tiny_llama, shared_data, f"m{rho}", length_bias={**bias, "match_rhos": [0.2, 0.5, 0.8]}
+        )[0]
+        matched[rho] = summary["train"]
+        assert summary["length_bias"]["rho_achieved"] == pytest.approx(rho, abs=0.01)
+        assert summary["length_bias"]["size_matched_over"] == [0.2, 0.5, 0.8]
+    assert len(set(sizes.values())) == 3  # each rho alone keeps a different number of pairs
+    assert set(matched.values()) == {min(sizes.values())}
+
+
+def test_similar_length_pairs_can_be_kept_whole(tmp_path, tiny_llama, shared_data):
+    bias = {"rho": 0.8, "min_ratio": 1.5}
+    dropped, train, _ = _tldr_job(tmp_path, tiny_llama, shared_data, "drop", length_bias=bias)
+    kept, train_kept, _ = _tldr_job(
+        tmp_path, tiny_llama, shared_data, "keep", length_bias={**bias, "similar_length": "keep"}
+    )
+    similar = kept["length_bias"]["similar_length_kept"]
+    lengths = [sorted((words(r["response_a"]), words(r["response_b"]))) for r in train_kept]
+    close = [(short, long) for short, long in lengths if short > 0 and long < 1.5 * short]
+    assert similar == len(close) > 0 and dropped["length_bias"]["similar_length_kept"] == 0
+    assert len(train_kept) == len(train) + similar
+    assert kept["length_bias"]["rho_achieved"] == dropped["length_bias"]["rho_achieved"]
+
+
+def test_relabel_by_the_oracle_before_the_bias(tmp_path, tiny_llama, shared_data):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    summary, train, test = _tldr_job(tmp_path, tiny_llama, shared_data, "job", relabel="builtin:vader")
+    vader = SentimentIntensityAnalyzer()
+
+    def score(text: str) -> float:
+        return vader.polarity_scores(text)["compound"]
+
+    rows = train + test
+    assert all(r["label"] == int(score(r["response_a"]) > score(r["response_b"])) for r in rows)
+    assert summary["relabelled"] == {"oracle": "builtin:vader", "ties_dropped": 929 - len(rows)} and len(rows) > 300
 
 
 def test_failed_prepare_leaves_no_data_folder(tmp_path):
@@ -413,31 +472,50 @@ def test_failed_prepare_leaves_no_data_folder(tmp_path):
 # --- builtin:reviews ------------------------------------------------------------------------------------------------
 
 
+def test_builtin_reviews_evaluation_prompts_share_no_subject_with_training():
+    import re
+
+    from ray_jobs.data import reviews
+
+    def subject(prompt: str) -> str:
+        return re.sub(
+            r"^(In one sentence, review |Give a one-sentence review of |Review )|( in a single sentence)?\.$",
+            "",
+            prompt,
+        )
+
+    train, held_out = reviews.review_prompts(), reviews.eval_prompts()
+    assert len(held_out) == len(set(held_out)) == 200 and len(train) == len(set(train)) >= 400
+    assert {subject(p) for p in held_out}.isdisjoint({subject(p) for p in train})
+    assert len({subject(p) for p in held_out}) == 100 and len({subject(p) for p in train}) >= 130
+
+
 def test_builtin_reviews_labels_agree_with_vader(tmp_path, monkeypatch):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     from ray_jobs.data import reviews
+    from ray_jobs.generate import cache
 
     assert len(reviews.review_prompts()) >= 200 and len(set(reviews.review_prompts())) == len(reviews.review_prompts())
-    monkeypatch.setattr(reviews, "model_cache", lambda: tmp_path / "cache")
+    monkeypatch.setattr(cache, "model_cache", lambda: tmp_path / "cache")
     spec = parse_spec(
         {
             "reference": "builtin:smollm2-135m",
-            "data": {"source": "builtin:reviews", "num_prompts": 6, "test_fraction": 0.34},
-            "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 24, "temperature": 1.0},
+            "data": {"source": "builtin:reviews", "num_prompts": 6, "test_fraction": 0.34, "candidates_per_prompt": 2},
+            "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 12, "temperature": 1.0},
         }
     )
     summary = prepare_data(spec, tmp_path / "job", EventLog(tmp_path / "job"))
     rows = [*pq.read_table(tmp_path / "job/data/train.parquet").to_pylist()]
     rows += pq.read_table(tmp_path / "job/data/test.parquet").to_pylist()
     assert summary["prompts"] == 6 and not summary["candidates_cached"]
-    # 24 tokens cut most reviews short: the cut ones are flagged, so they are scored and trained without EOS.
+    # 12 tokens cut most reviews short: the cut ones are flagged, so they are scored and trained without EOS.
     flags = [row[k] for row in rows for k in ("ended_a", "ended_b")]
     assert summary["capped"] >= 1 and not all(flags)
     assert len(rows) == 6 - sum(summary["skipped"].values()) >= 4
     vader = SentimentIntensityAnalyzer()
     for row in rows:
-        assert row["prompt"].startswith("<|im_start|>") and "review" in row["prompt"]
+        assert row["prompt"].startswith("<|im_start|>") and "review" in row["prompt"].lower()
         assert len(row["response_a"].split()) >= 3  # real words, not token soup
         a, b = (vader.polarity_scores(row[k])["compound"] for k in ("response_a", "response_b"))
         assert row["label"] == int(a > b) and abs(a - b) >= 1e-6

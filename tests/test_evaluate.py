@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 from support.pairs import PROMPTS, write_pairs, write_test_data
 
 from ray_jobs.distill.loop import distill_task, train_policy
-from ray_jobs.evaluate.stage import EvaluationError, kl_estimate, win_rate
+from ray_jobs.evaluate.stage import EvaluationError, chosen_logratio, evaluation_prompts, kl_estimate, win_rate
 from ray_jobs.evaluate.stage import run as run_evaluation
 from ray_jobs.events import EventLog
 from ray_jobs.layout import JobLayout
@@ -37,7 +38,7 @@ def trained_job(tmp_path_factory, tiny_llama) -> tuple[JobSpec, Path]:
         reference=str(tiny_llama),
         distill={"loss": "dpo", "lr": 1e-2, "batch_size": 8, "max_steps": 3},
         generation={"engine": "hf"},
-        evaluate={"oracle": "builtin:vader", "num_prompts": 3, "max_new_tokens": 8},
+        evaluate={"oracle": "builtin:vader", "prompts": "held_out", "num_prompts": 3, "max_new_tokens": 8},
     )
     train_policy(distill_task(spec, job, checkpoint_dir=None, output_dir=str(JobLayout(job).policy)))
     return spec, job
@@ -58,6 +59,54 @@ def test_evaluation_writes_report_and_plots(trained_job):
     for name in ("training_curves.png", "lengths.png", "rewards.png"):
         assert (JobLayout(job).stage("evaluate") / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(report["plots"]) == ["lengths.png", "rewards.png", "training_curves.png"]
+
+
+def test_samples_are_kept_by_key_and_reference_samples_are_shared(trained_job, tmp_path):
+    spec, job = trained_job
+    two = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"samples_per_prompt": 2})})
+    reports = []
+    for copy in ("a", "b"):
+        # Two jobs with the same reference, prompts and seed: judged against the very same reference samples.
+        other = tmp_path / copy
+        shutil.copytree(job, other, ignore=shutil.ignore_patterns("evaluate", ".partial"))
+        run_evaluation(two, other, EventLog(other))
+        reports.append(json.loads(JobLayout(other).report.read_text()))
+    samples = reports[0]["samples"]
+    assert samples["key"] == ["0:0", "0:1", "1:0", "1:1", "2:0", "2:1"]
+    assert len(samples["policy"]) == len(samples["reference"]) == len(samples["policy_tokens"]) == 6
+    assert reports[0]["win_rate"]["n"] == 6 and reports[0]["samples_per_prompt"] == 2
+    assert samples["reference"] == reports[1]["samples"]["reference"]
+    wins = sum((p > r) + 0.5 * (p == r) for p, r in zip(samples["policy"], samples["reference"], strict=True))
+    assert reports[0]["win_rate"]["rate"] == pytest.approx(wins / 6)
+    # The training pairs prefer "a warm film": a finite log-ratio, computed on them.
+    assert math.isfinite(reports[0]["chosen_logratio"])
+
+
+def test_chosen_logratio_of_the_reference_itself_is_zero(tiny_llama, tmp_path):
+    write_test_data(tmp_path)
+    spec = JobSpec(reference=str(tiny_llama), evaluate={"chosen_pairs": 2})
+    assert chosen_logratio(spec, JobLayout(tmp_path), Path(tiny_llama)) == pytest.approx(0.0, abs=1e-6)
+    none = JobSpec(reference=str(tiny_llama), evaluate={"chosen_pairs": 0})
+    assert chosen_logratio(none, JobLayout(tmp_path), Path(tiny_llama)) is None
+
+
+def test_evaluation_prompts_fixed_set_held_out_or_a_file(tiny_llama, tmp_path):
+    from ray_jobs.data.reviews import eval_prompts
+
+    write_test_data(tmp_path)
+    layout = JobLayout(tmp_path)
+    builtin = JobSpec(reference=str(tiny_llama), data={"apply_chat_template": False}, evaluate={"num_prompts": 500})
+    assert evaluation_prompts(builtin, layout) == eval_prompts() and len(eval_prompts()) == 200
+    held_out = JobSpec(reference=str(tiny_llama), evaluate={"prompts": "held_out", "num_prompts": 2})
+    assert evaluation_prompts(held_out, layout) == PROMPTS[:2]
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    from_file = JobSpec(
+        reference=str(tiny_llama), data={"apply_chat_template": False}, evaluate={"prompts": str(tmp_path / "p.txt")}
+    )
+    assert evaluation_prompts(from_file, layout) == ["first prompt", "second prompt"]
+    missing = JobSpec(reference=str(tiny_llama), evaluate={"prompts": str(tmp_path / "none.txt")})
+    with pytest.raises(EvaluationError, match="none.txt"):
+        evaluation_prompts(missing, layout)
 
 
 def test_kl_of_a_model_with_itself_is_zero(tiny_llama):

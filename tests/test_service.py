@@ -197,6 +197,9 @@ class TestEmbedded:
                 ("data.source", "missing.jsonl", 422),
                 ("reference", str(home / "jobs"), 403),
                 ("evaluate.oracle", "~/.ssh", 403),
+                ("evaluate.prompts", "/etc/hostname", 403),
+                ("evaluate.prompts", "prompts-missing.txt", 422),
+                ("data.relabel", "/etc", 403),
             ]:
                 spec = tiny_spec("paths")
                 target = spec

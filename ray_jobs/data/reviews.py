@@ -1,36 +1,45 @@
 """`builtin:reviews`: a self-contained preference task needing no files outside the repository.
 
-Prompts ask for short reviews (films, books, products, places, food, music, games); candidate responses are
-sampled from the job's reference policy and labelled by the VADER oracle, which prefers positive, warm text.
-Candidates are cached per (reference, prompts, sampling settings), so jobs that share them sample once.
+Prompts ask for one-sentence reviews (films, books, products, places, food, music, games), short enough that a
+small instruct model usually ends on its own well inside a 64-token cap, so response length can move. Candidate
+responses are sampled from the job's reference policy and labelled by the VADER oracle, which prefers positive, warm
+text. Candidates are cached per (reference, prompts, sampling settings), so jobs that share them sample once.
+
+A second, fixed set of 200 prompts (`eval_prompts`) is for evaluation only: its 100 subjects never occur among the
+training prompts' subjects, so held-out numbers do not depend on how a job split or biased its data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ray_jobs.events import EventLog
+from ray_jobs.generate.cache import cached_samples
 from ray_jobs.generate.engines import count_capped, drop_capped
-from ray_jobs.layout import CANDIDATES, model_cache
-from ray_jobs.spec import GenerationSpec, JobSpec
+from ray_jobs.spec import JobSpec
 
 PROMPTS_FILE = Path(__file__).parent / "builtin" / "reviews_prompts.txt"
+EVAL_PROMPTS_FILE = Path(__file__).parent / "builtin" / "reviews_eval_prompts.txt"
 ORACLE = "builtin:vader"
 TIE = 1e-6
-CACHE_VERSION = 2  # 2: the data stage samples with its own stage seed
+
+
+def read_prompt_lines(path: Path) -> list[str]:
+    """One prompt per non-empty line."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def review_prompts() -> list[str]:
-    return [line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_prompt_lines(PROMPTS_FILE)
+
+
+def eval_prompts() -> list[str]:
+    return read_prompt_lines(EVAL_PROMPTS_FILE)
 
 
 def select_prompts(num_prompts: int, seed: int) -> list[str]:
@@ -40,42 +49,6 @@ def select_prompts(num_prompts: int, seed: int) -> list[str]:
         return prompts
     picked = np.random.default_rng(seed).choice(len(prompts), num_prompts, replace=False)
     return [prompts[i] for i in sorted(picked.tolist())]
-
-
-def _cache_path(reference: str, prompts: list[str], n: int, gen: GenerationSpec) -> Path:
-    settings = {
-        "version": CACHE_VERSION,
-        "reference": reference,
-        "prompts": prompts,
-        "n": n,
-        "max_new_tokens": gen.max_new_tokens,
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "seed": gen.seed,
-        "engine": gen.engine,
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
-    return model_cache() / "reviews" / f"{digest}.parquet"
-
-
-def sample_candidates(
-    reference: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None = None
-) -> tuple[list[list[str]], list[list[bool]], bool]:
-    """n responses per rendered prompt, whether each ended on its own (not cut at the cap), and whether they came
-    from the cache."""
-    from ray_jobs.generate.engines import generate
-
-    path = _cache_path(reference, prompts, n, gen)
-    if path.is_file():
-        table = pq.read_table(path)
-        return table.column("responses").to_pylist(), table.column("ended").to_pylist(), True
-    # The generate stage's sampler: vLLM through Ray Data where it runs, transformers otherwise.
-    result = generate(reference, prompts, n, gen, events, stage="data")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    CANDIDATES.write({"prompt": prompts, "responses": result.texts, "ended": result.ended}, tmp)
-    os.replace(tmp, path)  # concurrent jobs may both sample; the last complete file wins
-    return result.texts, result.ended, False
 
 
 def candidate_pairs(prompts: list[str], responses: list[list[str]]) -> list[tuple[int, dict[str, Any]]]:
@@ -109,9 +82,10 @@ def reviews_records(
     """Numbered unlabeled records of sampled review pairs, whether each (prompt, response) ended on its own, and
     what was sampled. Responses cut at the token cap are dropped under ``generation.capped: drop``."""
     gen = spec.generation
-    n = max(2, gen.samples_per_prompt)
+    n = spec.data.candidates_per_prompt
     prompts = [render(p) for p in select_prompts(spec.data.num_prompts, spec.data.seed)]
-    responses, ended, cached = sample_candidates(spec.reference, prompts, n, gen, events)
+    # The generate stage's sampler (vLLM through Ray Data where it runs), on the data stage's own seed stream.
+    responses, ended, cached = cached_samples(spec.reference, prompts, n, gen, events, stage="data")
     capped = count_capped(ended)
     if gen.capped == "drop":
         responses, ended = drop_capped(responses, ended)

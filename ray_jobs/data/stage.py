@@ -117,28 +117,40 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
         events.emit("log", STAGE, message=f"skipped invalid rows: {summary['skipped']}")
     events.progress(STAGE, 1, _STEPS)
 
+    if data.relabel is not None:
+        rows, ties = label_by_oracle(rows, data.relabel)
+        summary["relabelled"] = {"oracle": data.relabel, "ties_dropped": ties}
     if not rows:
         raise DatasetError(f"{data.source}: no valid pairs")
+    events.progress(STAGE, 2, _STEPS)
+
+    # Split before biasing: the held-out side keeps the data's own distribution whatever rho asks of training.
+    is_test = split_by_prompt([r["prompt"] for r in rows], data.test_fraction, data.seed)
+    train = [r for r, t in zip(rows, is_test, strict=True) if not t]
+    test = [r for r, t in zip(rows, is_test, strict=True) if t]
     if data.length_bias is not None:
         bias = data.length_bias
         # max_pairs is applied inside, so the cap keeps the requested rho instead of blurring it.
-        rows, report = apply_length_bias(rows, bias.rho, bias.min_ratio, data.seed, limit=data.max_pairs)
-        if not rows:
+        train, report = apply_length_bias(
+            train,
+            bias.rho,
+            bias.min_ratio,
+            data.seed,
+            limit=data.max_pairs,
+            match_rhos=bias.match_rhos,
+            keep_similar=bias.similar_length == "keep",
+        )
+        if not train:
             raise DatasetError(
-                f"length_bias (min_ratio {bias.min_ratio}) left no pairs: of {report.pairs_in}, "
+                f"length_bias (min_ratio {bias.min_ratio}) left no training pairs: of {report.pairs_in}, "
                 f"{report.unlabeled} are unlabeled and {report.length_different} are length-different"
             )
         summary["length_bias"] = report.as_dict()
     else:
-        rows = _cap(rows, data.max_pairs, data.seed)
-    events.progress(STAGE, 2, _STEPS)
-
-    is_test = split_by_prompt([r["prompt"] for r in rows], data.test_fraction, data.seed)
-    train = [r for r, t in zip(rows, is_test, strict=True) if not t]
-    test = [r for r, t in zip(rows, is_test, strict=True) if t]
+        train = _cap(train, data.max_pairs, data.seed)
     summary.update(
-        kept=len(rows),
-        labelled=sum(r["label"] is not None for r in rows),
+        kept=len(train) + len(test),
+        labelled=sum(r["label"] is not None for r in train + test),
         train=len(train),
         test=len(test),
         train_prompts=len({r["prompt"] for r in train}),

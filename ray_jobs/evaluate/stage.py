@@ -1,8 +1,13 @@
 """The evaluate stage: the trained policy against π_ref on held-out prompts; publishes ``evaluate/``.
 
-One sample per held-out prompt from each model, both scored by the oracle. The win rate counts ties as half a
-win and carries a 95% Wilson interval; KL(π‖π_ref) is the Monte-Carlo mean of log π − log π_ref over the
-policy's own samples (whole-response log-probs from `sequence_logps`, the quantity the losses use).
+`samples_per_prompt` samples per prompt from each model, the j-th of the policy's compared with the j-th of π_ref's
+under the oracle. π_ref's samples come from the shared sample cache, so every job with the same reference, prompts
+and sampling seed is judged against the very same reference samples, and two jobs can be compared sample by sample
+(the report keeps every score under its ``prompt:sample`` key). The win rate counts ties as half a win and carries a
+95% Wilson interval (over samples: samples of one prompt are not independent, which an experiment's bootstrap over
+prompts accounts for). KL(π‖π_ref) is the Monte-Carlo mean of log π − log π_ref over the policy's own samples at
+temperature 1 (whole-response log-probs, the quantity the losses use). log π(chosen) − log π_ref(chosen) on training
+pairs shows whether training pushed the preferred responses down, as DPO is known to.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ray_jobs.data.formats import Renderer
+from ray_jobs.data.reviews import eval_prompts, read_prompt_lines
+from ray_jobs.data.stage import BUILTIN_REVIEWS
 from ray_jobs.events import EventLog
+from ray_jobs.generate.cache import cached_samples
 from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import Precision
@@ -27,6 +36,26 @@ Z95 = 1.959963984540054
 
 class EvaluationError(ValueError):
     """The job folder lacks what evaluation needs; the message names the missing file or column."""
+
+
+def evaluation_prompts(spec: JobSpec, layout: JobLayout) -> list[str]:
+    """The rendered prompts evaluation samples, per `evaluate.prompts` (the first `num_prompts` of them)."""
+    source, limit = spec.evaluate.prompts, spec.evaluate.num_prompts
+    if source == "auto":
+        source = BUILTIN_REVIEWS if spec.data.source == BUILTIN_REVIEWS else "held_out"
+    if source == "held_out":
+        return held_out_prompts(layout.test, limit)  # already rendered by the data stage
+    if source == BUILTIN_REVIEWS:
+        raw = eval_prompts()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise EvaluationError(f"evaluate.prompts: {source} is neither held_out, builtin:reviews nor a file")
+        raw = read_prompt_lines(path)
+        if not raw:
+            raise EvaluationError(f"evaluate.prompts: {source} holds no prompts")
+    render = Renderer(spec.reference, spec.data.apply_chat_template)
+    return [render(p) for p in raw[:limit]]
 
 
 def held_out_prompts(path: Path, limit: int) -> list[str]:
@@ -73,12 +102,39 @@ def sampling(spec: JobSpec) -> GenerationSpec:
     )
 
 
+def _flat(texts: list[list[str]], ended: list[list[bool]], n: int) -> tuple[list[str], list[bool]]:
+    """n completions per prompt, flattened prompt-major; a prompt that got fewer counts as empty, ended answers."""
+    padded = [(list(ts) + [""] * n)[:n] for ts in texts]
+    flags = [(list(es) + [True] * n)[:n] for es in ended]
+    return [t for ts in padded for t in ts], [e for es in flags for e in es]
+
+
 def _sample(
-    model_ref: str | Path, prompts: list[str], gen: GenerationSpec, events: EventLog
+    model_ref: str | Path, prompts: list[str], gen: GenerationSpec, events: EventLog, n: int
 ) -> tuple[list[str], list[bool]]:
-    """One completion per prompt, and whether it ended on its own (False: cut at max_new_tokens)."""
-    out = generate(model_ref, prompts, 1, gen, events, stage=STAGE)
-    return [t[0] if t else "" for t in out.texts], [e[0] if e else True for e in out.ended]
+    """n completions per prompt (prompt-major), and whether each ended on its own (False: cut at max_new_tokens)."""
+    out = generate(model_ref, prompts, n, gen, events, stage=STAGE)
+    return _flat(out.texts, out.ended, n)
+
+
+def chosen_logratio(spec: JobSpec, layout: JobLayout, policy: Path) -> float | None:
+    """Mean log π(chosen) − log π_ref(chosen) over the first `evaluate.chosen_pairs` labelled training pairs."""
+    limit = spec.evaluate.chosen_pairs
+    if limit == 0:
+        return None
+    if not layout.train.exists():
+        raise EvaluationError(f"{layout.train}: missing; log π(chosen) − log π_ref(chosen) is read on training pairs")
+    df = pd.read_parquet(layout.train)
+    df = df[df["label"].notna()].head(limit)
+    if df.empty:
+        return None
+    a_chosen = df["label"].to_numpy() == 1
+    prompts = df["prompt"].tolist()
+    chosen = np.where(a_chosen, df["response_a"], df["response_b"]).tolist()
+    ended = np.where(a_chosen, df["ended_a"], df["ended_b"]).astype(bool).tolist()
+    d = spec.distill
+    policy_logps = _logps(policy, prompts, chosen, d.max_length, d.precision, ended)
+    return float((policy_logps - _logps(spec.reference, prompts, chosen, d.max_length, d.precision, ended)).mean())
 
 
 def _logps(
@@ -139,20 +195,28 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     policy = layout.policy
     if not policy.is_dir():
         raise EvaluationError(f"the policy {policy} is missing: run the distill stage first")
-    prompts = held_out_prompts(layout.test, e.num_prompts)
-    events.emit("log", STAGE, message=f"sampling policy and reference on {len(prompts)} held-out prompts")
+    prompts = evaluation_prompts(spec, layout)
+    n = e.samples_per_prompt
+    events.emit("log", STAGE, message=f"sampling policy and reference on {len(prompts)} prompts, {n} each")
     gen = sampling(spec)
-    policy_texts, policy_ended = _sample(policy, prompts, gen, events)
-    reference_texts, reference_ended = _sample(spec.reference, prompts, gen, events)
+    policy_texts, policy_ended = _sample(policy, prompts, gen, events, n)
+    reference_texts, reference_ended = _flat(
+        *cached_samples(spec.reference, prompts, n, gen, events, stage=STAGE)[:2], n
+    )
+    sample_prompts = [p for p in prompts for _ in range(n)]
     # KL(π‖π_ref) is an expectation under π itself: samples at temperature 1, drawn apart when evaluation's differs.
     kl_gen = kl_sampling(gen)
-    kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events)
+    kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events, n)
     max_length = spec.distill.max_length + e.max_new_tokens
-    kl, kl_sem = kl_estimate(policy, spec.reference, prompts, kl_texts, max_length, spec.distill.precision, kl_ended)
+    kl, kl_sem = kl_estimate(
+        policy, spec.reference, sample_prompts, kl_texts, max_length, spec.distill.precision, kl_ended
+    )
     tokenizer = load_tokenizer(spec.reference)
     lengths = {"policy": _length_stats(tokenizer, policy_texts), "reference": _length_stats(tokenizer, reference_texts)}
     report: dict[str, Any] = {
         "num_prompts": len(prompts),
+        "samples_per_prompt": n,
+        "prompts": e.prompts,
         "oracle": e.oracle,
         "kl": {
             "estimate": kl,
@@ -173,21 +237,28 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
 
         oracle = load_oracle(e.oracle)
         scores = {
-            "policy": [float(s) for s in oracle.score(prompts, policy_texts)],
-            "reference": [float(s) for s in oracle.score(prompts, reference_texts)],
+            "policy": [float(s) for s in oracle.score(sample_prompts, policy_texts)],
+            "reference": [float(s) for s in oracle.score(sample_prompts, reference_texts)],
         }
         report["win_rate"] = win_rate(scores["policy"], scores["reference"])
         report["reward"] = {
             "policy_mean": float(np.mean(scores["policy"])),
             "reference_mean": float(np.mean(scores["reference"])),
         }
+    report["chosen_logratio"] = chosen_logratio(spec, layout, policy)
+    report["samples"] = {
+        "key": [f"{i}:{j}" for i in range(len(prompts)) for j in range(n)],
+        **scores,
+        "policy_tokens": lengths["policy"]["tokens"],
+        "reference_tokens": lengths["reference"]["tokens"],
+    }
     report["examples"] = [
         {"prompt": p, "policy": a, "reference": b}
-        for p, a, b in zip(prompts[:5], policy_texts[:5], reference_texts[:5], strict=True)
+        for p, a, b in zip(sample_prompts[::n][:5], policy_texts[::n][:5], reference_texts[::n][:5], strict=True)
     ]
     with layout.staging(STAGE) as out:
         report["plots"] = write_plots(out, layout.root, scores, lengths)
         (out / layout.report.name).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths")}
+    summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths", "chosen_logratio")}
     events.metrics(STAGE, 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
     return summary

@@ -84,7 +84,10 @@ def write_pairs(job_dir: Path, reference: str | Path, n_labelled: int = 24, n_un
 
 
 def write_test_data(job_dir: Path) -> None:
+    """A data stage's two splits: held-out prompts for evaluation, and labelled training pairs."""
     layout = JobLayout(job_dir)
     layout.test.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": p, "response_a": "good", "response_b": "bad", "label": 1} for p in PROMPTS * 2]
     PREFERENCES.write(pd.DataFrame(rows), layout.test)
+    train = [{"prompt": p, "response_a": "a dull film", "response_b": "a warm film", "label": 0} for p in PROMPTS]
+    PREFERENCES.write(pd.DataFrame(train), layout.train)

@@ -1,0 +1,1 @@
+"""Experiments: a grid of ordinary jobs expanded from one spec, and the table their results make."""
