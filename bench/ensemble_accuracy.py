@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = member_spec(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Read before training: the tree may change under a run this long, and the code imported is the code at start.
+    git = _git_commit()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tldr-ensemble-") as tmp:
         job = Path(tmp)
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "results": results,
         "wall_s": round(wall, 1),
-        "git": _git_commit(),
+        "git": git,
         "nproc": _nproc(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

@@ -238,3 +238,19 @@ def _watch_experiment(client: Client, experiment_id: str) -> dict[str, Any]:
         if state["state"] != "running":
             return state
         time.sleep(5.0)
+
+
+@app.command()
+def table(
+    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="An experiment's results folder."),
+) -> None:
+    """Rebuild an experiment's table (table.md, summary.json, plot) from its cell files, and print it."""
+    from ray_jobs.experiment.aggregate import write_summary
+
+    try:
+        summary = write_summary(folder)
+    except ValueError as exc:
+        console.print(f"[red]error[/red]: {exc}")
+        raise typer.Exit(1) from None
+    typer.echo((folder / "table.md").read_text())
+    console.print(f"{summary['cells']} cells")

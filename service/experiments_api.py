@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
 
 from ray_jobs.experiment.aggregate import SUMMARY_FILE
 from ray_jobs.experiment.grid import expand, experiment_id, parse_experiment
@@ -24,28 +23,11 @@ from ray_jobs.spec import SpecError
 from service.deps import Owner, SettingsDep
 from service.errors import ApiError
 from service.jobs_api import cancel_job, job_results, submit_spec
-from service.schemas import error_responses
+from service.schemas import ExperimentCell, ExperimentRequest, ExperimentStatus, error_responses
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=error_responses(401, 422))
 OWNER_FILE = "owner.json"
 POLL_S = 2.0
-
-
-class ExperimentRequest(BaseModel):
-    spec: dict[str, Any] = Field(description="An experiment document (see examples/experiment.yaml).")
-    quick: bool = Field(False, description="Run the document's quick grid instead of the full one.")
-
-
-class ExperimentStatus(BaseModel):
-    id: str
-    name: str
-    state: Literal["running", "finished", "failed", "stopped"]
-    cells: int
-    done: list[str]
-    failures: dict[str, str]
-    error: str | None = None
-    rows: list[dict[str, Any]] = Field(default_factory=list, description="The table (ray_jobs.experiment.aggregate).")
-    table: str = ""
 
 
 class _Stopped(Exception):
@@ -72,7 +54,7 @@ class _ServiceJobs:
         job = self.state.store.get_job(job_id, self.owner)
         if job is None:
             raise ApiError(404, f"job {job_id} not found")
-        return job_results(job)
+        return job_results(job).model_dump()
 
 
 class _Run:
@@ -170,13 +152,13 @@ def get_experiment(request: Request, experiment_id: str, owner: Owner, settings:
 @router.get(
     "/{experiment_id}/cells/{cell_id}", summary="One finished cell's result file", responses=error_responses(404)
 )
-def get_cell(request: Request, experiment_id: str, cell_id: str, owner: Owner, settings: SettingsDep) -> dict:
+def get_cell(request: Request, experiment_id: str, cell_id: str, owner: Owner, settings: SettingsDep) -> ExperimentCell:
     folder = _owned_folder(request, settings, experiment_id, owner)
     document = json.loads((folder / EXPERIMENT_FILE).read_text())
     path = folder / f"{cell_id}.json"
     if cell_id not in document["cells"] or not path.is_file():
         raise ApiError(404, f"cell {cell_id} of experiment {experiment_id} has no result")
-    return json.loads(path.read_text())
+    return ExperimentCell.model_validate(json.loads(path.read_text()))
 
 
 @router.post(

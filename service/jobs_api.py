@@ -21,7 +21,16 @@ from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.progress import artifacts, summarize
 from service.ray_backend import RayBackend, RayUnavailable
-from service.schemas import PLAIN_TEXT, EventPage, JobBrief, JobDetail, JobPage, Transition, error_responses
+from service.schemas import (
+    PLAIN_TEXT,
+    EventPage,
+    JobBrief,
+    JobDetail,
+    JobPage,
+    JobResults,
+    Transition,
+    error_responses,
+)
 from service.settings import Settings
 from service.store import Job, Store
 
@@ -157,13 +166,13 @@ def get_job(job_id: str, owner: Owner, store: StoreDep) -> JobDetail:
     return job_detail(store, _owned_job(store, job_id, owner))
 
 
-def job_results(job: Job) -> dict[str, Any]:
+def job_results(job: Job) -> JobResults:
     """What a finished job measured: its data summary and its evaluation report."""
     layout = JobLayout(job.job_dir)
     if not layout.report.is_file():
         raise ApiError(404, f"job {job.id} has no evaluation report (state {job.state})")
     data = json.loads(layout.data_summary.read_text()) if layout.data_summary.is_file() else None
-    return {"data": data, "evaluate": json.loads(layout.report.read_text())}
+    return JobResults(data=data, evaluate=json.loads(layout.report.read_text()))
 
 
 @router.get(
@@ -171,7 +180,7 @@ def job_results(job: Job) -> dict[str, Any]:
     summary="A finished job's data summary and evaluation report (win rate, KL, lengths, per-sample scores)",
     responses=error_responses(404),
 )
-def get_results(job_id: str, owner: Owner, store: StoreDep) -> dict[str, Any]:
+def get_results(job_id: str, owner: Owner, store: StoreDep) -> JobResults:
     return job_results(_owned_job(store, job_id, owner))
 
 

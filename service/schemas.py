@@ -118,6 +118,41 @@ class EventPage(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------------- policies
+class JobResults(BaseModel):
+    data: dict[str, Any] | None = Field(description="data/summary.json: what was read, skipped, biased and split.")
+    evaluate: dict[str, Any] = Field(
+        description="evaluate/report.json: win rate, KL, lengths, log π(chosen) − log π_ref(chosen), and per-sample "
+        "oracle scores under `prompt:sample` keys."
+    )
+
+
+class ExperimentRequest(BaseModel):
+    spec: dict[str, Any] = Field(description="An experiment document (see examples/experiment.yaml).")
+    quick: bool = Field(False, description="Run the document's quick grid instead of the full one.")
+
+
+class ExperimentStatus(BaseModel):
+    id: str = Field(description="The experiment's name plus a digest of its content: the same document, the same id.")
+    name: str
+    state: Literal["running", "finished", "failed", "stopped"]
+    cells: int = Field(description="Cells in the grid.")
+    done: list[str] = Field(description="Cells with a result file.")
+    failures: dict[str, str] = Field(description="Cells whose job did not succeed, with its state.")
+    error: str | None = None
+    rows: list[dict[str, Any]] = Field(default_factory=list, description="The table (ray_jobs.experiment.aggregate).")
+    table: str = Field("", description="The table as Markdown.")
+
+
+class ExperimentCell(BaseModel):
+    """One finished cell (ray_jobs/experiment/runner.py `cell_result`); further fields pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    cell: str
+    params: dict[str, Any]
+    job_id: str
+    win_rate: dict[str, Any]
+
+
 class PolicyView(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
