@@ -203,7 +203,7 @@ def experiment(
 ) -> None:
     """Run a robustness grid (ρ × arm × α × seed), each cell an ordinary job; resumable, ends with the table."""
     from ray_jobs.experiment.grid import load_experiment
-    from ray_jobs.experiment.runner import run_experiment
+    from ray_jobs.experiment.runner import FolderInUse, run_experiment
     from ray_jobs.spec import SpecError
 
     try:
@@ -216,7 +216,11 @@ def experiment(
             outcome = _watch_experiment(client, client.submit_experiment(spec, quick)["id"])
         else:
             folder = results or Path("experiments") / plan.name
-            outcome = run_experiment(plan, client, folder, log=lambda line: console.print(f"[dim]{line}"))
+            try:
+                outcome = run_experiment(plan, client, folder, log=lambda line: console.print(f"[dim]{line}"))
+            except FolderInUse as exc:
+                console.print(f"[red]error[/red]: {exc}")
+                raise typer.Exit(2) from None
             outcome["table"] = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
     typer.echo(outcome["table"])
     if outcome["failures"]:

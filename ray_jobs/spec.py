@@ -256,6 +256,12 @@ class EvaluateSpec(_Strict):
     samples_per_prompt: PositiveInt = Field(
         1, le=MAX_SAMPLES, description="Samples per prompt from the policy and from π_ref, compared one to one."
     )
+    kl_prompts: PositiveInt | None = Field(
+        None,
+        le=MAX_ROWS,
+        description="Estimate KL(π‖π_ref) on the samples of the first this-many prompts only (None = all): two "
+        "models' log-probs over every sample cost more than the sampling itself on CPUs.",
+    )
     chosen_pairs: int = Field(
         64,
         ge=0,

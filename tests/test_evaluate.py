@@ -63,7 +63,9 @@ def test_evaluation_writes_report_and_plots(trained_job):
 
 def test_samples_are_kept_by_key_and_reference_samples_are_shared(trained_job, tmp_path):
     spec, job = trained_job
-    two = spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"samples_per_prompt": 2})})
+    two = spec.model_copy(
+        update={"evaluate": spec.evaluate.model_copy(update={"samples_per_prompt": 2, "kl_prompts": 1})}
+    )
     reports = []
     for copy in ("a", "b"):
         # Two jobs with the same reference, prompts and seed: judged against the very same reference samples.
@@ -75,6 +77,7 @@ def test_samples_are_kept_by_key_and_reference_samples_are_shared(trained_job, t
     assert samples["key"] == ["0:0", "0:1", "1:0", "1:1", "2:0", "2:1"]
     assert len(samples["policy"]) == len(samples["reference"]) == len(samples["policy_tokens"]) == 6
     assert reports[0]["win_rate"]["n"] == 6 and reports[0]["samples_per_prompt"] == 2
+    assert reports[0]["kl"]["samples"] == 2  # KL on the first prompt's two samples only
     assert samples["reference"] == reports[1]["samples"]["reference"]
     wins = sum((p > r) + 0.5 * (p == r) for p, r in zip(samples["policy"], samples["reference"], strict=True))
     assert reports[0]["win_rate"]["rate"] == pytest.approx(wins / 6)

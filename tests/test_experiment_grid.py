@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.experiment.grid import expand, experiment_id, groups, load_experiment, parse_experiment
-from ray_jobs.experiment.runner import pending_cells
+from ray_jobs.experiment.runner import FolderInUse, pending_cells, write_plan
 from ray_jobs.spec import SpecError
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "experiment.yaml"
@@ -34,7 +34,7 @@ def test_the_example_expands_to_the_issue_grid():
     # 3 rho x 3 seeds x (dpo, ipo, distill, e-dpo min at two alphas, e-dpo hull, p-dpo)
     assert len(full) == 3 * 3 * 7 and len({c.id for c in full}) == len(full)
     assert {c.spec.distill.loss for c in full} == {"dpo", "ipo", "distill", "e-dpo", "p-dpo"}
-    assert {c.spec.distill.max_steps for c in full} == {40} and {c.spec.distill.batch_size for c in full} == {8}
+    assert {c.spec.distill.max_steps for c in full} == {24} and {c.spec.distill.batch_size for c in full} == {8}
     # Same training pairs for every arm: no generated pairs, and every rho trains on the common size.
     assert {c.spec.generation.samples_per_prompt for c in full} == {0}
     assert {tuple(c.spec.data.length_bias.match_rhos) for c in full} == {(0.2, 0.5, 0.8)}
@@ -45,7 +45,7 @@ def test_the_example_expands_to_the_issue_grid():
         "rho0.8-dpo-a0-s0",
         "rho0.8-e-dpo-min-a0.1-s0",
     ]
-    assert quick[0].spec.distill.max_steps == 16 and quick[0].spec.evaluate.num_prompts == 48
+    assert quick[0].spec.distill.max_steps == 10 and quick[0].spec.evaluate.num_prompts == 32
     assert quick[0].spec.name == "robustness-quick-rho0.2-dpo-a0-s0"
 
 
@@ -114,3 +114,7 @@ def test_the_id_follows_the_content_and_done_cells_are_skipped(tmp_path):
     cells = expand(plan)
     (tmp_path / f"{cells[3].id}.json").write_text("{}")
     assert [c.id for c in pending_cells(cells, tmp_path)] == [c.id for c in cells if c is not cells[3]]
+    write_plan(tmp_path, plan, cells)
+    write_plan(tmp_path, plan, cells)  # the same experiment again: resuming is fine
+    with pytest.raises(FolderInUse, match="holds experiment study-"):
+        write_plan(tmp_path, parse_experiment(small(seeds=[0])), cells)

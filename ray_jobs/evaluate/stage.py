@@ -208,8 +208,9 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     kl_gen = kl_sampling(gen)
     kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events, n)
     max_length = spec.distill.max_length + e.max_new_tokens
+    m = n * min(e.kl_prompts or len(prompts), len(prompts))
     kl, kl_sem = kl_estimate(
-        policy, spec.reference, sample_prompts, kl_texts, max_length, spec.distill.precision, kl_ended
+        policy, spec.reference, sample_prompts[:m], kl_texts[:m], max_length, spec.distill.precision, kl_ended[:m]
     )
     tokenizer = load_tokenizer(spec.reference)
     lengths = {"policy": _length_stats(tokenizer, policy_texts), "reference": _length_stats(tokenizer, reference_texts)}
@@ -221,6 +222,7 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         "kl": {
             "estimate": kl,
             "stderr": kl_sem,
+            "samples": m,
             "method": "mean over policy samples at temperature 1 of log pi - log pi_ref",
         },
         # capped: samples cut at max_new_tokens, whose length says more about the cap than about the model.

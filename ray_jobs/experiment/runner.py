@@ -87,9 +87,21 @@ def _write_json(path: Path, document: Any) -> None:
     os.replace(tmp, path)  # a cell file is either whole or absent: absent means "run it"
 
 
+class FolderInUse(ValueError):
+    """The results folder holds another experiment's cells: mixing them would make one table of two designs."""
+
+
 def write_plan(folder: Path, experiment: ExperimentSpec, cells: list[Cell]) -> None:
-    """experiment.json: the id, the spec and every cell id, so a reader knows what "done" means."""
+    """experiment.json: the id, the spec and every cell id, so a reader knows what "done" means.
+
+    Refuses a folder that already holds a different experiment (another name, grid or base spec).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    existing = folder / EXPERIMENT_FILE
+    if existing.is_file():
+        other = json.loads(existing.read_text()).get("id")
+        if other != experiment_id(experiment):
+            raise FolderInUse(f"{folder} holds experiment {other}, not {experiment_id(experiment)}: use another folder")
     document = {
         "id": experiment_id(experiment),
         "spec": experiment.model_dump(mode="json"),
