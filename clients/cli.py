@@ -168,10 +168,12 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
 
 
 @app.command()
-def logs(ctx: typer.Context, job_id: str) -> None:
+def logs(
+    ctx: typer.Context, job_id: str, tail: int | None = typer.Option(None, help="Only the last this-many lines.")
+) -> None:
     """The Ray job's driver log."""
     with _client(ctx) as client:
-        typer.echo(client.logs(job_id))
+        typer.echo(client.logs(job_id, tail=tail))
 
 
 @app.command()

@@ -136,8 +136,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def logs(self, job_id: str) -> str:
-        return self._request("GET", f"/v1/jobs/{job_id}/logs").text
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        """The driver's log, or only its last `tail` lines."""
+        params = {"tail": tail} if tail else None
+        return self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
         """Poll until the job is final; TimeoutError (with the last state) after `timeout` seconds."""

@@ -35,10 +35,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 def register_job_policy(store: Store, job: Job) -> None:
     """A succeeded job's policy folder becomes a servable policy whose id is the job id."""
     layout = JobLayout(job.job_dir)
-    if not layout.policy.is_dir():
-        return
+    if not layout.policy.is_dir() or store.get_policy(job.id) is not None:
+        return  # no policy, or registered already (a re-sync after a restart)
     meta = _read_json(layout.policy_info)
-    summary = {"policy": meta, "eval": _read_json(layout.report)}
+    # The per-sample scores stay in the job folder (GET /v1/jobs/{id}/results): the policy row keeps the summary.
+    report = {k: v for k, v in _read_json(layout.report).items() if k != "samples"}
+    summary = {"policy": meta, "eval": report}
     spec = job.spec or {}
     store.add_policy(
         policy_id=job.id,

@@ -34,6 +34,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.store import Job, Store
 
+MAX_LOG_LINES = 100_000
 # Offsets past this are no page of anything: SQL backends cannot even take them (SQLite's are 64-bit).
 MAX_OFFSET = 10**9
 
@@ -261,11 +262,19 @@ def job_events(
     summary="The Ray job's driver logs",
     responses={**PLAIN_TEXT, **error_responses(404, 503)},
 )
-def job_logs(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> PlainTextResponse:
+def job_logs(
+    job_id: str,
+    owner: Owner,
+    store: StoreDep,
+    backend: BackendDep,
+    tail: Annotated[int | None, Query(ge=1, le=MAX_LOG_LINES, description="Only the last this-many lines.")] = None,
+) -> PlainTextResponse:
     job = _owned_job(store, job_id, owner)
     logs = backend.logs(job.ray_submission_id) if job.ray_submission_id else None
     if logs is None:
         raise ApiError(404, f"Ray has no logs for job {job_id} (it was never submitted or the cluster forgot it)")
+    if tail is not None:
+        logs = "".join(logs.splitlines(keepends=True)[-tail:])
     return PlainTextResponse(logs)
 
 

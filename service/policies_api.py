@@ -12,8 +12,10 @@ from service.admission import confine_path
 from service.deps import Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.schemas import PolicyList, PolicyView, error_responses
+from service.store import PolicyExists
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"], responses=error_responses(401))
+JOB_POLICY_PREFIX = "job-"
 # A folder transformers (full checkpoint) or PEFT (adapter) can load.
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 
@@ -55,9 +57,18 @@ def register_policy(body: PolicyRegistration, owner: Owner, store: StoreDep, set
             [{"field": "path", "message": "not a Hugging Face model or adapter folder"}],
         )
     policy_id = body.id or f"pol-{secrets.token_hex(6)}"
-    if store.get_policy(policy_id) is not None:
-        raise ApiError(409, f"policy {policy_id} exists already", [{"field": "id", "message": "taken"}])
-    policy = store.add_policy(
-        policy_id=policy_id, path=str(folder), owner=owner, base_model=body.base_model, loss=body.loss
-    )
+    if policy_id.startswith(JOB_POLICY_PREFIX):
+        # A job's policy takes the job's id when the job succeeds: nobody may squat it beforehand.
+        raise ApiError(
+            422,
+            f"id: {policy_id!r} is reserved (ids starting with {JOB_POLICY_PREFIX!r} name the policies jobs produce)",
+            [{"field": "id", "message": "reserved prefix"}],
+        )
+    try:
+        policy = store.add_policy(
+            policy_id=policy_id, path=str(folder), owner=owner, base_model=body.base_model, loss=body.loss
+        )
+    except PolicyExists:
+        # The same answer whoever holds the id, and nothing about them.
+        raise ApiError(409, f"policy id {policy_id} is not available", [{"field": "id", "message": "taken"}]) from None
     return PolicyView.model_validate(policy)

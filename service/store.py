@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, create_engine, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -103,6 +104,10 @@ def migrate(engine: Engine) -> None:
 def _owned(stmt: Any, model: type[Job] | type[Policy], owner: str | None) -> Any:
     # owner None means auth is off: everything is visible.
     return stmt if owner is None else stmt.where(model.owner == owner)
+
+
+class PolicyExists(Exception):
+    """A policy with this id is registered already."""
 
 
 class Store:
@@ -227,8 +232,11 @@ class Store:
             summary=summary or {},
             created_at=utcnow(),
         )
-        with self.session() as s:
-            s.merge(policy)
+        try:
+            with self.session() as s:
+                s.add(policy)  # an insert, never a merge: an id once taken is never overwritten
+        except IntegrityError:
+            raise PolicyExists(policy_id) from None
         return policy
 
     def get_policy(self, policy_id: str, owner: str | None = None) -> Policy | None:

@@ -261,7 +261,9 @@ class TestEmbedded:
             page = client.events(job["id"])
             assert page["events"] == events and page["next_offset"] == len(events)
             assert client.events(job["id"], offset=len(events) - 1)["events"] == events[-1:]
-            assert "Running entrypoint" in client.logs(job["id"])
+            full = client.logs(job["id"])
+            assert "Running entrypoint" in full
+            assert client.logs(job["id"], tail=3) == "".join(full.splitlines(keepends=True)[-3:])
             assert [j["id"] for j in client.list(state="succeeded", name="tiny-e2e")["items"]] == [job["id"]]
             assert client.list(state="failed", name="tiny-e2e")["total"] == 0
             policy = client.policy(job["id"])
