@@ -5,6 +5,7 @@ Defined once at import: several apps in one process (tests, restarts) share them
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -20,6 +21,12 @@ REQUEST_LATENCY = Histogram(
     "HTTP request latency by route template (not raw path, to keep label cardinality bounded).",
     ["method", "route", "status"],
 )
+
+
+def metrics_label(policy_id: str) -> str:
+    """The label a policy's serving metrics carry: a digest, because /metrics answers any token and policy ids are
+    their owners' business. An owner finds theirs as `metrics_label` on GET /v1/policies/{id}."""
+    return "p" + hashlib.sha256(policy_id.encode()).hexdigest()[:12]
 
 
 def metrics_response(store: Store) -> Response:

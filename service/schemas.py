@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, computed_field
 
 from ray_jobs.names import JobState
+from service.metrics import metrics_label
 
 # isoformat, as the API has always written its times ("+00:00"); pydantic's own encoding would write "Z".
 Timestamp = Annotated[
@@ -163,6 +164,11 @@ class PolicyView(BaseModel):
     loss: str | None
     summary: dict[str, Any]
     created_at: Timestamp
+
+    @computed_field(description="The `policy` label of this policy's serving metrics on /metrics (a digest of the id).")
+    @property
+    def metrics_label(self) -> str:
+        return metrics_label(self.id)
 
 
 class PolicyList(BaseModel):

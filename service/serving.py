@@ -26,6 +26,7 @@ from service.engines import (
     GenerationResult,
     SamplingRequest,
 )
+from service.metrics import metrics_label
 from service.schemas import error_responses
 from service.serving_schemas import (
     AssistantMessage,
@@ -141,11 +142,12 @@ def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: boo
 
 
 def _record(policy_id: str, endpoint: str, start: float, results: list[GenerationResult] | None) -> None:
-    REQUESTS.labels(policy_id, endpoint, "ok" if results is not None else "error").inc()
-    LATENCY.labels(policy_id, endpoint).observe(time.perf_counter() - start)
+    label = metrics_label(policy_id)
+    REQUESTS.labels(label, endpoint, "ok" if results is not None else "error").inc()
+    LATENCY.labels(label, endpoint).observe(time.perf_counter() - start)
     if results:
-        PROMPT_TOKENS.labels(policy_id).inc(sum(r.prompt_tokens for r in results))
-        COMPLETION_TOKENS.labels(policy_id).inc(sum(r.completion_tokens for r in results))
+        PROMPT_TOKENS.labels(label).inc(sum(r.prompt_tokens for r in results))
+        COMPLETION_TOKENS.labels(label).inc(sum(r.completion_tokens for r in results))
 
 
 async def _run(

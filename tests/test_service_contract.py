@@ -7,6 +7,7 @@ the backend and the job folders are real, the backend points at an address nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,7 @@ def test_job_and_policy_bodies(service: Any) -> None:
         "loss": "dpo",
         "summary": {"policy": {"reference": "tiny:llama", "loss": "dpo"}, "eval": {"win_rate": 0.75}},
         "created_at": store.get_policy(job_id).created_at.isoformat(),
+        "metrics_label": "p" + hashlib.sha256(job_id.encode()).hexdigest()[:12],
     }
     assert client.get("/v1/policies").json() == {"items": [policy]}
     [model] = client.get("/v1/models").json()["data"]
