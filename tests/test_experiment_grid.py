@@ -73,12 +73,29 @@ def test_cells_set_what_varies_and_keep_evaluation_fixed_within_a_seed():
 def test_groups_share_a_leader_that_computes_what_all_need():
     cells = expand(parse_experiment(small()))
     found = groups(cells)
-    assert [(g.rho, g.seed) for g in found] == [(0.2, 0), (0.8, 0), (0.2, 1), (0.8, 1)]
+    assert [(g.rho, g.seed, g.generated_pairs) for g in found] == [(0.2, 0, 2), (0.8, 0, 2), (0.2, 1, 2), (0.8, 1, 2)]
     for group in found:
         leader = group.ordered()[0]
         # Rewards for e-dpo and KL samples for alpha > 0: only e-dpo at alpha 0.1 computes both.
         assert (leader.arm.name, leader.alpha) == ("e-dpo-min", 0.1)
         assert len(group.cells) == 3
+
+
+def test_an_arm_with_generated_pairs_is_its_own_group():
+    arms = [
+        {"name": "dpo", "loss": "dpo"},
+        {"name": "e-dpo", "loss": "e-dpo", "alpha": [0.1]},
+        {"name": "e-dpo-gen", "loss": "e-dpo", "alpha": [0.1], "generated_pairs": 3},
+    ]
+    plan = {**small(arms=arms, rho=[0.2], seeds=[0])}
+    plan["base"]["generation"] = {"samples_per_prompt": 0}
+    cells = expand(parse_experiment(plan))
+    assert [c.spec.generation.samples_per_prompt for c in cells] == [0, 0, 3]
+    found = groups(cells)
+    assert [(g.generated_pairs, [c.arm.name for c in g.cells]) for g in found] == [
+        (0, ["dpo", "e-dpo"]),
+        (3, ["e-dpo-gen"]),
+    ]
 
 
 def test_refusals_name_the_cell_or_field():

@@ -44,6 +44,14 @@ class Arm(_Strict):
     alpha: list[float] | None = Field(
         None, description="This arm's α values; None = the grid's. Labelled baselines usually pin [0.0]."
     )
+    generated_pairs: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Responses sampled from π_ref per training prompt whose pairs (scored by the ensemble) are "
+        "added to the dataset pairs: generation.samples_per_prompt for this arm only. None keeps the base's. An arm "
+        "with its own value trains on other pairs than the rest, so it is its own comparison, and computes its own.",
+    )
 
 
 class Grid(_Strict):
@@ -103,8 +111,9 @@ class Cell:
     spec: JobSpec
 
     @property
-    def group(self) -> tuple[float, int]:
-        return (self.rho, self.seed)
+    def group(self) -> tuple[float, int, int]:
+        """Cells that can share data, reward models and scored pairs: same ρ, seed and generated pairs."""
+        return (self.rho, self.seed, self.spec.generation.samples_per_prompt)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -119,7 +128,7 @@ class Cell:
 
 @dataclass
 class Group:
-    """Cells of one (ρ, seed): they share data, reward models and scored pairs.
+    """Cells of one (ρ, seed, generated pairs): they share data, reward models and scored pairs.
 
     The leader runs first and computes them; the others start from its job with `reuse.pairs`. The leader is a cell
     that needs everything the group needs: reward models if any cell distils them, π_ref's KL samples if any cell
@@ -128,6 +137,7 @@ class Group:
 
     rho: float
     seed: int
+    generated_pairs: int
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -197,6 +207,7 @@ def _cell_spec(experiment: ExperimentSpec, rho: float, arm: Arm, alpha: float, s
         distill["family"] = arm.family
     if arm.member is not None:
         distill["member"] = arm.member
+    generation = {} if arm.generated_pairs is None else {"samples_per_prompt": arm.generated_pairs}
     bias = {**data.get("length_bias", {}), "rho": rho, "match_rhos": sorted(grid.rho)}
     evaluate = base.get("evaluate", {})
     return _merge(
@@ -206,6 +217,7 @@ def _cell_spec(experiment: ExperimentSpec, rho: float, arm: Arm, alpha: float, s
             "data": {"length_bias": bias, "seed": data.get("seed", 0) + seed},
             "ensemble": {"seed": base.get("ensemble", {}).get("seed", 0) + seed},
             "distill": distill,
+            "generation": generation,
             # The same evaluation for every cell of a seed: prompts and sampling seed do not depend on the arm.
             "evaluate": {"seed": evaluate.get("seed", 0) + seed},
             "reuse": {"ensemble": None, "pairs": None},
@@ -251,10 +263,10 @@ def expand(experiment: ExperimentSpec) -> list[Cell]:
 
 
 def groups(cells: list[Cell]) -> list[Group]:
-    """Cells by (ρ, seed), in grid order."""
+    """Cells by (ρ, seed, generated pairs), in grid order."""
     by_key: dict[tuple[float, int], Group] = {}
     for cell in cells:
-        by_key.setdefault(cell.group, Group(cell.rho, cell.seed)).cells.append(cell)
+        by_key.setdefault(cell.group, Group(*cell.group)).cells.append(cell)
     return list(by_key.values())
 
 
