@@ -271,7 +271,11 @@ def groups(cells: list[Cell]) -> list[Group]:
 
 
 def experiment_id(experiment: ExperimentSpec) -> str:
-    """Name plus a digest of everything that changes results: resubmitting the same document resumes it."""
-    document = experiment.model_dump(mode="json", exclude={"quick"})
+    """Name plus a digest of everything that changes results: resubmitting the same document resumes it.
+
+    Fields left at their defaults are not part of the digest, so an option added later does not orphan the results
+    folders of earlier experiments.
+    """
+    document = experiment.model_dump(mode="json", exclude={"quick"}, exclude_defaults=True)
     digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:10]
     return f"{experiment.name}-{digest}"
