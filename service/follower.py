@@ -59,8 +59,13 @@ class JobFollower:
         self._warned_unavailable = False
 
     async def run(self) -> None:
+        """Follow jobs until cancelled. A failed pass (a database error, anything) is logged and the next pass
+        tries again: one bad moment must not end job tracking for the life of the service."""
         while True:
-            await asyncio.to_thread(self.sync_all)
+            try:
+                await asyncio.to_thread(self.sync_all)
+            except Exception:
+                log.exception("a pass over the active jobs failed; retrying in %s s", self.interval_s)
             await asyncio.sleep(self.interval_s)
 
     def sync_all(self) -> None:
