@@ -56,6 +56,16 @@ class EventLog:
         self.emit("metrics", stage, step=step, values=values, **fields)
 
 
+def _parse(raw: bytes, line: int) -> dict[str, Any]:
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        event = {"ts": None, "kind": "unreadable", "stage": None, "line": line}
+    return event
+
+
 def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[dict[str, Any]]:
     """Events from line ``offset`` on, one per line; a torn last line (a writer mid-append) is left for the next read.
 
@@ -71,10 +81,30 @@ def read_events(job_dir: str | os.PathLike[str], offset: int = 0) -> Iterator[di
                 continue
             if not raw.endswith(b"\n"):
                 return
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                event = None
-            if not isinstance(event, dict):
-                event = {"ts": None, "kind": "unreadable", "stage": None, "line": i}
-            yield event
+            yield _parse(raw, i)
+
+
+class EventCursor:
+    """Follows a job's event log the way `tail -f` does: each `read` parses only the complete lines appended since
+    the last one, however long the log has grown (a stream polled twice a second must not re-read the file)."""
+
+    def __init__(self, job_dir: str | os.PathLike[str], offset: int = 0):
+        self.path = JobLayout(job_dir).events
+        self.line = 0  # lines consumed so far; the next event's offset
+        self.position = 0  # byte where the first unconsumed line starts
+        self._skip_to = offset
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        events = []
+        with self.path.open("rb") as fh:
+            fh.seek(self.position)
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # a writer mid-append: this line is read whole next time
+                if self.line >= self._skip_to:
+                    events.append(_parse(raw, self.line))
+                self.line += 1
+                self.position += len(raw)
+        return events

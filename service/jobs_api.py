@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from ray_jobs.events import read_events
+from ray_jobs.events import EventCursor, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import FINAL_STATES, JobState
 from ray_jobs.spec import SpecError, parse_spec
@@ -190,10 +190,14 @@ def _sse(event: dict[str, Any], event_id: int) -> bytes:
 
 
 async def _stream(request: Request, store: Store, job: Job, offset: int) -> AsyncIterator[bytes]:
-    """Events from `offset` on as they are appended; ends after job_finished, or when the job is final and drained."""
+    """Events from `offset` on as they are appended; ends after job_finished, or when the job is final and drained.
+
+    File and database reads run in worker threads: the event loop serves every other request meanwhile.
+    """
     idle = 0.0
+    cursor = EventCursor(job.job_dir, offset)
     while True:
-        batch = list(read_events(job.job_dir, offset))
+        batch = await asyncio.to_thread(cursor.read)
         for event in batch:
             offset += 1
             yield _sse(event, offset)

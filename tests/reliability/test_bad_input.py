@@ -120,3 +120,23 @@ def test_one_token_cannot_queue_jobs_past_its_limit(tmp_path):
         assert elsewhere.status_code == 503  # past the quota, on to the (unreachable) cluster
     finally:
         server.stop()
+
+
+def test_the_event_stream_reads_only_what_was_appended(tmp_path):
+    """The SSE stream polls twice a second: each poll must parse only new complete lines, never the whole log."""
+    from ray_jobs.events import EventCursor
+
+    log = JobLayout(tmp_path).events
+    lines = [json.dumps({"ts": float(i), "kind": "progress", "done": i}).encode() + b"\n" for i in range(3)]
+    log.write_bytes(b"".join(lines))
+    cursor = EventCursor(tmp_path, offset=1)
+    assert [e["done"] for e in cursor.read()] == [1, 2] and cursor.line == 3
+    # Damage a line already read (same length): a cursor that re-read the file would now report it unreadable.
+    log.write_bytes(b"x" * (len(lines[0]) - 1) + b"\n" + b"".join(lines[1:]))
+    with log.open("ab") as fh:
+        fh.write(b'{"ts": 3.0, "kind": "prog')  # a writer mid-append
+    assert cursor.read() == []
+    with log.open("ab") as fh:
+        fh.write(b'ress", "done": 3}\n')
+    assert cursor.read() == [{"ts": 3.0, "kind": "progress", "done": 3}] and cursor.line == 4
+    assert cursor.read() == []
