@@ -87,13 +87,17 @@ class JobFollower:
         if view["stage"] != job.stage:
             self.store.update_job(job.id, stage=view["stage"])
         if job.ray_submission_id is None:
-            if (utcnow() - job.created_at).total_seconds() > UNSUBMITTED_GRACE_S:
+            if self._age_s(job) > UNSUBMITTED_GRACE_S:
                 self._fail(job, "the job was never submitted to Ray (the service stopped while submitting it)")
             return
         info = self.backend.info(job.ray_submission_id)
+        if info is None and job.state == "pending" and self._age_s(job) < UNSUBMITTED_GRACE_S:
+            return  # its submission may still be in flight: the id is recorded before Ray hears of the job
         if info is None:
             if view["finished"] in RAY_TO_STATE.values():
                 self._finish(job, view["finished"], "final status from the event log; the Ray job is gone", view)
+            elif job.state == "pending" and view["events"] == 0:
+                self._fail(job, "the job never reached Ray (the service stopped while submitting it)")
             else:
                 reason = (
                     f"the Ray job {job.ray_submission_id} no longer exists on the cluster at {self.backend.address}"
@@ -104,6 +108,10 @@ class JobFollower:
             self.store.transition(job.id, "running", "Ray job running", expect="pending")
         elif info.status in RAY_TO_STATE:
             self._finish(job, RAY_TO_STATE[info.status], f"Ray job {info.status}: {info.message}".strip(), view)
+
+    @staticmethod
+    def _age_s(job: Job) -> float:
+        return (utcnow() - job.created_at).total_seconds()
 
     def _finish(self, job: Job, state: str, reason: str, view: dict[str, Any]) -> None:
         if state == "succeeded":

@@ -20,7 +20,7 @@ from service.admission import check_cluster, confine_spec
 from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.progress import artifacts, summarize
-from service.ray_backend import RayBackend, RayUnavailable
+from service.ray_backend import RayBackend, RayUnavailable, submission_id_for
 from service.schemas import (
     PLAIN_TEXT,
     EventPage,
@@ -127,22 +127,39 @@ def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings:
     job_dir = Path(settings.jobs_dir) / job_id
     job_dir.mkdir(parents=True)
     JobLayout(job_dir).spec.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    submission_id = submission_id_for(job_id)
+    # The submission id is on record before Ray hears of the job: a cancel arriving mid-submission knows what to stop.
     store.create_job(
-        job_id=job_id, name=spec.name, owner=owner, spec=spec.model_dump(mode="json"), job_dir=str(job_dir)
+        job_id=job_id,
+        name=spec.name,
+        owner=owner,
+        spec=spec.model_dump(mode="json"),
+        job_dir=str(job_dir),
+        ray_submission_id=submission_id,
     )
     try:
-        submission_id = backend.submit(job_id, job_dir)
+        backend.submit(job_id, job_dir)
     except RayUnavailable as exc:
         store.transition(job_id, "failed", str(exc), error=str(exc))
         raise
     except Exception as exc:
-        reason = f"Ray refused the job: {exc}"
-        store.transition(job_id, "failed", reason, error=reason)
-        raise ApiError(503, reason) from None
-    store.update_job(job_id, ray_submission_id=submission_id)
+        # An error does not prove the job is not on the cluster (a timeout after Ray accepted it): ask before failing.
+        if not _landed(backend, submission_id):
+            reason = f"Ray refused the job: {exc}"
+            store.transition(job_id, "failed", reason, error=reason)
+            raise ApiError(503, reason) from None
     job = store.get_job(job_id)
     assert job is not None
+    if job.state in ("cancelling", "cancelled"):
+        backend.stop_job(submission_id)  # cancelled while the submission was in flight: stop what Ray just took
     return job
+
+
+def _landed(backend: RayBackend, submission_id: str) -> bool:
+    try:
+        return backend.info(submission_id) is not None
+    except RayUnavailable:
+        return False
 
 
 @router.get("", summary="List jobs, newest first")
@@ -289,10 +306,11 @@ def cancel_job(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) 
     job = _owned_job(store, job_id, owner)
     if job.is_final:
         raise ApiError(409, f"job {job_id} is already {job.state}")
-    if job.ray_submission_id is None:
-        store.transition(job_id, "cancelled", "cancelled before submission")
+    stopped = backend.stop_job(job.ray_submission_id) if job.ray_submission_id else None
+    if stopped is None:
+        # Ray has not got the job (yet): it is cancelled now, and a submission still in flight stops it on landing.
+        store.transition(job_id, "cancelled", "cancelled before Ray ran it", expect=job.state)
     else:
-        backend.stop_job(job.ray_submission_id)
         store.transition(job_id, "cancelling", "cancel requested", expect=job.state)
     current = store.get_job(job_id)
     assert current is not None

@@ -271,6 +271,12 @@ class RayJobInfo:
     exit_code: int | None
 
 
+def submission_id_for(job_id: str) -> str:
+    """The Ray submission id of a job: fixed before submitting, so it is on record while the submission is in flight
+    (a cancel then knows what to stop, and the follower what to ask Ray about)."""
+    return f"rmdistill-{job_id}"
+
+
 class RayBackend:
     """Submits, follows, stops and reads the logs of pipeline jobs on one Ray cluster."""
 
@@ -366,7 +372,7 @@ class RayBackend:
             "submit the job",
             client.submit_job,
             entrypoint=entrypoint,
-            submission_id=f"rmdistill-{job_id}",
+            submission_id=submission_id_for(job_id),
             runtime_env={"env_vars": self.job_env()},
             metadata={"rmdistill_job_id": job_id},
         )
@@ -380,12 +386,13 @@ class RayBackend:
             return None
         return RayJobInfo(str(details.status.value), details.message or "", details.driver_exit_code)
 
-    def stop_job(self, submission_id: str) -> bool:
+    def stop_job(self, submission_id: str) -> bool | None:
+        """True: stop requested; False: the Ray job had ended already; None: Ray has no such job (not yet, or gone)."""
         client = self.client()
         try:
             return bool(self._call("stop the job", client.stop_job, submission_id))
         except LookupError:
-            return False
+            return None
 
     def logs(self, submission_id: str) -> str | None:
         client = self.client()

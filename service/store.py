@@ -128,8 +128,25 @@ class Store:
             yield session
 
     # -- jobs --
-    def create_job(self, *, job_id: str, name: str, owner: str | None, spec: dict[str, Any], job_dir: str) -> Job:
-        job = Job(id=job_id, name=name, owner=owner, state="pending", spec=spec, job_dir=job_dir)
+    def create_job(
+        self,
+        *,
+        job_id: str,
+        name: str,
+        owner: str | None,
+        spec: dict[str, Any],
+        job_dir: str,
+        ray_submission_id: str | None = None,
+    ) -> Job:
+        job = Job(
+            id=job_id,
+            name=name,
+            owner=owner,
+            state="pending",
+            spec=spec,
+            job_dir=job_dir,
+            ray_submission_id=ray_submission_id,
+        )
         with self.session() as s:
             s.add(job)
             s.add(JobTransition(job_id=job_id, from_state=None, to_state="pending", reason="submitted"))

@@ -329,6 +329,38 @@ class TestEmbedded:
 # RAY_ADDRESS mode: a separately started head that outlives a service restart
 
 
+def test_a_cancel_while_the_submission_is_in_flight_stops_the_job(
+    embedded: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel lands between the job's record and Ray's acceptance: the job must end cancelled and stopped on Ray,
+    not marked cancelled while Ray runs it untracked."""
+    import threading
+
+    backend = embedded.app.state.backend
+    real_submit = backend.submit
+
+    def slow_submit(job_id: str, job_dir: Path) -> str:
+        time.sleep(3.0)  # a slow cluster: the submission is still in flight when the cancel arrives
+        return real_submit(job_id, job_dir)
+
+    monkeypatch.setattr(backend, "submit", slow_submit)
+    answers: list[dict[str, Any]] = []
+    with embedded.client() as client:
+        submitting = threading.Thread(target=lambda: answers.append(client.submit(tiny_spec("race"))))
+        submitting.start()
+        [job] = wait_for(lambda: client.list(name="race")["items"], 10, "the job record")
+        assert client.cancel(job["id"])["state"] == "cancelled"
+        submitting.join(timeout=60)
+        assert answers and answers[0]["ray_submission_id"] == f"rmdistill-{job['id']}"
+        assert client.get(job["id"])["state"] == "cancelled"
+        headers = backend.auth_headers
+        dashboard = client.health()["ray"]["address"]
+    stopped = wait_for(
+        lambda: ray_status(dashboard, f"rmdistill-{job['id']}", headers) in ("STOPPED", "FAILED"), 60, "Ray to stop it"
+    )
+    assert stopped
+
+
 def test_the_embedded_head_takes_nothing_without_its_token(completed: dict[str, Any]) -> None:
     """Ray's job API and state API on the embedded head answer only with its token: anyone else reaching the
     machine can neither submit a job (any shell command) nor list the cluster. The token file is owner-only."""
