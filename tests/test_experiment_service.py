@@ -13,20 +13,16 @@ from typing import Any
 
 import pytest
 import yaml
-from test_service import TOKEN_A, TOKEN_B, Server, tiny_spec, wait_for, write_prefs
+from test_service import TOKEN_A, TOKEN_B, Server, embedded_server, tiny_spec, wait_for
 
 from clients.sdk import RmdistillError
-from service.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("exp-svc")
-    write_prefs(home / "datasets")
-    settings = Settings(data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5)
-    running = Server(settings).start()
+    running = embedded_server(tmp_path_factory.mktemp("exp-svc"))
     yield running
     running.stop()
 

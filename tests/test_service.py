@@ -114,12 +114,17 @@ def test_unreachable_ray_is_503_and_reads_still_work(tmp_path: Path) -> None:
 # Embedded mode: the service starts (and stops) its own Ray head
 
 
+def embedded_server(home: Path) -> Server:
+    """A service with two tokens that starts its own 2-CPU Ray head, and prefs.jsonl in its data root."""
+    write_prefs(home / "datasets")
+    settings = Settings(data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5)
+    return Server(settings).start()
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("svc")
-    write_prefs(home / "datasets")
-    settings = Settings(data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5)
-    server = Server(settings).start()
+    server = embedded_server(home)
     yield server
     server.stop()
     head_pid = json.loads((home / "ray-head.json").read_text())["pid"] if (home / "ray-head.json").exists() else None
