@@ -9,6 +9,7 @@ resumes it, skipping the cells already there. The id is the experiment's name pl
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from service.schemas import ExperimentCell, ExperimentRequest, ExperimentStatus,
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=error_responses(401, 422))
 OWNER_FILE = "owner.json"
+EXPERIMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}-[0-9a-f]{10}$")
 POLL_S = 2.0
 
 
@@ -95,13 +97,16 @@ def _status(folder: Path, run: _Run | None) -> ExperimentStatus:
     )
 
 
-def _owned_folder(request: Request, settings: Any, eid: str, owner: str | None) -> Path:
+def _owner_of(folder: Path) -> str | None:
+    return json.loads((folder / OWNER_FILE).read_text())["owner"]
+
+
+def _owned_folder(settings: Any, eid: str, owner: str | None) -> Path:
+    """The caller's experiment folder; 404 alike for a malformed id, another owner's experiment or none at all."""
+    # Ids are names plus a digest: anything else (a path, a name no filesystem takes) is no experiment.
     folder = _folder(settings, eid)
-    # A path-shaped id must not reach outside the experiments folder.
-    if folder.parent != _folder(settings, "x").parent or not (folder / OWNER_FILE).is_file():
-        raise ApiError(404, f"experiment {eid} not found")
-    if json.loads((folder / OWNER_FILE).read_text())["owner"] != owner:
-        raise ApiError(404, f"experiment {eid} not found")
+    if not EXPERIMENT_ID.match(eid) or not (folder / OWNER_FILE).is_file() or _owner_of(folder) != owner:
+        raise ApiError(404, f"experiment {eid[:80]} not found")
     return folder
 
 
@@ -113,17 +118,17 @@ def submit_experiment(
 ) -> ExperimentStatus:
     try:
         plan = parse_experiment(body.spec, body.quick)
-        expand(plan)
+        cells = expand(plan)
     except SpecError as exc:
         raise ApiError(422, f"invalid experiment: {exc}", exc.errors) from None
     eid = experiment_id(plan)
     folder = _folder(settings, eid)
+    if (folder / OWNER_FILE).is_file() and _owner_of(folder) != owner:
+        raise ApiError(409, f"experiment {eid} belongs to another caller; rename yours")
     runs = _runs(request)
     run = runs.get(eid)
     if run is not None and run.thread.is_alive():
         return _status(folder, run)
-    if (folder / OWNER_FILE).is_file() and json.loads((folder / OWNER_FILE).read_text())["owner"] != owner:
-        raise ApiError(409, f"experiment {eid} belongs to another caller; rename yours")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / OWNER_FILE).write_text(json.dumps({"owner": owner}))
     stop = threading.Event()
@@ -138,22 +143,22 @@ def submit_experiment(
             runs[eid].error = f"{type(exc).__name__}: {exc}"
 
     run = runs[eid] = _Run(threading.Thread(target=work, name=f"experiment-{eid}", daemon=True), stop)
-    write_plan(folder, plan, expand(plan))  # the cell list exists before the first GET can ask
+    write_plan(folder, plan, cells)  # the cell list exists before the first GET can ask
     run.thread.start()
     return _status(folder, run)
 
 
 @router.get("/{experiment_id}", summary="An experiment's cells, failures and table", responses=error_responses(404))
 def get_experiment(request: Request, experiment_id: str, owner: Owner, settings: SettingsDep) -> ExperimentStatus:
-    folder = _owned_folder(request, settings, experiment_id, owner)
+    folder = _owned_folder(settings, experiment_id, owner)
     return _status(folder, _runs(request).get(experiment_id))
 
 
 @router.get(
     "/{experiment_id}/cells/{cell_id}", summary="One finished cell's result file", responses=error_responses(404)
 )
-def get_cell(request: Request, experiment_id: str, cell_id: str, owner: Owner, settings: SettingsDep) -> ExperimentCell:
-    folder = _owned_folder(request, settings, experiment_id, owner)
+def get_cell(experiment_id: str, cell_id: str, owner: Owner, settings: SettingsDep) -> ExperimentCell:
+    folder = _owned_folder(settings, experiment_id, owner)
     document = json.loads((folder / EXPERIMENT_FILE).read_text())
     path = folder / f"{cell_id}.json"
     if cell_id not in document["cells"] or not path.is_file():
@@ -168,7 +173,7 @@ def get_cell(request: Request, experiment_id: str, cell_id: str, owner: Owner, s
     responses=error_responses(404),
 )
 def stop_experiment(request: Request, experiment_id: str, owner: Owner, settings: SettingsDep) -> ExperimentStatus:
-    folder = _owned_folder(request, settings, experiment_id, owner)
+    folder = _owned_folder(settings, experiment_id, owner)
     run = _runs(request).get(experiment_id)
     if run is not None:
         run.stop.set()

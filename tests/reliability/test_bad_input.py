@@ -140,3 +140,11 @@ def test_the_event_stream_reads_only_what_was_appended(tmp_path):
         fh.write(b'ress", "done": 3}\n')
     assert cursor.read() == [{"ts": 3.0, "kind": "progress", "done": 3}] and cursor.line == 4
     assert cursor.read() == []
+
+
+def test_experiment_ids_no_filesystem_takes_are_404_not_500(server):
+    for eid in ("x" * 5000, "..", "a%2Fb-0123456789", "\u00b2-0123456789"):
+        response = httpx.get(f"{server.url}/v1/experiments/{eid}", headers=AUTH)
+        assert response.status_code == 404, (eid[:20], response.text)
+        response = httpx.get(f"{server.url}/v1/experiments/{eid}/cells/c", headers=AUTH)
+        assert response.status_code == 404
