@@ -11,7 +11,14 @@ import pytest
 from support.pairs import PROMPTS, write_pairs, write_test_data
 
 from ray_jobs.distill.loop import distill_task, train_policy
-from ray_jobs.evaluate.stage import EvaluationError, chosen_logratio, evaluation_prompts, kl_estimate, win_rate
+from ray_jobs.evaluate.stage import (
+    EvaluationError,
+    chosen_responses,
+    evaluation_prompts,
+    kl_estimate,
+    logratios,
+    win_rate,
+)
 from ray_jobs.evaluate.stage import run as run_evaluation
 from ray_jobs.events import EventLog
 from ray_jobs.layout import JobLayout
@@ -88,9 +95,12 @@ def test_samples_are_kept_by_key_and_reference_samples_are_shared(trained_job, t
 def test_chosen_logratio_of_the_reference_itself_is_zero(tiny_llama, tmp_path):
     write_test_data(tmp_path)
     spec = JobSpec(reference=str(tiny_llama), evaluate={"chosen_pairs": 2})
-    assert chosen_logratio(spec, JobLayout(tmp_path), Path(tiny_llama)) == pytest.approx(0.0, abs=1e-6)
+    chosen = chosen_responses(spec, JobLayout(tmp_path))
+    assert len(chosen.responses) == 2 and set(chosen.responses) == {"a warm film"}  # label 0: response_b preferred
+    [diff] = logratios(Path(tiny_llama), tiny_llama, [chosen])
+    assert float(diff.mean()) == pytest.approx(0.0, abs=1e-6)
     none = JobSpec(reference=str(tiny_llama), evaluate={"chosen_pairs": 0})
-    assert chosen_logratio(none, JobLayout(tmp_path), Path(tiny_llama)) is None
+    assert chosen_responses(none, JobLayout(tmp_path)) is None
 
 
 def test_evaluation_prompts_fixed_set_held_out_or_a_file(tiny_llama, tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -117,8 +117,17 @@ def _sample(
     return _flat(out.texts, out.ended, n)
 
 
-def chosen_logratio(spec: JobSpec, layout: JobLayout, policy: Path) -> float | None:
-    """Mean log π(chosen) − log π_ref(chosen) over the first `evaluate.chosen_pairs` labelled training pairs."""
+class Responses(NamedTuple):
+    """Responses to score under both models; ``ended`` False marks one cut at the token cap (no EOS term)."""
+
+    prompts: list[str]
+    responses: list[str]
+    ended: list[bool] | None
+    max_length: int
+
+
+def chosen_responses(spec: JobSpec, layout: JobLayout) -> Responses | None:
+    """The preferred responses of the first `evaluate.chosen_pairs` labelled training pairs (None: none asked)."""
     limit = spec.evaluate.chosen_pairs
     if limit == 0:
         return None
@@ -129,30 +138,40 @@ def chosen_logratio(spec: JobSpec, layout: JobLayout, policy: Path) -> float | N
     if df.empty:
         return None
     a_chosen = df["label"].to_numpy() == 1
-    prompts = df["prompt"].tolist()
-    chosen = np.where(a_chosen, df["response_a"], df["response_b"]).tolist()
-    ended = np.where(a_chosen, df["ended_a"], df["ended_b"]).astype(bool).tolist()
-    d = spec.distill
-    policy_logps = _logps(policy, prompts, chosen, d.max_length, d.precision, ended)
-    return float((policy_logps - _logps(spec.reference, prompts, chosen, d.max_length, d.precision, ended)).mean())
+    return Responses(
+        df["prompt"].tolist(),
+        np.where(a_chosen, df["response_a"], df["response_b"]).tolist(),
+        np.where(a_chosen, df["ended_a"], df["ended_b"]).astype(bool).tolist(),
+        spec.distill.max_length,
+    )
 
 
-def _logps(
-    model_ref: str | Path,
-    prompts: list[str],
-    responses: list[str],
-    max_length: int,
-    precision: Precision,
-    ended: list[bool] | None,
-) -> np.ndarray:
+def logratios(
+    policy: str | Path, reference: str | Path, sets: list[Responses], precision: Precision = "fp32"
+) -> list[np.ndarray]:
+    """log π − log π_ref of every response of each set, loading each model once for all of them."""
     from ray_jobs.models.logps import response_logps
     from ray_jobs.models.registry import load_causal_lm
     from ray_jobs.precision import autocast
 
-    model, tokenizer = load_causal_lm(str(model_ref))
-    model.eval()
-    with autocast(precision, model.device):
-        return response_logps(model, tokenizer, prompts, responses, max_length, ended=ended).numpy()
+    per_model = []
+    for model_ref in (policy, reference):
+        model, tokenizer = load_causal_lm(str(model_ref))
+        model.eval()
+        with autocast(precision, model.device):
+            per_model.append(
+                [
+                    response_logps(model, tokenizer, s.prompts, s.responses, s.max_length, ended=s.ended).numpy()
+                    for s in sets
+                ]
+            )
+        del model
+    return [p - r for p, r in zip(*per_model, strict=True)]
+
+
+def _mean_and_sem(diff: np.ndarray) -> tuple[float, float | None]:
+    sem = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
+    return float(diff.mean()), sem
 
 
 def kl_estimate(
@@ -168,10 +187,7 @@ def kl_estimate(
 
     ``ended`` False marks samples cut at the token cap: their log-probs then have no EOS term.
     """
-    policy_logps = _logps(policy, prompts, samples, max_length, precision, ended)
-    diff = policy_logps - _logps(reference, prompts, samples, max_length, precision, ended)
-    sem = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
-    return float(diff.mean()), sem
+    return _mean_and_sem(logratios(policy, reference, [Responses(prompts, samples, ended, max_length)], precision)[0])
 
 
 def _length_stats(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
@@ -207,11 +223,12 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     # KL(π‖π_ref) is an expectation under π itself: samples at temperature 1, drawn apart when evaluation's differs.
     kl_gen = kl_sampling(gen)
     kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events, n)
-    max_length = spec.distill.max_length + e.max_new_tokens
     m = n * min(e.kl_prompts or len(prompts), len(prompts))
-    kl, kl_sem = kl_estimate(
-        policy, spec.reference, sample_prompts[:m], kl_texts[:m], max_length, spec.distill.precision, kl_ended[:m]
-    )
+    kl_set = Responses(sample_prompts[:m], kl_texts[:m], kl_ended[:m], spec.distill.max_length + e.max_new_tokens)
+    chosen = chosen_responses(spec, layout)
+    # Both models loaded once for the KL samples and the chosen responses together.
+    diffs = logratios(policy, spec.reference, [kl_set] + ([chosen] if chosen else []), spec.distill.precision)
+    kl, kl_sem = _mean_and_sem(diffs[0])
     tokenizer = load_tokenizer(spec.reference)
     lengths = {"policy": _length_stats(tokenizer, policy_texts), "reference": _length_stats(tokenizer, reference_texts)}
     report: dict[str, Any] = {
@@ -247,7 +264,7 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
             "policy_mean": float(np.mean(scores["policy"])),
             "reference_mean": float(np.mean(scores["reference"])),
         }
-    report["chosen_logratio"] = chosen_logratio(spec, layout, policy)
+    report["chosen_logratio"] = float(diffs[1].mean()) if chosen else None
     report["samples"] = {
         "key": [f"{i}:{j}" for i in range(len(prompts)) for j in range(n)],
         **scores,
