@@ -101,6 +101,10 @@ def test_an_arm_with_generated_pairs_is_its_own_group():
 def test_refusals_name_the_cell_or_field():
     with pytest.raises(SpecError, match="base.distill.max_steps: must be set"):
         expand(parse_experiment({**small(), "base": {"distill": {}}}))
+    no_oracle = small()
+    no_oracle["base"]["evaluate"] = {"oracle": None}
+    with pytest.raises(SpecError, match="base.evaluate.oracle: must be set"):
+        expand(parse_experiment(no_oracle))
     with pytest.raises(SpecError, match=r"cell rho0.2-p-a0-s0: distill: loss p-dpo needs alpha > 0"):
         expand(parse_experiment(small(arms=[{"name": "dpo", "loss": "dpo"}, {"name": "p", "loss": "p-dpo"}])))
     with pytest.raises(SpecError, match="baseline 'dpo' is not one of the arms"):

@@ -232,6 +232,8 @@ def expand(experiment: ExperimentSpec) -> list[Cell]:
         raise SpecError(
             [{"field": "base.distill.max_steps", "message": "must be set: every arm trains the same number of steps"}]
         )
+    if experiment.base.get("evaluate", {}).get("oracle", "unset") is None:
+        raise SpecError([{"field": "base.evaluate.oracle", "message": "must be set: cells are compared by the oracle"}])
     cells, errors = [], []
     for seed in grid.seeds:
         for rho in grid.rho:
