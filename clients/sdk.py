@@ -22,6 +22,9 @@ import httpx
 
 from ray_jobs.names import FINAL_STATES
 
+# How long `wait` keeps polling a service it cannot reach (a restart takes seconds; an upgrade a few minutes).
+MAX_UNREACHABLE_S = 300.0
+
 
 class RmdistillError(RuntimeError):
     """An error answer from the service: HTTP status, its message and the fields it names."""
@@ -144,8 +147,19 @@ class Client:
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
         """Poll until the job is final; TimeoutError (with the last state) after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        unreachable_since: float | None = None
         while True:
-            job = self.get(job_id)
+            try:
+                job = self.get(job_id)
+            except httpx.TransportError:
+                # A dropped connection or a restarting service must not end a wait of hours (an experiment's);
+                # the job runs on regardless. Only a service gone for good is an error.
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > MAX_UNREACHABLE_S:
+                    raise
+                time.sleep(poll_s)
+                continue
+            unreachable_since = None
             if job["state"] in FINAL_STATES:
                 return job
             if deadline is not None and time.monotonic() > deadline:
