@@ -10,7 +10,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from clients.sdk import Client, RmdistillError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(help="rmdistill: robust preference optimization through reward-model distillation.")
 console = Console()
@@ -57,35 +60,69 @@ def serve(
     insecure: bool = typer.Option(
         None, "--insecure", envvar="RMDISTILL_INSECURE", help="Allow a non-loopback bind without tokens."
     ),
+    stop_cluster: bool = typer.Option(
+        False,
+        "--stop-cluster",
+        help="On exit, stop the embedded Ray head and the jobs on it (by default they keep running, and the next "
+        "`serve` on this data folder re-attaches to them).",
+    ),
 ) -> None:
-    """Start the service (FastAPI on uvicorn)."""
+    """Start the service (FastAPI on uvicorn). SIGTERM or Ctrl+C stops it in seconds; the embedded Ray head and its
+    jobs keep running unless --stop-cluster."""
     import uvicorn
-    from pydantic import ValidationError
 
-    from service.app import create_app
-    from service.settings import Settings
+    from service.app import SHUTDOWN_GRACE_S, create_app
 
-    try:
-        settings = Settings.from_env(
-            host=host,
-            port=port,
-            data_dir=data_dir,
-            database_url=database_url,
-            tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
-            ray_address=ray_address,
-            data_roots=tuple(data_root) if data_root else None,
-            insecure=insecure,
-        )
-    except ValidationError as exc:
-        console.print(f"[red]error[/red]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
-        raise typer.Exit(2) from None
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        database_url=database_url,
+        tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
+        ray_address=ray_address,
+        data_roots=tuple(data_root) if data_root else None,
+        insecure=insecure,
+    )
     if settings.insecure and not settings.auth_enabled:
         console.print(f"[yellow]warning[/yellow]: no tokens: anyone who reaches {settings.host} has full access")
     if settings.ray_address is None:
         from service.ray_backend import prepare_embedded_auth
 
         prepare_embedded_auth(settings.data_dir)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    uvicorn.run(
+        create_app(settings, stop_cluster=stop_cluster),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+
+
+@app.command("stop-cluster")
+def stop_cluster(
+    data_dir: Path = typer.Option(None, envvar="RMDISTILL_HOME", help="Data folder (default ~/.rmdistill)."),
+) -> None:
+    """Stop the embedded Ray head that `serve` left running on this data folder, and the jobs on it (the next
+    `serve` marks them failed)."""
+    from service.ray_backend import LocalRayHead
+
+    folder = _settings(data_dir=data_dir).data_dir
+    if LocalRayHead(folder).stop_recorded():
+        typer.echo(f"stopped the embedded Ray head of {folder}")
+    else:
+        typer.echo(f"no embedded Ray head was running for {folder}")
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The service settings (environment plus these options), or exit 2 with what is wrong."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except ValidationError as exc:
+        console.print(f"[red]error[/red]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
+        raise typer.Exit(2) from None
 
 
 def _follow(client: Client, job_id: str) -> str:

@@ -9,8 +9,8 @@ spec="${1:-examples/quickstart.yaml}"
 mkdir -p "$RMDISTILL_HOME"
 log="$RMDISTILL_HOME/demo-service.log"
 echo "starting the service on 127.0.0.1:$port (log: $log)"
-.venv/bin/rmdistill serve --port "$port" >"$log" 2>&1 &
+# --stop-cluster: the demo leaves nothing running (by default the Ray head and its jobs outlive the service).
+.venv/bin/rmdistill serve --port "$port" --stop-cluster >"$log" 2>&1 &
 server=$!
-# uvicorn's shutdown stops the Ray head the service started.
 trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 .venv/bin/python scripts/demo.py --url "http://127.0.0.1:$port" --spec "$spec"

@@ -1,7 +1,9 @@
 """The FastAPI application: job API, policies, the serving routes, health and metrics.
 
-`create_app(settings)` builds it; the lifespan opens the store (running migrations), connects to or starts Ray,
-reconciles non-final jobs before the first request, follows jobs in the background, and undoes it all on exit.
+`create_app(settings)` builds it; the lifespan opens the store (running migrations), connects to or starts Ray
+(re-attaching to the embedded head a previous service left running), reconciles non-final jobs before the first
+request, follows jobs in the background, and undoes it all on exit, except that an embedded head is left running
+with its jobs unless `stop_cluster`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from service.settings import Settings
 from service.store import Store
 
 log = logging.getLogger("rmdistill.service")
+
+# What uvicorn gives open requests on shutdown before cancelling them. Event streams never end on their own while
+# their job runs and would hold the exit for as long; cut, a client resumes from its last event id (the SDK does).
+SHUTDOWN_GRACE_S = 2
 
 
 class BodyLimitMiddleware:
@@ -91,13 +97,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await engines.shutdown()
-        if backend.embedded:
+        if backend.embedded and app.state.stop_cluster:
             await asyncio.to_thread(backend.stop)
             _mark_orphaned(store)
+        elif backend.head is not None:
+            log.info(
+                "leaving the embedded Ray head at %s running with its jobs: the next service on %s re-attaches to it, "
+                "`rmdistill stop-cluster` stops it",
+                backend.address,
+                settings.data_dir,
+            )
         store.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, stop_cluster: bool = True) -> FastAPI:
+    """The app; `stop_cluster`: whether its shutdown stops the embedded Ray head (failing the jobs on it) or leaves
+    it running for the next service on the data folder. Embedders (tests, benchmarks) stop theirs by default;
+    `rmdistill serve` leaves it unless told --stop-cluster."""
     settings = settings or Settings.from_env()
     app = FastAPI(
         title="rmdistill",
@@ -106,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.stop_cluster = stop_cluster
     app.state.experiments = {}  # experiment id -> its running thread (service/experiments_api.py)
     install_error_handlers(app)
 

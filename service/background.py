@@ -11,7 +11,7 @@ import time
 
 import uvicorn
 
-from service.app import create_app
+from service.app import SHUTDOWN_GRACE_S, create_app
 from service.ray_backend import free_port
 from service.settings import Settings
 
@@ -21,7 +21,13 @@ class BackgroundServer:
         self.settings = settings
         self.port = free_port()
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -2,8 +2,12 @@
 
 Two modes:
 - embedded (no ray_address): the service starts a private Ray head (`ray start --head --block` with the dashboard,
-  free ports, its own --temp-dir) as a child process group and stops it on shutdown. It never runs `ray stop`,
-  which would end every Ray instance on the machine, including other people's.
+  free ports, its own --temp-dir) in a process group of its own and records it in the data folder
+  (`ray-head.json`). The head outlives the service unless told otherwise, so the jobs on it keep running through a
+  restart: the next service on the same data folder re-attaches to the recorded head (after checking it is that
+  process and that it takes this folder's token) and its follower picks the jobs up; a stale record (the head died)
+  leads to a fresh head. `LocalRayHead.stop_recorded` (`rmdistill stop-cluster`) stops it. It never runs
+  `ray stop`, which would end every Ray instance on the machine, including other people's.
 - cluster (ray_address = dashboard URL or GCS address): use that cluster; it outlives the service, so a restarted
   service re-attaches to jobs that kept running.
 
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,8 @@ PASSTHROUGH_ENV = (
     "TOKENIZERS_PARALLELISM",
     "VLLM_CPU_KVCACHE_SPACE",
 )
+# The embedded head's record in the data folder: the HeadRecord fields, as JSON.
+HEAD_RECORD = "ray-head.json"
 # Ray's unix socket paths must stay under 107 bytes: <temp-dir>/session_<40 chars>/sockets/plasma_store.
 MAX_TEMP_DIR_LEN = 40
 
@@ -89,14 +95,16 @@ def embedded_token_file(data_dir: Path) -> Path:
 
 
 def prepare_embedded_auth(data_dir: Path) -> None:
-    """Give this process the embedded head's auth settings, with a fresh token, before it imports Ray.
+    """Give this process the embedded head's auth settings before it imports Ray: the token of the head still
+    running on this data folder, else a fresh one for the head about to start.
 
     Ray reads RAY_AUTH_MODE and the token when it is imported, not when a driver connects: the service's own
     driver (the serving actors' owner) can only join the token-protected embedded head if the variables are set
     first. `rmdistill serve` calls this before anything imports Ray; the head then uses this token.
     """
     token_file = embedded_token_file(data_dir)
-    write_token(token_file)
+    if reusable_head(data_dir) is None:
+        write_token(token_file)
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     os.environ.pop("RAY_AUTH_TOKEN", None)
 
@@ -118,13 +126,68 @@ def _alive_nodes(dashboard_url: str, headers: dict[str, str]) -> list[Any]:
     return client.list(StateResource.NODES, options=options, raise_on_missing_output=True)
 
 
+@dataclass
+class HeadRecord:
+    """What `ray-head.json` in a data folder says of the embedded head started there."""
+
+    pid: int
+    started_at: float  # the process's start time: a reused pid belongs to a process started later
+    temp_dir: str
+    dashboard_url: str
+    gcs_address: str
+    num_cpus: int
+
+    @classmethod
+    def read(cls, data_dir: Path) -> HeadRecord | None:
+        """None when there is no record, or one this version cannot read (which is then treated as stale)."""
+        try:
+            return cls(**json.loads((Path(data_dir) / HEAD_RECORD).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def process(self) -> psutil.Process | None:
+        """The head's `ray start` process, if the recorded pid is still that process."""
+        try:
+            process = psutil.Process(self.pid)
+            same = (
+                abs(process.create_time() - self.started_at) < 0.01
+                and f"--temp-dir={self.temp_dir}" in process.cmdline()
+            )
+            return process if same and process.status() != psutil.STATUS_ZOMBIE else None
+        except psutil.Error:
+            return None
+
+    def accepts(self, token: str) -> bool:
+        """Whether the head's dashboard takes `token` on an authenticated route: only a head started with it does."""
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status == 200
+        except (OSError, ValueError):  # refused, 401/403 (HTTPError is an OSError), a malformed URL
+            return False
+
+
+def reusable_head(data_dir: Path) -> HeadRecord | None:
+    """The embedded head recorded in this data folder if it still runs and takes the folder's token, else None."""
+    record = HeadRecord.read(data_dir)
+    token_file = embedded_token_file(data_dir)
+    if record is None or record.process() is None or not token_file.is_file():
+        return None
+    return record if record.accepts(token_file.read_text().strip()) else None
+
+
 class LocalRayHead:
     """A private single-node Ray head with the dashboard, started as its own process group.
 
-    Locked down: Ray's token authentication is on with a fresh random token per start (a 0600 file in the data
+    Locked down: Ray's token authentication is on with a fresh random token per head (a 0600 file in the data
     folder, which the head and every job read through RAY_AUTH_TOKEN_PATH), and the dashboard listens on loopback
     only. Ray's gRPC servers (GCS, raylet, object manager) listen on every interface and Ray has no setting to
     change that: the token is what keeps a machine that reaches them from joining or submitting work.
+
+    The head is recorded in the data folder; `start` re-attaches to a recorded head that still runs and takes the
+    folder's token, so a service restart leaves the head's jobs running.
     """
 
     def __init__(self, root: Path, num_cpus: int | None = None, env: dict[str, str] | None = None):
@@ -136,15 +199,19 @@ class LocalRayHead:
         if len(str(temp)) > MAX_TEMP_DIR_LEN:
             temp = Path("/tmp") / f"rmd-ray-{hashlib.sha256(str(self.root).encode()).hexdigest()[:10]}"
         self.temp_dir = temp
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: psutil.Process | None = None
         self.dashboard_url = ""
         self.gcs_address = ""
-        self._pid_file = self.root / "ray-head.json"
+        self._record_file = self.root / HEAD_RECORD
+        self.log_path = self.root / "ray-head.log"
         self.token_file = embedded_token_file(self.root)
 
     def start(self, timeout_s: float = 180.0, attempts: int = 5) -> LocalRayHead:
-        """Start the head; retried because Ray gives a raylet only 30 s to register, which a loaded machine misses."""
+        """Re-attach to this folder's running head, else start one; retried because Ray gives a raylet only 30 s to
+        register, which a loaded machine misses."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._reattach():
+            return self
         self._kill_leftover()
         for attempt in range(1, attempts + 1):
             try:
@@ -161,6 +228,29 @@ class LocalRayHead:
             log.info("embedded Ray head up at %s (temp dir %s)", self.dashboard_url, self.temp_dir)
             return self
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _reattach(self, timeout_s: float = 30.0) -> bool:
+        record = reusable_head(self.root)
+        process = record.process() if record else None
+        if record is None or process is None:
+            return False
+        self.process, self.dashboard_url, self.gcs_address = process, record.dashboard_url, record.gcs_address
+        try:
+            self._wait_ready(timeout_s)
+        except RayUnavailable as exc:
+            log.warning("the recorded Ray head runs but its node is not alive: %s", exc)
+            self.process = None
+            return False
+        if record.num_cpus != self.num_cpus:
+            log.warning(
+                "the running head has %d CPUs, not the %d asked for: `rmdistill stop-cluster` and restart to change it",
+                record.num_cpus,
+                self.num_cpus,
+            )
+        log.info(
+            "re-attached to the embedded Ray head at %s (pid %d) and the jobs on it", self.dashboard_url, record.pid
+        )
+        return True
 
     def _start_once(self, timeout_s: float) -> None:
         ports = {
@@ -191,15 +281,30 @@ class LocalRayHead:
         env = {**os.environ, **self.env, **self.auth_env, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's own token file
-        self._log_path = self.root / "ray-head.log"
-        with self._log_path.open("ab") as out:
+        with self.log_path.open("ab") as out:
             # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
-            self.process = subprocess.Popen(
-                cmd, env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            # Its own session: the head must not get the signals meant for the service, which it outlives.
+            popen = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        self.process = psutil.Process(popen.pid)
         self.dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
         self.gcs_address = f"127.0.0.1:{ports['port']}"
-        self._pid_file.write_text(json.dumps({"pid": self.process.pid, "temp_dir": str(self.temp_dir)}))
+        record = HeadRecord(
+            pid=popen.pid,
+            started_at=self.process.create_time(),
+            temp_dir=str(self.temp_dir),
+            dashboard_url=self.dashboard_url,
+            gcs_address=self.gcs_address,
+            num_cpus=self.num_cpus,
+        )
+        self._record_file.write_text(json.dumps(asdict(record)))
         self._wait_ready(timeout_s)
 
     @property
@@ -211,6 +316,29 @@ class LocalRayHead:
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {read_token(self.token_file)}"}
 
+    @property
+    def running(self) -> bool:
+        """The head process still runs (is_running also tells a reused pid apart; a zombie has ended)."""
+        try:
+            return (
+                self.process is not None and self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
+            )
+        except psutil.Error:
+            return False
+
+    def _wait_exit(self, timeout_s: float) -> bool:
+        """Whether the head ended within timeout_s. Polled, not psutil's wait: an adopted head is not this process's
+        child, and its zombie lasts as long as its new parent leaves it unreaped."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while self.running:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.process.pid, os.WNOHANG)  # reaps it when it is this process's child
+        return True
+
     def _write_token(self) -> None:
         if not (self.token_file.is_file() and self.token_file.read_text().strip()):
             write_token(self.token_file)
@@ -219,10 +347,9 @@ class LocalRayHead:
         # The dashboard answers before the node registers; a submission in that gap fails, so wait for an ALIVE node.
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                tail = self._log_path.read_text(errors="replace")[-2000:]
-                raise RayUnavailable(f"the embedded Ray head exited with {self.process.returncode}:\n{tail}")
+            if not self.running:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RayUnavailable(f"the embedded Ray head exited:\n{tail}")
             try:
                 request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers)
                 urllib.request.urlopen(request, timeout=2).read()
@@ -231,37 +358,48 @@ class LocalRayHead:
             except Exception:  # not up yet; any failure means "poll again"
                 pass
             time.sleep(0.5)
-        raise RayUnavailable(f"the embedded Ray head did not come up within {timeout_s:.0f} s (log: {self._log_path})")
+        raise RayUnavailable(f"the embedded Ray head is not ready after {timeout_s:.0f} s (log: {self.log_path})")
 
     def stop(self, timeout_s: float = 40.0) -> None:
         """SIGTERM lets `ray start --block` drain and stop its own processes; SIGKILL whatever is left after that."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+        if self.running:
+            assert self.process is not None
+            self.process.terminate()
+            if not self._wait_exit(timeout_s):
                 log.warning("Ray head did not stop within %.0f s; killing it", timeout_s)
         if self.process is not None:
+            # The head leads its own process group (start_new_session): end the group, then reap the head.
             with contextlib.suppress(ProcessLookupError, psutil.Error):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self._wait_exit(10)
+            self.process = None
         self._kill_strays()
-        self._pid_file.unlink(missing_ok=True)
+        self._record_file.unlink(missing_ok=True)
+
+    def stop_recorded(self) -> bool:
+        """Stop the head recorded in this folder, whichever service started it; False when it was not running."""
+        record = HeadRecord.read(self.root)
+        self.process = record.process() if record else None
+        was_running = self.running
+        self.stop()
+        return was_running
 
     def _kill_strays(self) -> None:
         # Workers run in their own sessions; the private temp dir on their command line marks them as ours.
-        marker = str(self.temp_dir)
+        # The trailing "/" keeps /x/ray from matching another folder's /x/ray2.
+        marker = f"{self.temp_dir}/"
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any(marker in part for part in proc.info.get("cmdline") or ()):
+            if any(marker in f"{part}/" for part in proc.info.get("cmdline") or ()):
                 with contextlib.suppress(ProcessLookupError, psutil.Error):
                     proc.kill()
 
     def _kill_leftover(self) -> None:
-        """A head left behind by a service that crashed holds the temp dir: end it before starting a new one."""
-        if self._pid_file.exists():
-            log.warning("stopping a Ray head left over from an earlier run (%s)", self._pid_file)
+        """A recorded head that is gone or not this folder's (a crash, a changed token) may leave processes holding
+        the temp dir: end them before starting a new one."""
+        if self._record_file.exists():
+            log.warning("the Ray head recorded in %s is gone or unusable: starting a fresh one", self._record_file)
             self._kill_strays()
-            self._pid_file.unlink(missing_ok=True)
+            self._record_file.unlink(missing_ok=True)
 
 
 @dataclass
