@@ -22,6 +22,7 @@ class ClusterResources:
     max_node_cpus: float
     max_node_gpus: float
     nodes: int
+    max_node_memory: float = 0.0  # bytes of Ray's `memory` resource on the largest node
 
     @classmethod
     def from_nodes(cls, totals: Iterable[Mapping[str, float]]) -> ClusterResources:
@@ -33,6 +34,7 @@ class ClusterResources:
             max_node_cpus=max((t.get("CPU", 0.0) for t in totals), default=0.0),
             max_node_gpus=max((t.get("GPU", 0.0) for t in totals), default=0.0),
             nodes=len(totals),
+            max_node_memory=max((t.get("memory", 0.0) for t in totals), default=0.0),
         )
 
     def describe(self) -> str:

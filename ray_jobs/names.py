@@ -34,7 +34,8 @@ Diversity = Literal["seed", "bootstrap", "disjoint"]
 Pairing = Literal["all", "random"]
 DataFormat = Literal["auto", "standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex"]
 
-JobState = Literal["pending", "running", "cancelling", "succeeded", "failed", "cancelled"]
+# queued: recorded, waiting for a running slot (the service's queue); nothing is on Ray yet.
+JobState = Literal["queued", "pending", "running", "cancelling", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 

@@ -117,8 +117,16 @@ def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[s
     return JobSpec.model_validate(data)
 
 
-def check_cluster(spec: JobSpec, cluster: ClusterResources) -> None:
-    """409 naming the field when the cluster could never place what the spec asks (the driver's own rule)."""
+def check_cluster(spec: JobSpec, cluster: ClusterResources, driver_memory: int = 0) -> None:
+    """409 naming the field when the cluster could never place what the spec asks (the driver's own rule), or
+    503 when no node could hold a job's driver (the service's own setting, no field of the spec)."""
+    if driver_memory > cluster.max_node_memory:
+        raise ApiError(
+            503,
+            f"each job's driver reserves {driver_memory / 2**30:.2f} GiB of memory (RMDISTILL_DRIVER_MEMORY_BYTES) "
+            f"but the largest node of the cluster offers {cluster.max_node_memory / 2**30:.2f} GiB: "
+            "no job could start",
+        )
     try:
         check_resources(spec, cluster)
     except ResourceError as exc:

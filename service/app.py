@@ -22,6 +22,7 @@ from service import experiments_api, jobs_api, ops_api, policies_api, serving
 from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
+from service.launch import Launcher
 from service.metrics import LatencyMiddleware
 from service.ray_backend import RayBackend, RayUnavailable
 from service.settings import Settings
@@ -82,7 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except RayUnavailable as exc:
         # Stay up: reads work, submissions answer 503 with this reason.
         log.error("Ray is unavailable: %s", exc)
-    follower = JobFollower(store, backend, settings.poll_interval_s)
+    follower = JobFollower(store, backend, settings.poll_interval_s, Launcher(store, backend, settings))
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
     # Serving actors live on the same cluster as the jobs: the embedded head's GCS, else whatever

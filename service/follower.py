@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.layout import JobLayout
+from service.launch import Launcher
 from service.progress import summarize
 from service.ray_backend import RayBackend, RayUnavailable
 from service.store import Job, Store, utcnow
@@ -54,8 +55,12 @@ def register_job_policy(store: Store, job: Job) -> None:
 
 
 class JobFollower:
-    def __init__(self, store: Store, backend: RayBackend, interval_s: float = 1.0):
+    def __init__(
+        self, store: Store, backend: RayBackend, interval_s: float = 1.0, launcher: Launcher | None = None
+    ) -> None:
         self.store, self.backend, self.interval_s = store, backend, interval_s
+        # Without a launcher nothing leaves the queue (a follower that only reconciles, as the tests' is).
+        self.launcher = launcher
         self._warned_unavailable = False
 
     async def run(self) -> None:
@@ -81,8 +86,13 @@ class JobFollower:
             except Exception:
                 log.exception("following job %s failed", job.id)
         self._warned_unavailable = False
+        if self.launcher is not None:
+            # After the pass, so the slots of jobs that just ended are free for the queue's oldest.
+            self.launcher.promote()
 
     def sync(self, job: Job) -> None:
+        if job.state == "queued":
+            return  # nothing on Ray to follow yet; `Launcher.promote` submits it
         view = summarize(job.job_dir)
         if view["stage"] != job.stage:
             self.store.update_job(job.id, stage=view["stage"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,8 +20,9 @@ from ray_jobs.spec import SpecError, parse_spec
 from service.admission import check_cluster, confine_spec
 from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
+from service.launch import Launcher
 from service.progress import artifacts, summarize
-from service.ray_backend import RayBackend, RayUnavailable, submission_id_for
+from service.ray_backend import RayBackend
 from service.schemas import (
     PLAIN_TEXT,
     EventPage,
@@ -112,7 +114,7 @@ def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings:
         # Each job is a driver process importing torch: one token must not crowd out everyone else.
         raise ApiError(
             429,
-            f"{active} of your jobs are pending or running, the limit is {settings.max_active_jobs}: "
+            f"{active} of your jobs are queued, pending or running, the limit is {settings.max_active_jobs}: "
             "wait for one to finish or cancel one",
         )
 
@@ -121,45 +123,22 @@ def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings:
         return job.job_dir if job else None
 
     spec = confine_spec(spec, settings.data_roots, own_job_dir)
-    check_cluster(spec, backend.resources())
+    check_cluster(spec, backend.resources(), settings.driver_memory_bytes)
 
     job_id = f"job-{secrets.token_hex(6)}"
     job_dir = Path(settings.jobs_dir) / job_id
-    job_dir.mkdir(parents=True)
-    JobLayout(job_dir).spec.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    submission_id = submission_id_for(job_id)
-    # The submission id is on record before Ray hears of the job: a cancel arriving mid-submission knows what to stop.
-    store.create_job(
-        job_id=job_id,
-        name=spec.name,
-        owner=owner,
-        spec=spec.model_dump(mode="json"),
-        job_dir=str(job_dir),
-        ray_submission_id=submission_id,
-    )
+    spec_data = spec.model_dump(mode="json")
     try:
-        backend.submit(job_id, job_dir)
-    except RayUnavailable as exc:
-        store.transition(job_id, "failed", str(exc), error=str(exc))
+        job_dir.mkdir(parents=True)
+        JobLayout(job_dir).spec.write_text(json.dumps(spec_data, indent=2))
+        return Launcher(store, backend, settings).admit(
+            job_id=job_id, name=spec.name, owner=owner, spec=spec_data, job_dir=str(job_dir)
+        )
+    except BaseException:
+        # Refused (a full queue, a full disk) before the job was recorded: leave no folder that no job owns.
+        if store.get_job(job_id) is None:
+            shutil.rmtree(job_dir, ignore_errors=True)
         raise
-    except Exception as exc:
-        # An error does not prove the job is not on the cluster (a timeout after Ray accepted it): ask before failing.
-        if not _landed(backend, submission_id):
-            reason = f"Ray refused the job: {exc}"
-            store.transition(job_id, "failed", reason, error=reason)
-            raise ApiError(503, reason) from None
-    job = store.get_job(job_id)
-    assert job is not None
-    if job.state in ("cancelling", "cancelled"):
-        backend.stop_job(submission_id)  # cancelled while the submission was in flight: stop what Ray just took
-    return job
-
-
-def _landed(backend: RayBackend, submission_id: str) -> bool:
-    try:
-        return backend.info(submission_id) is not None
-    except RayUnavailable:
-        return False
 
 
 @router.get("", summary="List jobs, newest first")
@@ -304,14 +283,24 @@ def job_logs(
 )
 def cancel_job(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> JobDetail:
     job = _owned_job(store, job_id, owner)
-    if job.is_final:
-        raise ApiError(409, f"job {job_id} is already {job.state}")
-    stopped = backend.stop_job(job.ray_submission_id) if job.ray_submission_id else None
-    if stopped is None:
-        # Ray has not got the job (yet): it is cancelled now, and a submission still in flight stops it on landing.
-        store.transition(job_id, "cancelled", "cancelled before Ray ran it", expect=job.state)
-    else:
-        store.transition(job_id, "cancelling", "cancel requested", expect=job.state)
+    # A job can move under us (the follower submits a queued one, Ray starts a pending one): retry on the new state.
+    for _ in range(5):
+        if job.is_final:
+            raise ApiError(409, f"job {job_id} is already {job.state}")
+        if _cancel(store, backend, job):
+            break
+        job = _owned_job(store, job_id, owner)
     current = store.get_job(job_id)
     assert current is not None
     return job_detail(store, current)
+
+
+def _cancel(store: Store, backend: RayBackend, job: Job) -> bool:
+    """One attempt at cancelling `job` as last read; False when its state changed in between."""
+    if job.state == "queued":
+        return store.transition(job.id, "cancelled", "cancelled while queued", expect="queued")
+    stopped = backend.stop_job(job.ray_submission_id) if job.ray_submission_id else None
+    if stopped is None:
+        # Ray has not got the job (yet): it is cancelled now, and a submission still in flight stops it on landing.
+        return store.transition(job.id, "cancelled", "cancelled before Ray ran it", expect=job.state)
+    return store.transition(job.id, "cancelling", "cancel requested", expect=job.state) or job.state == "cancelling"

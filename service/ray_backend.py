@@ -55,6 +55,8 @@ PASSTHROUGH_ENV = (
 )
 # The embedded head's record in the data folder: the HeadRecord fields, as JSON.
 HEAD_RECORD = "ray-head.json"
+# Set in `rmdistill serve`'s own process (see there); Ray's processes keep their crash handlers.
+NO_RAY_SIGNAL_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 # Ray's unix socket paths must stay under 107 bytes: <temp-dir>/session_<40 chars>/sockets/plasma_store.
 MAX_TEMP_DIR_LEN = 40
 
@@ -281,6 +283,7 @@ class LocalRayHead:
         env = {**os.environ, **self.env, **self.auth_env, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's own token file
+        env.pop(NO_RAY_SIGNAL_HANDLER, None)
         with self.log_path.open("ab") as out:
             # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
             # Its own session: the head must not get the signals meant for the service, which it outlives.
@@ -499,7 +502,8 @@ class RayBackend:
                 raise RayUnavailable(f"cannot reach the Ray cluster at {self.address} to {what}: {exc}") from None
             raise
 
-    def submit(self, job_id: str, job_dir: Path) -> str:
+    def submit(self, job_id: str, job_dir: Path, driver_memory: int = 0) -> str:
+        """Submit the job's driver; it reserves `driver_memory` bytes of Ray's `memory` resource (0: nothing)."""
         python = shlex.quote(sys.executable)
         entrypoint = (
             f"{python} -m ray_jobs.pipeline --spec {shlex.quote(str(JobLayout(job_dir).spec))} "
@@ -513,6 +517,7 @@ class RayBackend:
             submission_id=submission_id_for(job_id),
             runtime_env={"env_vars": self.job_env()},
             metadata={"rmdistill_job_id": job_id},
+            entrypoint_memory=driver_memory or None,
         )
 
     def info(self, submission_id: str) -> RayJobInfo | None:

@@ -56,6 +56,27 @@ class Settings(BaseModel):
     max_active_jobs: int = Field(
         10, gt=0, description="Jobs one token may have pending or running at once; more are refused with 429."
     )
+    max_running_jobs: int = Field(
+        4,
+        gt=0,
+        description="Jobs the service keeps submitted to Ray at once, all owners together; later ones wait as "
+        "`queued` and are submitted oldest first as running ones end.",
+    )
+    max_queued_jobs: int = Field(
+        200, ge=0, description="Jobs that may wait as `queued`, all owners together; past it a submission gets 429."
+    )
+    driver_memory_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Memory each job's driver reserves on the cluster (Ray's `memory` resource): a driver imports "
+        "torch, and Ray must not place more of them than the nodes can hold.",
+    )
+    max_request_tokens: int = Field(
+        262_144,
+        gt=0,
+        description="Serving: the most tokens one request may ask to generate (prompts × n × max_tokens); "
+        "larger requests get 400 before any model runs.",
+    )
     insecure: bool = Field(
         False, description="Allow a bind address other than loopback without tokens (anyone who reaches it is in)."
     )
@@ -109,6 +130,10 @@ class Settings(BaseModel):
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
             "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),
             "max_active_jobs": int(env.get("RMDISTILL_MAX_ACTIVE_JOBS", "10")),
+            "max_running_jobs": int(env.get("RMDISTILL_MAX_RUNNING_JOBS", "4")),
+            "max_queued_jobs": int(env.get("RMDISTILL_MAX_QUEUED_JOBS", "200")),
+            "driver_memory_bytes": int(env.get("RMDISTILL_DRIVER_MEMORY_BYTES", str(1 << 30))),
+            "max_request_tokens": int(env.get("RMDISTILL_MAX_REQUEST_TOKENS", "262144")),
             "insecure": env.get("RMDISTILL_INSECURE", "").lower() in ("1", "true", "yes"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -137,19 +137,21 @@ class Store:
         spec: dict[str, Any],
         job_dir: str,
         ray_submission_id: str | None = None,
+        state: str = "pending",
+        reason: str = "submitted",
     ) -> Job:
         job = Job(
             id=job_id,
             name=name,
             owner=owner,
-            state="pending",
+            state=state,
             spec=spec,
             job_dir=job_dir,
             ray_submission_id=ray_submission_id,
         )
         with self.session() as s:
             s.add(job)
-            s.add(JobTransition(job_id=job_id, from_state=None, to_state="pending", reason="submitted"))
+            s.add(JobTransition(job_id=job_id, from_state=None, to_state=state, reason=reason))
         return job
 
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
@@ -185,6 +187,21 @@ class Store:
         stmt = _owned(select(func.count()).select_from(Job), Job, owner).where(Job.state.not_in(FINAL_STATES))
         with self.session() as s:
             return s.scalar(stmt) or 0
+
+    def count_submitted(self) -> int:
+        """Jobs handed to Ray and not final, everyone's: what the running-slot limit counts."""
+        stmt = select(func.count()).select_from(Job).where(Job.state.not_in((*FINAL_STATES, "queued")))
+        with self.session() as s:
+            return s.scalar(stmt) or 0
+
+    def count_queued(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+
+    def oldest_queued(self) -> Job | None:
+        with self.session() as s:
+            stmt = select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id).limit(1)
+            return s.scalars(stmt).first()
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         with self.session() as s:

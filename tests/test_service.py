@@ -344,9 +344,9 @@ def test_a_cancel_while_the_submission_is_in_flight_stops_the_job(
     backend = embedded.app.state.backend
     real_submit = backend.submit
 
-    def slow_submit(job_id: str, job_dir: Path) -> str:
+    def slow_submit(job_id: str, job_dir: Path, **options: Any) -> str:
         time.sleep(3.0)  # a slow cluster: the submission is still in flight when the cancel arrives
-        return real_submit(job_id, job_dir)
+        return real_submit(job_id, job_dir, **options)
 
     monkeypatch.setattr(backend, "submit", slow_submit)
     answers: list[dict[str, Any]] = []

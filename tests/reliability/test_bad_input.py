@@ -112,7 +112,7 @@ def test_one_token_cannot_queue_jobs_past_its_limit(tmp_path):
     server = BackgroundServer(settings).start(timeout_s=120)
     try:
         response = httpx.post(f"{server.url}/v1/jobs", json={"name": "third"}, headers=AUTH)
-        assert "2 of your jobs are pending or running, the limit is 2" in _error(response, 429)["message"]
+        assert "2 of your jobs are queued, pending or running, the limit is 2" in _error(response, 429)["message"]
         assert httpx.get(f"{server.url}/v1/jobs", headers=AUTH).json()["total"] == 2  # nothing recorded
         elsewhere = httpx.post(
             f"{server.url}/v1/jobs", json={"name": "x"}, headers={"Authorization": f"Bearer {other}"}
