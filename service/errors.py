@@ -6,11 +6,13 @@ FastAPI's "body"/"query" prefix) so a person can fix the request without reading
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.schemas import ErrorBody
@@ -69,5 +71,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        storage = storage_failure(exc)
+        if storage is not None:
+            folder = getattr(getattr(request.app.state, "settings", None), "data_dir", "the data folder")
+            log.error("storage failure on %s %s: %s", request.method, request.url.path, storage)
+            # Insufficient Storage: the request was fine and nothing was recorded; the operator must make room.
+            return error_response(507, f"the data folder {folder} cannot be written ({storage}): nothing was saved")
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error ({type(exc).__name__}); see the service log")
+
+
+# What a full disk, a quota, a file-size limit or a read-only mount look like from Python and from SQLite.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+SQLITE_STORAGE_MESSAGES = ("database or disk is full", "disk i/o error", "readonly database", "read-only file system")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why `exc` is the storage refusing a write (None when it is anything else)."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return exc.strerror or str(exc)
+    if isinstance(exc, OperationalError) and any(m in str(exc.orig).lower() for m in SQLITE_STORAGE_MESSAGES):
+        return str(exc.orig)
+    return None
