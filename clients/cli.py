@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +23,10 @@ from rich.table import Table
 from clients.sdk import Client, RmdistillError
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    import uvicorn
+
     from service.settings import Settings
 
 app = typer.Typer(help="rmdistill: robust preference optimization through reward-model distillation.")
@@ -72,6 +79,7 @@ def serve(
     import uvicorn
 
     from service.app import SHUTDOWN_GRACE_S, create_app
+    from service.ray_backend import NO_RAY_SIGNAL_HANDLER
 
     settings = _settings(
         host=host,
@@ -89,12 +97,45 @@ def serve(
         from service.ray_backend import prepare_embedded_auth
 
         prepare_embedded_auth(settings.data_dir)
-    uvicorn.run(
+    # Once the serving driver joins the cluster, Ray's C++ crash handler would take SIGTERM too and abort the
+    # process (exit -6, no shutdown). The head does not inherit this.
+    os.environ.setdefault(NO_RAY_SIGNAL_HANDLER, "1")
+    config = uvicorn.Config(
         create_app(settings, stop_cluster=stop_cluster),
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
+    _run_until_signalled(uvicorn.Server(config))
+
+
+def _run_until_signalled(server: uvicorn.Server) -> None:
+    """Run uvicorn with its event loop in a worker thread, SIGTERM and SIGINT handled here in the main thread.
+
+    `ray.init` (the serving driver joins the cluster on first use, mid-request) replaces the main thread's SIGTERM
+    handler with one that raises SystemExit inside the event loop, which leaves the loop hung instead of shut down.
+    Called from another thread it leaves signal handlers alone, so SIGTERM keeps meaning "shut down gracefully".
+    """
+    received: list[int] = []
+
+    def handle(sig: int, frame: FrameType | None) -> None:
+        received.append(sig)
+        server.handle_exit(sig, frame)  # a second Ctrl+C forces the exit, as under uvicorn.run
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    thread.start()
+    thread.join()
+    if not server.started:
+        from uvicorn.main import STARTUP_FAILURE
+
+        raise typer.Exit(STARTUP_FAILURE)
+    if received:
+        # As uvicorn.run does, end by the signal that asked for the exit, now that the shutdown is done: this also
+        # skips the seconds Python's own teardown of torch and Ray takes.
+        signal.signal(received[0], signal.SIG_DFL)
+        signal.raise_signal(received[0])
 
 
 @app.command("stop-cluster")
