@@ -3,7 +3,9 @@
 An actor owns one model (vLLM when it loads, transformers otherwise) and a request queue: requests that arrive while
 a batch is generating are collected and run together as the next batch, so concurrent HTTP clients share forward
 passes. The manager lives in the FastAPI process; it loads a policy on first use, keeps at most ``max_loaded``
-actors (least recently used evicted first) and restarts an actor that died, retrying the request once.
+actors (least recently used evicted first, once the replacement has loaded) and restarts an actor that died,
+retrying the request once. Loads of different policies run side by side: one owner's slow or broken checkpoint holds
+up nobody else's.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class _HFBackend:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for *_, ids in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for *_, ids in rows], device=self.device)
         streamer = _RowStreamer([(i, k, batch[i][1].max_tokens) for i, k, _ in rows], self.eos, sink) if sink else None
-        want_logprobs = any(r.logprobs for r in reqs)
+        recorder = _ChosenLogprobs() if any(r.logprobs for r in reqs) else None
         sampling = temperature > 0
         config = GenerationConfig(
             max_new_tokens=max(r.max_tokens for r in reqs),
@@ -200,17 +202,17 @@ class _HFBackend:
             pad_token_id=pad,
             eos_token_id=self.eos,
             return_dict_in_generate=True,
-            output_logits=want_logprobs,
         )
         with torch.no_grad():
             gen = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=config, streamer=streamer
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=config,
+                streamer=streamer,
+                logits_processor=[recorder] if recorder else None,
             )
         new = gen.sequences[:, width:]
-        token_lp = None
-        if want_logprobs:
-            logits = torch.stack(gen.logits, dim=1).float()  # [rows, steps, vocab], before any warping
-            token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None])[..., 0]
+        token_lp = recorder.finish(new) if recorder else None
         results = []
         for r, req in enumerate(reqs):
             ids = new[r].tolist()[: req.max_tokens]
@@ -222,6 +224,37 @@ class _HFBackend:
 
     def close(self) -> None:
         pass
+
+
+class _ChosenLogprobs:
+    """A logits processor that keeps only the log-prob of each token generate picks, one step at a time.
+
+    generate's own ``output_logits`` keeps [rows, vocab] logits for every step until the end: with a 50k vocabulary,
+    32 rows and 2,048 tokens that is 13 GB before the log-softmax copies it twice. Here one step's log-softmax is
+    held at a time, and each step's chosen token (the last column of the next step's ids) is read from it.
+    Custom processors run before temperature and top-p are applied, so these are the unwarped log-probs.
+    """
+
+    def __init__(self) -> None:
+        self.chosen: list[Any] = []
+        self.last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.last is not None:
+            self.chosen.append(self.last.gather(-1, input_ids[:, -1:])[:, 0])
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_ids: Any) -> Any:
+        """[rows, steps] log-probs of ``new_ids``, the generated ids; the last step's token is read from its ids."""
+        import torch
+
+        steps = new_ids.shape[1]
+        if len(self.chosen) < steps:
+            self.chosen.append(self.last.gather(-1, new_ids[:, steps - 1 : steps])[:, 0])
+        return torch.stack(self.chosen[:steps], dim=1)
 
 
 class _RowStreamer:
@@ -503,6 +536,11 @@ class _Loaded:
 class EngineManager:
     """Loads policies into actors on first use; at most ``max_loaded`` at once, least recently used evicted first.
 
+    Each policy has at most one load in flight, which every request for it awaits; loads of different policies run
+    concurrently. The least recently used policy is evicted only when its replacement has loaded, so a failed or
+    slow load costs no one their loaded policy; the exception is a cluster with no room for one more actor, where
+    the replacement could never be placed beside it, and the eviction comes first as it must.
+
     Used from the API process's event loop. If that process is not yet a Ray driver, the first load connects it
     to ``ray_address`` (else $RMDISTILL_SERVING_RAY_ADDRESS; a GCS ``host:port`` or ``ray://``; None starts a
     private local Ray). ``engine`` (else $RMDISTILL_SERVING_ENGINE) is auto, vllm or hf; ``num_cpus`` (else
@@ -528,7 +566,7 @@ class EngineManager:
         self.max_model_len = max_model_len
         self.load_timeout_s = load_timeout_s
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
-        self._load_lock = asyncio.Lock()
+        self._loading: dict[str, asyncio.Task[_Loaded]] = {}
         self._closing: set[asyncio.Task] = set()
         self.loads = 0  # how many actors were started (a restart or a reload after eviction counts)
         self._own_ray = False  # whether this manager made the process a Ray driver (and so disconnects it)
@@ -596,6 +634,10 @@ class EngineManager:
             self._forget(entry)
 
     async def shutdown(self) -> None:
+        loading = list(self._loading.values())
+        for task in loading:
+            task.cancel()
+        await asyncio.gather(*loading, return_exceptions=True)
         for entry in list(self._loaded.values()):
             entry.inflight = 0
             self._forget(entry)
@@ -609,13 +651,31 @@ class EngineManager:
             self._own_ray = False
 
     async def _acquire(self, policy_id: str, path: str) -> _Loaded:
-        entry = self._loaded.get(policy_id)
-        if entry is None:
-            async with self._load_lock:  # loads are serialised so two evictions never race
-                entry = self._loaded.get(policy_id) or await self._load(policy_id, path)
-        self._loaded.move_to_end(policy_id)
-        entry.inflight += 1
-        return entry
+        while True:
+            entry = self._loaded.get(policy_id)
+            if entry is None:
+                # Shielded: a client that hangs up does not cancel the load the other waiters share.
+                entry = await asyncio.shield(self._load_once(policy_id, path))
+            # Another policy's load may have finished and evicted this one before this waiter resumed.
+            if not entry.retired:
+                self._loaded.move_to_end(policy_id)
+                entry.inflight += 1
+                return entry
+
+    def _load_once(self, policy_id: str, path: str) -> asyncio.Task[_Loaded]:
+        task = self._loading.get(policy_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(policy_id, path))
+            self._loading[policy_id] = task
+            task.add_done_callback(lambda done: self._load_done(policy_id, done))
+        return task
+
+    def _load_done(self, policy_id: str, task: asyncio.Task[_Loaded]) -> None:
+        if self._loading.get(policy_id) is task:
+            del self._loading[policy_id]
+        # Retrieved here so a failure nobody awaits any more (every client hung up) is not logged as unhandled.
+        if not task.cancelled():
+            task.exception()
 
     async def _load(self, policy_id: str, path: str) -> _Loaded:
         import ray
@@ -629,16 +689,22 @@ class EngineManager:
                 )
             ray.init(address=self.ray_address or "local", namespace="rmdistill", log_to_driver=False)
             self._own_ray = True
-        while len(self._loaded) >= self.max_loaded:
-            self._forget(next(iter(self._loaded.values())))
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": self.num_cpus}
+        if len(self._loaded) >= self.max_loaded and not _room_for(options):
+            self._forget(next(iter(self._loaded.values())))
         actor = ray.remote(PolicyEngine).options(**options).remote(path, self.engine, self.max_model_len)
         try:
             info = await asyncio.wait_for(actor.info.remote(), self.load_timeout_s)
+        except asyncio.CancelledError:  # the manager is shutting down
+            ray.kill(actor)
+            raise
         except Exception as exc:  # a timeout, or the actor's __init__ raised
             ray.kill(actor)
             raise EngineUnavailableError(f"could not load policy {policy_id!r} from {path}: {exc}") from exc
+        # No await from here on: the bound is checked and the new entry added in one step, so evictions never race.
+        while len(self._loaded) >= self.max_loaded:
+            self._forget(next(iter(self._loaded.values())))
         log.info("loaded policy %s on %s (%s)", policy_id, info["engine"], options)
         self.loads += 1
         entry = _Loaded(policy_id, actor)
@@ -675,3 +741,12 @@ class EngineManager:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(actor.close.remote(), 30)
         ray.kill(actor)
+
+
+def _room_for(options: dict[str, float]) -> bool:
+    """Whether the cluster has the resources of one more actor free now (as far as Ray's resource view knows)."""
+    import ray
+
+    free = ray.available_resources()
+    wanted = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0)}
+    return all(free.get(name, 0.0) >= amount for name, amount in wanted.items() if amount)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
 
-from service.deps import EnginesDep, Owner, StoreDep
+from service.deps import EnginesDep, Owner, SettingsDep, StoreDep
 from service.engines import (
     EngineManager,
     EngineRequestError,
@@ -47,6 +48,7 @@ from service.serving_schemas import (
     TokenLogprob,
     Usage,
 )
+from service.settings import Settings
 from service.store import Policy, Store
 
 DEFAULT_CHAT_MAX_TOKENS = 256
@@ -125,6 +127,24 @@ def _created(policy) -> int:
     if isinstance(created, datetime):
         return int(created.timestamp())
     return int(created or 0)
+
+
+def _within_budget(settings: Settings, factors: dict[str, int], param: str) -> None:
+    """Refuse, before any model runs, a request asking to generate more tokens than one request may.
+
+    The product of ``factors`` (prompts, n, max_tokens, named as the client sent them) is the most the engine would
+    generate for it: what the batch it joins, everyone's requests in it, would wait for and hold memory for.
+    """
+    total = math.prod(factors.values())
+    if total > settings.max_request_tokens:
+        shown = " × ".join(f"{name} ({value})" for name, value in factors.items())
+        raise OpenAIError(
+            400,
+            f"{param}: {shown} = {total} tokens to generate, more than the {settings.max_request_tokens} one request "
+            f"may ask for; lower {', '.join(factors)}",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: bool) -> SamplingRequest:
@@ -227,10 +247,13 @@ async def list_models(owner: Owner, store: StoreDep) -> ModelList:
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**STREAMED, **OPENAI_ERRORS})
-async def completions(body: CompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep) -> Any:
+async def completions(
+    body: CompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+) -> Any:
     policy = _policy(store, body.model, owner)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or 16
+    _within_budget(settings, {"prompts": len(prompts), "n": body.n, "max_tokens": max_tokens}, "max_tokens")
     reqs = [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts]
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -273,13 +296,17 @@ def _completion_chunk(ident: str, created: int, model: str, index: int, text: st
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**STREAMED, **OPENAI_ERRORS})
-async def chat_completions(body: ChatCompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+) -> Any:
     policy = _policy(store, body.model, owner)
     try:
         messages = [m.as_template_message() for m in body.messages]
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    _within_budget(settings, {"n": body.n, param: max_tokens}, param)
     req = _sampling(body, None, messages, max_tokens, body.logprobs)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -334,10 +361,11 @@ def _chat_chunk(ident: str, created: int, model: str, index: int, delta: dict, f
 # Unset fields stay out of the body: the log-prob fields of a sample appear only when return_logprobs asks.
 @router.post("/v1/policies/{policy_id}/generate", responses=OPENAI_ERRORS, response_model_exclude_unset=True)
 async def generate(
-    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, engines: EnginesDep
+    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
 ) -> GenerateResponse:
     """n samples of one prompt, each optionally with its log-probability under the policy (total or per token)."""
     policy = _policy(store, policy_id, owner)
+    _within_budget(settings, {"n": body.n, "max_tokens": body.max_tokens}, "max_tokens")
     try:
         messages = [m.as_template_message() for m in body.messages] if body.messages is not None else None
     except ValueError as exc:
