@@ -177,6 +177,13 @@ def test_sigterm_leaves_the_head_and_its_job_running_and_the_next_service_finish
     assert store.get_job("job-held").state == "running"  # not failed as orphaned
     store.close()
 
+    # A service killed outright (SIGKILL: no shutdown code runs) leaves the head and the job as they were too.
+    killed = Service(home)
+    assert killed.get("/healthz")["ray"]["address"] == record.dashboard_url
+    killed.process.kill()
+    assert killed.process.wait(30) == -signal.SIGKILL
+    assert record.process() is not None and ray_job_status(record, headers, "rmdistill-job-held") == "RUNNING"
+
     # This one also serves a policy: its process then holds a Ray driver, whose signal handlers must not take over.
     serving = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "1"}
     second = Service(home, "--data-root", str(tiny_llama.parent), env=serving)
