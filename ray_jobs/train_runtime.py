@@ -5,6 +5,8 @@ take one `WorkerRuntime`, so each is a plain PyTorch function that Ray Train wra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -69,3 +71,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP/FSDP wrapper (or the model itself)."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def live_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that still hold (or wait for) resources."""
+    import ray
+    from ray.util import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    # A placement group's id ends with its job's id.
+    return {pg for pg, info in placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"}
+
+
+@contextmanager
+def reclaiming_placement_groups() -> Iterator[None]:
+    """Remove the placement groups this job made inside the block and left behind.
+
+    A Tune trial killed mid-fit (an OOM kill, a lost node) takes Ray Train's placement-group cleaner with it, and
+    the member's worker-group reservation stays held for the life of the driver: the next stage sized to the
+    cluster (distillation on every CPU) then waits for it forever. Once the block is over none of them is in use.
+    """
+    import ray
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    before = live_placement_groups()
+    try:
+        yield
+    finally:
+        for pg in live_placement_groups() - before:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))

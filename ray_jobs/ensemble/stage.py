@@ -27,6 +27,7 @@ from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
 from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
+from ray_jobs.train_runtime import reclaiming_placement_groups
 
 STAGE = "ensemble"
 # A trial only builds the trainer and waits on it; a tenth of a CPU lets K of them sit beside K members' workers.
@@ -183,7 +184,8 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
             verbose=0,
         ),
     )
-    results = tuner.fit()
+    with reclaiming_placement_groups():
+        results = tuner.fit()
     failed = [(r.config["member"], r.error) for r in results if r.error is not None]
     if failed:
         detail = "; ".join(f"member {k}: {type(e).__name__}: {e}" for k, e in failed)

@@ -29,6 +29,7 @@ from ray_jobs.ensemble.train import load_pairs
 from ray_jobs.events import EventLog, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.spec import JobSpec
+from ray_jobs.train_runtime import live_placement_groups
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -259,6 +260,7 @@ def test_killed_member_trial_and_member_worker_are_retried_and_the_ensemble_comp
     # A TorchTrainer fitted in this process's main thread (another test's) keeps its controller alive: Ray Train's
     # SIGINT handler holds the handle. Only this stage's Train actors are its to end.
     earlier = {a["ActorID"] for a in _train_actors()}
+    reservations = live_placement_groups()
     # Member 0 loses its Train worker (its Train run fails, so its trial fails); member 1 loses the trial process
     # itself (and with it the Train run it owns).
     killer = _KillWhen(job, [after_first_epoch(0, train_worker_of), after_first_epoch(1, lambda trial: trial["Pid"])])
@@ -287,6 +289,10 @@ def test_killed_member_trial_and_member_worker_are_retried_and_the_ensemble_comp
     while left := [a for a in _train_actors() if a["ActorID"] not in earlier]:
         assert time.time() < deadline, f"left running after the stage: {[a['ActorClassName'] for a in left]}"
         time.sleep(0.5)
+
+    # Nor any resource reservation of theirs: the killed trial took Ray Train's placement-group cleaner with it, and
+    # its member's 0.5-CPU worker group stayed reserved, so the next 2-CPU run on this cluster waited forever.
+    assert live_placement_groups() - reservations == set()
 
     manifest = json.loads(JobLayout(job).manifest.read_text())
     assert summary["accuracies"] == manifest["accuracies"] == [m["accuracy"] for m in members]
