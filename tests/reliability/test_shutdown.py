@@ -27,6 +27,7 @@ import pytest
 
 from service.ray_backend import HEAD_RECORD, HeadRecord, LocalRayHead, free_port, read_token
 from service.store import Store
+from tests.test_service import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -82,16 +83,6 @@ class Service:
         status = self.process.returncode
         assert status == -signal.SIGTERM, f"exit status {status}:\n{self.log.read_text()[-3000:]}"
         return elapsed
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def head_processes(home: Path) -> list[psutil.Process]:
