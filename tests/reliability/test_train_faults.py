@@ -133,6 +133,13 @@ class _KillWhen(threading.Thread):
         except BaseException as exc:  # surfaced by the test, which runs in another thread
             self.error = exc
 
+    def __enter__(self) -> _KillWhen:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.done.set()
         self.join(timeout=30)
@@ -165,13 +172,9 @@ def test_a_train_worker_killed_mid_distillation_resumes_from_its_checkpoint(ray_
         (worker,) = _alive_actors("RayTrainWorker")
         return worker["Pid"]
 
-    killer = _KillWhen(job, [train_worker])
-    killer.start()
     started = time.time()
-    try:
+    with _KillWhen(job, [train_worker]) as killer:
         summary = run_distill(spec, job, EventLog(job))
-    finally:
-        killer.stop()
     assert len(killer.killed) == 1, "the run finished before the worker could be killed"
     killed_at = killer.killed[0][1]["step"]
     assert KILL_AFTER_STEP <= killed_at < DISTILL_STEPS
@@ -263,13 +266,10 @@ def test_killed_member_trial_and_member_worker_are_retried_and_the_ensemble_comp
     reservations = live_placement_groups()
     # Member 0 loses its Train worker (its Train run fails, so its trial fails); member 1 loses the trial process
     # itself (and with it the Train run it owns).
-    killer = _KillWhen(job, [after_first_epoch(0, train_worker_of), after_first_epoch(1, lambda trial: trial["Pid"])])
-    killer.start()
+    victims = [after_first_epoch(0, train_worker_of), after_first_epoch(1, lambda trial: trial["Pid"])]
     started = time.time()
-    try:
+    with _KillWhen(job, victims) as killer:
         summary = run_ensemble(spec, job, EventLog(job))
-    finally:
-        killer.stop()
     print(f"ensemble: 2 members killed after epoch 1, both retried, {time.time() - started:.0f} s")
     assert sorted(event["member"] for _, event in killer.killed) == [0, 1], "a member finished before its kill"
 
