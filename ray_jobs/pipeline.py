@@ -4,8 +4,9 @@
 
 Re-running on the same folder skips every stage whose folder is complete (stage folders are published
 atomically, see layout.py), so a crashed or cancelled job resumes where it stopped and a finished one does no
-work. `reuse` in the spec starts from an earlier job's artifacts. Exit status: 0 succeeded, 1 failed,
-2 bad spec, 143 cancelled (SIGTERM, which is how Ray's job stop ends a job).
+work. `reuse` in the spec starts from an earlier job's artifacts. The stages that sample π_ref (builtin:reviews'
+data stage, and generate) run back to back on one set of engines the driver holds, started when first needed.
+Exit status: 0 succeeded, 1 failed, 2 bad spec, 143 cancelled (SIGTERM, which is how Ray's job stop ends a job).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from ray_jobs.events import EventLog
 from ray_jobs.layout import JobLayout, jobs_root
 from ray_jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 
-StageFn = Callable[[JobSpec, Path, EventLog], dict[str, Any]]
+StageFn = Callable[..., dict[str, Any]]
+
+# Stages whose `run` takes `engines`: π_ref's sampling engines, which the driver starts once for all of them.
+SAMPLING_STAGES = frozenset({"data", "generate"})
 
 
 class JobCancelled(Exception):
@@ -39,11 +43,14 @@ def stage_function(stage: str) -> StageFn:
 
 
 def planned_stages(spec: JobSpec) -> list[str]:
-    """The stages this spec needs, in order."""
-    stages = ["data"]
+    """The stages this spec needs, in order.
+
+    generate comes straight after data, before the ensemble (neither needs the other's output): the two sampling
+    stages then share π_ref's engines, and no engine sits idle holding a CPU or GPU while the ensemble trains."""
+    stages = ["data", "generate"]
     if spec.needs_rewards or spec.reuse.ensemble:
         stages.append("ensemble")
-    stages += ["generate", "score", "distill"]
+    stages += ["score", "distill"]
     if spec.evaluate.oracle:
         stages.append("evaluate")
     return stages
@@ -130,16 +137,22 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
                 events.emit("stage_skipped", stage, reason="complete")
         if pending:
             _connect_and_check(spec)
-        for stage in pending:
-            current = stage
-            events.emit("stage_started", stage)
-            start = time.time()
-            summary = stage_function(stage)(spec, job_dir, events) or {}
-            if not layout.is_complete(stage):
-                raise RuntimeError(f"stage {stage} returned without publishing {stage}/")
-            seconds = round(time.time() - start, 2)
-            summaries[stage] = summary
-            events.emit("stage_finished", stage, seconds=seconds, summary=summary)
+        from ray_jobs.generate.engines import SamplingEngines
+
+        with SamplingEngines(spec.reference, events) as engines:
+            for i, stage in enumerate(pending):
+                current = stage
+                events.emit("stage_started", stage)
+                start = time.time()
+                extra = {"engines": engines} if stage in SAMPLING_STAGES else {}
+                summary = stage_function(stage)(spec, job_dir, events, **extra) or {}
+                if not SAMPLING_STAGES.intersection(pending[i + 1 :]):
+                    engines.close()  # the later stages need the CPUs (or GPUs) and memory the engines hold
+                if not layout.is_complete(stage):
+                    raise RuntimeError(f"stage {stage} returned without publishing {stage}/")
+                seconds = round(time.time() - start, 2)
+                summaries[stage] = summary
+                events.emit("stage_finished", stage, seconds=seconds, summary=summary)
         current = None
     except JobCancelled:
         events.emit("job_finished", current, status="cancelled")

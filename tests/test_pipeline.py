@@ -44,7 +44,7 @@ def finished_job(tmp_path_factory, ray_cluster, tiny_llama, tiny_bert):
 
 def test_whole_pipeline_writes_the_designed_artifacts(finished_job):
     spec, job_dir, summaries = finished_job
-    assert list(summaries) == planned_stages(spec) == ["data", "ensemble", "generate", "score", "distill", "evaluate"]
+    assert list(summaries) == planned_stages(spec) == ["data", "generate", "ensemble", "score", "distill", "evaluate"]
     assert json.loads((job_dir / "spec.json").read_text())["distill"]["loss"] == "e-dpo"
     train = pd.read_parquet(job_dir / "data" / "train.parquet")
     test = pd.read_parquet(job_dir / "data" / "test.parquet")
@@ -72,7 +72,7 @@ def test_events_tell_the_story(finished_job):
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "job_started" and events[-1] == {**events[-1], "kind": "job_finished", "status": "succeeded"}
     finished = [e["stage"] for e in events if e["kind"] == "stage_finished"]
-    assert finished == ["data", "ensemble", "generate", "score", "distill", "evaluate"]
+    assert finished == ["data", "generate", "ensemble", "score", "distill", "evaluate"]
     assert any(e["kind"] == "metrics" and e["stage"] == "distill" for e in events)
     assert any(e["kind"] == "metrics" and e["stage"] == "ensemble" for e in events)
 

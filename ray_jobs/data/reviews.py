@@ -20,7 +20,7 @@ import numpy as np
 
 from ray_jobs.events import EventLog
 from ray_jobs.generate.cache import cached_samples
-from ray_jobs.generate.engines import count_capped, drop_capped
+from ray_jobs.generate.engines import SamplingEngines, count_capped, drop_capped
 from ray_jobs.spec import JobSpec
 
 PROMPTS_FILE = Path(__file__).parent / "builtin" / "reviews_prompts.txt"
@@ -77,15 +77,19 @@ def label_by_oracle(rows: list[dict[str, Any]], oracle_ref: str = ORACLE) -> tup
 
 
 def reviews_records(
-    spec: JobSpec, render: Callable[[str], str], events: EventLog | None = None
+    spec: JobSpec,
+    render: Callable[[str], str],
+    events: EventLog | None = None,
+    engines: SamplingEngines | None = None,
 ) -> tuple[list, dict[tuple[str, str], bool], dict[str, Any]]:
     """Numbered unlabeled records of sampled review pairs, whether each (prompt, response) ended on its own, and
-    what was sampled. Responses cut at the token cap are dropped under ``generation.capped: drop``."""
+    what was sampled. Responses cut at the token cap are dropped under ``generation.capped: drop``. Sampling runs
+    on `engines` (π_ref's, held by the pipeline) when given."""
     gen = spec.generation
     n = spec.data.candidates_per_prompt
     prompts = [render(p) for p in select_prompts(spec.data.num_prompts, spec.data.seed)]
     # The generate stage's sampler (vLLM through Ray Data where it runs), on the data stage's own seed stream.
-    responses, ended, cached = cached_samples(spec.reference, prompts, n, gen, events, stage="data")
+    responses, ended, cached = cached_samples(spec.reference, prompts, n, gen, events, stage="data", engines=engines)
     capped = count_capped(ended)
     if gen.capped == "drop":
         responses, ended = drop_capped(responses, ended)

@@ -16,6 +16,7 @@ from ray_jobs.data.sources import read_source
 from ray_jobs.data.split import split_by_prompt
 from ray_jobs.data.validate import collect
 from ray_jobs.events import EventLog
+from ray_jobs.generate.engines import SamplingEngines
 from ray_jobs.layout import PREFERENCES, JobLayout
 from ray_jobs.spec import JobSpec
 
@@ -75,8 +76,10 @@ def _table(rows: list[dict[str, Any]]) -> Any:
     return pa.Table.from_pylist([{**defaults, **row} for row in rows], schema=PREFERENCES.arrow())
 
 
-def _builtin_reviews(spec: JobSpec, renderer: Renderer, events: EventLog) -> tuple[list[dict[str, Any]], dict]:
-    records, ended_of, sampled = reviews_records(spec, renderer, events)
+def _builtin_reviews(
+    spec: JobSpec, renderer: Renderer, events: EventLog, engines: SamplingEngines | None
+) -> tuple[list[dict[str, Any]], dict]:
+    records, ended_of, sampled = reviews_records(spec, renderer, events, engines)
     # Generated text is never the user's fault: bad candidates (empty, identical) are always skipped and counted.
     collected = collect(records, EXTRACTORS["unlabeled"], on_error="skip", source=BUILTIN_REVIEWS)
     unlabeled = [
@@ -101,13 +104,17 @@ def _cap(rows: list[dict[str, Any]], max_pairs: int | None, seed: int) -> list[d
     return [rows[i] for i in sorted(keep.tolist())]
 
 
-def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dict[str, Any]:
-    """Run the data stage; returns (and writes as data/summary.json) what was read, skipped, kept and split."""
+def run(
+    spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog, engines: SamplingEngines | None = None
+) -> dict[str, Any]:
+    """Run the data stage; returns (and writes as data/summary.json) what was read, skipped, kept and split.
+
+    builtin:reviews samples π_ref on `engines` when given (the pipeline's, shared with the generate stage)."""
     data = spec.data
     events.emit("log", STAGE, message=f"reading preference data from {data.source}")
     renderer = Renderer(spec.reference, data.apply_chat_template)
     if data.source == BUILTIN_REVIEWS:
-        rows, summary = _builtin_reviews(spec, renderer, events)
+        rows, summary = _builtin_reviews(spec, renderer, events, engines)
     else:
         rows, summary = read_pairs(
             data.source, data.format, split=data.split, renderer=renderer, on_error=data.on_error

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -18,6 +19,9 @@ from ray_jobs.events import EventLog
 from ray_jobs.layout import CANDIDATES, model_cache
 from ray_jobs.names import Stage
 from ray_jobs.spec import GenerationSpec
+
+if TYPE_CHECKING:
+    from ray_jobs.generate.engines import SamplingEngines
 
 CACHE_VERSION = 3  # 3: keyed by the sampling stage too (each stage has its own seed stream)
 
@@ -40,17 +44,26 @@ def cache_path(model_ref: str, prompts: list[str], n: int, gen: GenerationSpec, 
 
 
 def cached_samples(
-    model_ref: str, prompts: list[str], n: int, gen: GenerationSpec, events: EventLog | None, stage: Stage
+    model_ref: str,
+    prompts: list[str],
+    n: int,
+    gen: GenerationSpec,
+    events: EventLog | None,
+    stage: Stage,
+    engines: SamplingEngines | None = None,
 ) -> tuple[list[list[str]], list[list[bool]], bool]:
     """n responses per rendered prompt, whether each ended on its own (not cut at the cap), and whether they came
-    from the cache."""
+    from the cache. On a miss they are sampled on `engines` (held for `model_ref`), else on engines of their own."""
     from ray_jobs.generate.engines import generate
 
     path = cache_path(model_ref, prompts, n, gen, stage)
     if path.is_file():
         table = pq.read_table(path)
         return table.column("responses").to_pylist(), table.column("ended").to_pylist(), True
-    result = generate(model_ref, prompts, n, gen, events, stage=stage)
+    if engines is not None:
+        result = engines.generate(prompts, n, gen, stage)
+    else:
+        result = generate(model_ref, prompts, n, gen, events, stage=stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     CANDIDATES.write({"prompt": prompts, "responses": result.texts, "ended": result.ended}, tmp)

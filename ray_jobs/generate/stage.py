@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ray_jobs.events import EventLog
-from ray_jobs.generate.engines import count_capped, drop_capped, generate, kl_sampling
+from ray_jobs.generate.engines import SamplingEngines, count_capped, drop_capped, kl_sampling
 from ray_jobs.layout import CANDIDATES, KL_SAMPLES, JobLayout
 from ray_jobs.spec import JobSpec
 
@@ -29,12 +29,20 @@ def training_prompts(layout: JobLayout, max_prompts: int | None, seed: int) -> l
     return prompts
 
 
-def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
+def run(spec: JobSpec, job_dir: Path, events: EventLog, engines: SamplingEngines | None = None) -> dict[str, Any]:
+    """Run the generate stage on `engines` (π_ref's, held by the pipeline across the data stage and this one), or
+    on engines of its own."""
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError("the generate stage needs a running Ray (the pipeline connects first)")
-    layout = JobLayout(job_dir)
+    if engines is not None:
+        return _generate(spec, JobLayout(job_dir), events, engines)
+    with SamplingEngines(spec.reference, events) as own:
+        return _generate(spec, JobLayout(job_dir), events, own)
+
+
+def _generate(spec: JobSpec, layout: JobLayout, events: EventLog, engines: SamplingEngines) -> dict[str, Any]:
     gen = spec.generation
     prompts = training_prompts(layout, gen.max_prompts, gen.seed)
     n_kl = gen.kl_samples_per_prompt if spec.distill.alpha > 0 else 0
@@ -43,14 +51,14 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
     kl_gen = kl_sampling(gen)
     k = gen.samples_per_prompt
     if kl_gen == gen:
-        # Candidates and KL samples are then i.i.d. draws of one distribution: one call, one engine start.
-        both = generate(spec.reference, prompts, k + n_kl, gen, events, stage=STAGE)
+        # Candidates and KL samples are then i.i.d. draws of one distribution: one call, one stream of seeds.
+        both = engines.generate(prompts, k + n_kl, gen, STAGE)
         engine = both.engine
         texts, ended = [t[:k] for t in both.texts], [e[:k] for e in both.ended]
         kl_texts, kl_ended = [t[k:] for t in both.texts], [e[k:] for e in both.ended]
     else:
-        result = generate(spec.reference, prompts, k, gen, events, stage=STAGE)
-        kl = generate(spec.reference, prompts, n_kl, kl_gen, events, stage=STAGE)
+        result = engines.generate(prompts, k, gen, STAGE)
+        kl = engines.generate(prompts, n_kl, kl_gen, STAGE)
         engine, texts, ended, kl_texts, kl_ended = result.engine, result.texts, result.ended, kl.texts, kl.ended
     capped = {"candidates": count_capped(ended), "kl_samples": count_capped(kl_ended)}
     if any(capped.values()):
