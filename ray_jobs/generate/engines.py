@@ -169,7 +169,6 @@ class SamplingEngines:
 
     def __init__(self, model_ref: str | Path, events: EventLog | None = None):
         self.model_ref, self.events = model_ref, events
-        self.started = 0  # engines started over the session's life
         self._model: str | None = None
         self._actors: list[Any] = []
         self._key: tuple[str, int, int] | None = None
@@ -252,16 +251,14 @@ class SamplingEngines:
             self._key = key
         # Also waits for fresh engines to load, raising the error of one that could not.
         ray.get([actor.reset.remote() for actor in self._actors])
-        if fresh:
-            self.started += len(self._actors)
-            if self.events is not None:
-                self.events.emit(
-                    "log",
-                    stage,
-                    message=f"started {len(self._actors)} {kind} engine(s) for {self.model_ref}",
-                    engine_started=kind,
-                    replicas=len(self._actors),
-                )
+        if fresh and self.events is not None:
+            self.events.emit(
+                "log",
+                stage,
+                message=f"started {len(self._actors)} {kind} engine(s) for {self.model_ref}",
+                engine_started=kind,
+                replicas=len(self._actors),
+            )
         return self._actors
 
     def _sample(self, kind: str, prompts: list[str], n: int, gen: GenerationSpec, stage: Stage) -> Generation:
