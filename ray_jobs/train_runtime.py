@@ -5,6 +5,7 @@ take one `WorkerRuntime`, so each is a plain PyTorch function that Ray Train wra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,8 @@ def in_ray_train() -> bool:
         import ray.train
 
         ray.train.get_context()
-    except (ImportError, RuntimeError):
+    except (ImportError, RuntimeError, DeprecationWarning):
+        # Ray raises DeprecationWarning inside a Tune trial function: a loop run there is not in a Train worker.
         return False
     return True
 
@@ -65,6 +67,31 @@ class WorkerRuntime:
 
     def mean(self, value: float) -> float:
         return float(np.mean(self.gather(value)))
+
+
+def process_start_time() -> float:
+    """When this process started (Unix time): a Ray worker's start-up cost is the gap between this and its task."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+@contextmanager
+def intra_op_threads(cpus: float) -> Iterator[int]:
+    """torch's intra-op threads set to the CPUs a worker reserved (Ray's rule: the floor, at least 1) for the block.
+
+    Ray derives a worker's OMP_NUM_THREADS from its own reservation, which for a loop run inside a Tune trial is the
+    trial's (worker share plus the trial's own), and torch fixes its pool from that variable when first imported:
+    set explicitly, a member computes with the same threads wherever it runs, and K members on K cores never run
+    more threads than cores. The previous count is restored, so a plain run leaves its process as it found it.
+    """
+    threads = max(1, math.floor(cpus + 1e-9))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

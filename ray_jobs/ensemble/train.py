@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ray_jobs.layout import MEMBER_METRICS_FILE, PREFERENCES, JobLayout
 from ray_jobs.spec import EnsembleSpec
-from ray_jobs.train_runtime import WorkerRuntime, unwrap
+from ray_jobs.train_runtime import WorkerRuntime, intra_op_threads, unwrap
 
 # Test hook, not a feature: RMDISTILL_FAIL_MEMBER_ONCE=<k> (read by the stage, see ray_jobs.ensemble.stage) sets
 # `fail_once_marker` for member k; its first attempt raises after one epoch and leaves this marker file, so the
@@ -185,23 +185,30 @@ def train_member(
     The epoch is chosen on a validation split carved from the training prompts (`ensemble.validation_fraction`),
     and the saved weights are that epoch's; `early_stopping_patience` stops after epochs without validation gains.
     The test split is only measured. ``report(metrics)`` is called every epoch on every rank (Ray Train's report
-    must be called by all workers). Returns the metrics dict.
+    must be called by all workers). torch computes with `spec.cpus_per_worker` threads. Returns the metrics dict.
     """
+    with intra_op_threads(task.spec.cpus_per_worker):
+        return _train_member(task, rt or WorkerRuntime(use_gpu=False), report)
+
+
+def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[str, Any]], None] | None):
     from ray_jobs.events import EventLog
     from ray_jobs.models.io import save_model_folder
 
     spec, k = task.spec, task.k
-    rt = rt or WorkerRuntime(use_gpu=False)
     launched = task.launched_at or time.time()
     train_start = time.time()
+    timeline = {"loop_start": train_start}
     events = EventLog(task.job_dir)
     layout = JobLayout(task.job_dir)
     train, validation = split_validation(load_pairs(layout.train), spec.validation_fraction, task.data_seed)
     test = load_pairs(layout.test)
     selects = bool(validation["prompt"])
     rows = member_rows(len(train["prompt"]), spec.diversity, k, spec.size, spec.seed, task.data_seed)
+    timeline["data_loaded"] = time.time()
     model, tokenizer = _load_model(spec)
     model = rt.prepare(model)
+    timeline["model_ready"] = time.time()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
     accum = spec.gradient_accumulation_steps
     best: dict[str, Any] | None = None
@@ -253,6 +260,7 @@ def train_member(
             raise RuntimeError(FAIL_ONCE_MESSAGE.format(k=k))
         if selects and spec.early_stopping_patience and stale >= spec.early_stopping_patience:
             break
+    timeline["trained"] = time.time()
     if best["epoch"] != history[-1]["epoch"]:
         unwrap(model).load_state_dict(best_state)
     metrics = {
@@ -280,12 +288,15 @@ def train_member(
         "attempt": task.attempt,
         "start_time": launched,
         "train_start_time": train_start,
+        "timeline": timeline,
+        "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
         **_node(),
     }
     out = Path(task.out_dir)
     if rt.rank == 0:
         save_model_folder(model, tokenizer, out)
-    metrics["end_time"] = time.time()
+    metrics["end_time"] = timeline["saved"] = time.time()
     if rt.rank == 0:
         (out / MEMBER_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
