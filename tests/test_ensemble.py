@@ -264,6 +264,17 @@ def test_members_ran_concurrently(fitted):
 
 
 @pytest.mark.ray
+def test_one_worker_members_train_in_their_trials_on_the_threads_they_reserved(fitted):
+    job, _ = fitted
+    trials = {e["member"]: e for e in read_events(job) if e.get("event") == "member_finished"}
+    for k in range(3):
+        metrics = json.loads((job / "ensemble" / f"member-{k}" / "metrics.json").read_text())
+        # No Train worker group of its own: its start-up cost as much as the training (bench/ensemble_scaling.py).
+        assert metrics["pid"] == trials[k]["trial_pid"]
+        assert metrics["torch_threads"] == 1  # cpus_per_worker 0.5
+
+
+@pytest.mark.ray
 def test_checkpoints_reload_score_pairs_and_differ(fitted):
     from ray_jobs.models.registry import load_reward_model
     from ray_jobs.models.reward import score_pairs

@@ -1,9 +1,10 @@
 """The ensemble stage: fit the family of K Bradley–Terry reward models, members in parallel on Ray.
 
-Each member is one Ray Train ``TorchTrainer`` run (DDP over ``workers_per_member`` workers, gloo on CPU), and the K
-runs are Ray Tune trials of one Tuner (the Train V2 + Tune pattern: the trial function builds and fits the trainer),
-so Tune provides the concurrency limit and the retry policy, and Train the per-member scaling. The trial itself
-holds only ``TRIAL_CPUS``; the Train workers reserve their own resources, so members share a node or a GPU freely.
+The K members are Ray Tune trials of one Tuner, so Tune provides the concurrency limit and the retry policy. A member
+of several workers is a Ray Train ``TorchTrainer`` run (DDP over ``workers_per_member`` workers, gloo on CPU; the Train
+V2 + Tune pattern: the trial function builds and fits the trainer), its trial holding only ``TRIAL_CPUS`` and the
+workers their own resources. A one-worker member trains inside its trial, which then reserves the worker's resources
+too. Either way members share a node or a GPU freely.
 
 Outputs (published atomically): ``ensemble/member-<k>/`` (HF folder + metrics.json) and ``ensemble/manifest.json``.
 """
@@ -27,10 +28,10 @@ from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
 from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
-from ray_jobs.train_runtime import reclaiming_placement_groups
+from ray_jobs.train_runtime import process_start_time, reclaiming_placement_groups
 
 STAGE = "ensemble"
-# A trial only builds the trainer and waits on it; a tenth of a CPU lets K of them sit beside K members' workers.
+# A trial that only builds a Train run and waits on it; a tenth of a CPU lets K of them sit beside K members' workers.
 TRIAL_CPUS = 0.1
 # Test hook (see ray_jobs.ensemble.train): the first attempt of this member index raises after its first epoch.
 FAIL_ONCE_ENV = "RMDISTILL_FAIL_MEMBER_ONCE"
@@ -96,39 +97,19 @@ def _bump_attempt(task: MemberTask) -> int:
 
 
 def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict[str, Any]:
-    """Tune trial function: build and fit one member's TorchTrainer; raise so Tune retries a failed member."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+    """Tune trial function: fit one member; raise so Tune retries a failed member."""
     task = tasks[trial_config["member"]]
     task = dataclasses.replace(task, attempt=_bump_attempt(task), launched_at=time.time())
     res, k = trial_config["resources"], task.k
     events = EventLog(task.job_dir)
     events.emit("log", STAGE, message=f"member {k} started (attempt {task.attempt})", event="member_started", member=k)
     shutil.rmtree(task.out_dir, ignore_errors=True)  # a retry must not publish a half-written earlier attempt
-    # Train's preemption watcher is one more actor process per member; a preempted member is retried whole by Tune.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    worker_resources = {"CPU": res["cpus_per_worker"]}
-    if res["gpus_per_worker"] > 0:
-        worker_resources["GPU"] = res["gpus_per_worker"]
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"task": task},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res["workers_per_member"],
-            use_gpu=res["gpus_per_worker"] > 0,
-            resources_per_worker=worker_resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"member-{k}-attempt-{task.attempt}",
-            storage_path=res["storage_path"],
-            callbacks=[TuneReportCallback()],
-            # Retries belong to Tune (whole member, counted in metrics.json), not to Train's worker restarts.
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
-    )
-    trainer.fit()
+    fit_start = time.time()
+    if res["workers_per_member"] == 1:
+        _fit_in_trial(task, res)
+    else:
+        _fit_with_train(task, res)
+    fit_end = time.time()
     metrics = json.loads((Path(task.out_dir) / MEMBER_METRICS_FILE).read_text())
     done = len(list(Path(task.out_dir).parent.glob(f"member-*/{MEMBER_METRICS_FILE}")))
     events.emit(
@@ -141,9 +122,63 @@ def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict
         loss=metrics["loss"],
         attempt=metrics["attempt"],
         node_id=metrics["node_id"],
+        trial_pid=os.getpid(),
+        trial_process_start=process_start_time(),
+        fit_start=fit_start,
+        fit_end=fit_end,
     )
     events.progress(STAGE, done=done, total=task.spec.size)
     return {key: metrics[key] for key in ("member", "accuracy", "loss", "epochs_run", "attempt")}
+
+
+def _fit_in_trial(task: MemberTask, res: dict[str, Any]) -> None:
+    """A one-worker member trains in its trial's own process, on the resources the trial reserved for it.
+
+    A Train run would add a controller, a placement-group cleaner, a synchronisation actor and the worker: four
+    processes that each import Ray (the worker torch and transformers too) and a worker group to wait for, all
+    to run one rank. On a small machine that start-up was as long as the training itself.
+    """
+    from ray_jobs.ensemble.train import train_member
+    from ray_jobs.train_runtime import WorkerRuntime
+
+    train_member(task, WorkerRuntime(use_gpu=res["gpus_per_worker"] > 0))
+
+
+def _fit_with_train(task: MemberTask, res: dict[str, Any]) -> None:
+    """A member spanning several workers is one Ray Train run: DDP over its worker group."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # Train's preemption watcher is one more actor process per member; a preempted member is retried whole by Tune.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    worker_resources = {"CPU": res["cpus_per_worker"]}
+    if res["gpus_per_worker"] > 0:
+        worker_resources["GPU"] = res["gpus_per_worker"]
+    TorchTrainer(
+        _train_worker,
+        train_loop_config={"task": task},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res["workers_per_member"],
+            use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker=worker_resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"member-{task.k}-attempt-{task.attempt}",
+            storage_path=res["storage_path"],
+            callbacks=[TuneReportCallback()],
+            # Retries belong to Tune (whole member, counted in metrics.json), not to Train's worker restarts.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    ).fit()
+
+
+def _trial_resources(spec: EnsembleSpec) -> dict[str, float]:
+    """What one member's Tune trial reserves: the worker itself when the member trains in the trial (nothing on top,
+    so a worker may take a whole node), else only ``TRIAL_CPUS`` beside the Train workers' own reservations."""
+    if spec.workers_per_member > 1:
+        return {"cpu": TRIAL_CPUS}
+    return {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
 
 
 def _max_concurrent(spec: EnsembleSpec) -> int:
@@ -153,7 +188,8 @@ def _max_concurrent(spec: EnsembleSpec) -> int:
     if spec.max_concurrent:
         return min(spec.max_concurrent, spec.size)
     total = ray.cluster_resources()
-    fits = total.get("CPU", 0.0) / (spec.workers_per_member * spec.cpus_per_worker + TRIAL_CPUS)
+    member_cpus = spec.workers_per_member * spec.cpus_per_worker
+    fits = total.get("CPU", 0.0) / (member_cpus + (TRIAL_CPUS if spec.workers_per_member > 1 else 0.0))
     if spec.gpus_per_worker > 0:
         fits = min(fits, total.get("GPU", 0.0) / (spec.workers_per_member * spec.gpus_per_worker))
     return max(1, min(spec.size, math.floor(fits + 1e-9)))
@@ -170,7 +206,7 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
     }
     tuner = tune.Tuner(
         # Tune's param space is for searchable values: the tasks travel with the function, the space names a member.
-        tune.with_resources(tune.with_parameters(_member_trial, tasks=tasks), {"cpu": TRIAL_CPUS}),
+        tune.with_resources(tune.with_parameters(_member_trial, tasks=tasks), _trial_resources(spec)),
         param_space={"member": tune.grid_search([t.k for t in tasks]), "resources": resources},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=_max_concurrent(spec),
