@@ -33,8 +33,9 @@ StageFn = Callable[..., dict[str, Any]]
 SAMPLING_STAGES = frozenset({"data", "generate"})
 
 
-class JobCancelled(Exception):
-    pass
+class JobCancelled(BaseException):
+    """SIGTERM. Not an Exception, like KeyboardInterrupt: code that recovers from errors (engine auto's fallback to
+    transformers, retries) must not swallow a cancellation and carry on."""
 
 
 def stage_function(stage: str) -> StageFn:
