@@ -147,12 +147,23 @@ PAIRS = Table(
         ("ref_logp_b", "float64"),
         ("rewards_a", "list<float64>"),  # one reward per ensemble member
         ("rewards_b", "list<float64>"),
+        # π_ref's token ids (ray_jobs.models.logps.encode): distillation tokenizes nothing per step.
+        ("prompt_ids", "list<int32>"),
+        ("ids_a", "list<int32>"),  # EOS appended where ended_a
+        ("ids_b", "list<int32>"),
     ),
     _ENDED,
 )
 REF_SAMPLES = Table(
     "ref_samples",
-    (("prompt", "string"), ("response", "string"), ("ended", "bool"), ("ref_logp", "float64")),
+    (
+        ("prompt", "string"),
+        ("response", "string"),
+        ("ended", "bool"),
+        ("ref_logp", "float64"),
+        ("prompt_ids", "list<int32>"),
+        ("ids", "list<int32>"),
+    ),
     (("ended", True),),
 )
 

@@ -102,6 +102,9 @@ def test_the_pairs_table_is_what_the_distill_reader_requires(tmp_path):
         "ref_logp_b": -2.0,
         "rewards_a": [0.5],
         "rewards_b": [0.1],
+        "prompt_ids": [5],
+        "ids_a": [6, 2],
+        "ids_b": [7, 2],
     }
     PAIRS.write(pd.DataFrame([row]), tmp_path / "pairs.parquet")
     assert list(read_pairs(tmp_path / "pairs.parquet", labelled=True).columns) == list(PAIRS.names)

@@ -18,7 +18,8 @@ from ray_jobs.distill.stage import run as run_distill
 from ray_jobs.events import EventLog, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.models.logps import response_logps
-from ray_jobs.models.registry import load_causal_lm
+from ray_jobs.models.registry import load_causal_lm, load_tokenizer
+from ray_jobs.score.tokens import encode_pairs
 from ray_jobs.spec import JobSpec
 
 
@@ -52,15 +53,19 @@ def test_collate_orients_labelled_pairs_so_a_is_chosen():
             "ref_logp_b": [-4.0, -5.0, -6.0],
             "rewards_a": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
             "rewards_b": [[0.0, 0.5], [0.1, 0.2], [0.3, 0.4]],
+            "prompt_ids": [[9], [9], [9]],
+            # a response's ids end in EOS (2) only where it ended: they travel with the text
+            "ids_a": [[10, 2], [11], [12, 2]],
+            "ids_b": [[20], [21, 2], [22, 2]],
         }
     )
     batch = collate_pairs(df)
-    assert batch["response_a"] == ["a0", "b1", "a2"]
-    assert batch["response_b"] == ["b0", "a1", "b2"]
+    assert batch["ids_a"] == [[10, 2], [21, 2], [12, 2]]
+    assert batch["ids_b"] == [[20], [11], [22, 2]]
+    assert batch["prompt_ids"] == [[9], [9], [9]]
     assert batch["ref_a"].tolist() == [-1.0, -5.0, -3.0]
     assert torch.allclose(batch["r_a"], torch.tensor([[1.0, 2.0], [0.1, 0.2], [5.0, 6.0]]))
     assert batch["labelled"].tolist() == [True, True, False]
-    assert (batch["ended_a"], batch["ended_b"]) == ([True, True, True], [False, False, True])  # travel with the text
 
 
 LOSSES = [
@@ -291,6 +296,7 @@ def test_capped_responses_train_without_eos_as_they_were_scored(tiny_llama, tmp_
     pairs = pd.read_parquet(JobLayout(job).pairs)
     pairs["ended_a"] = [True, False] * 4
     pairs["ended_b"] = [False] * 8
+    pairs = encode_pairs(pairs, load_tokenizer(str(tiny_llama)))  # the stored ids lose EOS as the scorer does
     batch = {
         "index": np.arange(16),
         "prompt": np.array(pairs["prompt"].tolist() * 2, dtype=object),

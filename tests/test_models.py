@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ray_jobs.models import tiny
 from ray_jobs.models.hf_generate import hf_generate
-from ray_jobs.models.logps import sequence_logps, tokenize_responses
+from ray_jobs.models.logps import response_logps
 from ray_jobs.models.oracle import load_oracle
 from ray_jobs.models.prompts import render_prompt
 from ray_jobs.models.registry import (
@@ -225,8 +225,7 @@ def test_smollm2_writes_coherent_english(smollm2):
     assert all(ch in string.printable or ch.isalpha() for ch in text), text
     # The model prefers its own fluent answer to the same words shuffled.
     shuffled = " ".join(sorted(text.split()))
-    with torch.no_grad():
-        logps = sequence_logps(model, tokenize_responses(tokenizer, [prompt] * 2, [text, shuffled], max_length=128))
+    logps = response_logps(model, tokenizer, [prompt] * 2, [text, shuffled], max_length=128)
     assert logps[0] > logps[1] + 20
 
 

@@ -135,7 +135,7 @@ def test_pairs_have_the_exact_columns_and_counts(scored):
 
 
 def test_scores_equal_direct_model_calls(scored, tiny_llama):
-    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+    from ray_jobs.models.logps import encode, pack, packed_logps
     from ray_jobs.models.registry import load_causal_lm, load_reward_model
     from ray_jobs.models.reward import score_pairs
 
@@ -163,12 +163,16 @@ def test_scores_equal_direct_model_calls(scored, tiny_llama):
     # Responses cut at the token cap are scored without EOS: π_ref did not choose to stop there.
     ended = pairs["ended_a"].tolist() + pairs["ended_b"].tolist() + samples["ended"].tolist()
     assert not all(ended) and any(ended)  # capped samples and the dataset's complete responses
+    prompt_ids, response_ids = encode(tokenizer, all_prompts, all_responses, ended)
     with torch.no_grad():
-        batch = tokenize_responses(tokenizer, all_prompts, all_responses, MAX_LENGTH, ended)
-        direct = sequence_logps(model, batch).numpy()
+        direct = packed_logps(model, pack(prompt_ids, response_ids, MAX_LENGTH, tokenizer.pad_token_id)).numpy()
     stored = np.concatenate([pairs["ref_logp_a"], pairs["ref_logp_b"], samples["ref_logp"]])
     np.testing.assert_allclose(stored, direct, atol=1e-4, rtol=0)
     assert (stored < 0).all()
+    # The ids stored for distillation are those π_ref was scored on (EOS only where the response ended).
+    stored_ids = pairs["ids_a"].tolist() + pairs["ids_b"].tolist() + samples["ids"].tolist()
+    assert [list(ids) for ids in stored_ids] == response_ids
+    assert [list(ids) for ids in pairs["prompt_ids"]] == prompt_ids[: len(pairs)]
 
 
 def _copy_job(job_dir: Path, dest: Path) -> Path:

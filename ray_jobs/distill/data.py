@@ -91,25 +91,27 @@ def _reward_matrix(column: pd.Series, name: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+def _ids(column: pd.Series) -> list[list[int]]:
+    """Token id lists as plain ints (Ray Data hands list columns over as NumPy arrays)."""
+    return [np.asarray(v, dtype=np.int64).tolist() for v in column]
+
+
 def collate_pairs(df: pd.DataFrame) -> dict[str, Any]:
-    """Lists of texts plus float tensors, oriented so a is the chosen response wherever a label exists.
+    """Token ids plus float tensors, oriented so a is the chosen response wherever a label exists.
 
     Orienting is what labelled losses need and changes nothing for distillation (its loss is symmetric), and it
     lets every loss report the displacement of the chosen response on labelled rows.
     """
     label = df["label"].to_numpy(dtype=np.float64, na_value=np.nan)
     swap = label == 0
-    a, b = df["response_a"].to_numpy(), df["response_b"].to_numpy()
     ref_a, ref_b = df["ref_logp_a"].to_numpy(np.float64), df["ref_logp_b"].to_numpy(np.float64)
     r_a, r_b = _reward_matrix(df["rewards_a"], "rewards_a"), _reward_matrix(df["rewards_b"], "rewards_b")
-    ended_a, ended_b = df["ended_a"].to_numpy(dtype=bool), df["ended_b"].to_numpy(dtype=bool)
+    ids_a, ids_b = _ids(df["ids_a"]), _ids(df["ids_b"])
     swap_t = torch.from_numpy(swap)[:, None]
     return {
-        "prompts": df["prompt"].tolist(),
-        "response_a": np.where(swap, b, a).tolist(),
-        "response_b": np.where(swap, a, b).tolist(),
-        "ended_a": np.where(swap, ended_b, ended_a).tolist(),
-        "ended_b": np.where(swap, ended_a, ended_b).tolist(),
+        "prompt_ids": _ids(df["prompt_ids"]),
+        "ids_a": [b if s else a for a, b, s in zip(ids_a, ids_b, swap, strict=True)],
+        "ids_b": [a if s else b for a, b, s in zip(ids_a, ids_b, swap, strict=True)],
         "ref_a": torch.from_numpy(np.where(swap, ref_b, ref_a)).float(),
         "ref_b": torch.from_numpy(np.where(swap, ref_a, ref_b)).float(),
         "r_a": torch.where(swap_t, r_b, r_a).float(),
@@ -120,8 +122,7 @@ def collate_pairs(df: pd.DataFrame) -> dict[str, Any]:
 
 def collate_samples(df: pd.DataFrame) -> dict[str, Any]:
     return {
-        "prompts": df["prompt"].tolist(),
-        "responses": df["response"].tolist(),
-        "ended": df["ended"].to_numpy(dtype=bool).tolist(),
+        "prompt_ids": _ids(df["prompt_ids"]),
+        "ids": _ids(df["ids"]),
         "ref": torch.tensor(df["ref_logp"].to_numpy(np.float64), dtype=torch.float32),
     }

@@ -1,8 +1,9 @@
 """The distillation training loop: plain PyTorch that Ray Train wraps, and that runs alone without Ray.
 
-Only the policy is in memory: reference log-probs and ensemble rewards arrive precomputed in the pairs, so one
-forward pass per micro-batch (chosen, rejected and reference samples stacked, padded to the batch's longest) and
-`sequence_logps` (logits only at response positions, float32 log-softmax) give every term of every loss.
+Only the policy is in memory: reference log-probs, ensemble rewards and token ids arrive precomputed in the pairs,
+so one forward pass per micro-batch (each pair's responses packed after one copy of its prompt, reference samples
+in the same batch) and `packed_logps` (logits only at response positions, float32 log-softmax) give every term of
+every loss.
 
 The loop reads a `DistillTask`: the job's reference and its validated `DistillSpec` as is, plus where to read and
 write. A field added to the spec therefore reaches the loop with no other edit.
@@ -149,7 +150,7 @@ def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Modu
             ),
         )
     if d.compile:
-        # In place, so attribute access (sequence_logps reaching the decoder and lm_head) keeps working.
+        # In place: a wrapper module would prefix every state_dict key, which checkpoints and the saved policy read.
         model.compile(dynamic=True)
     model.train()
     return model, tokenizer
@@ -167,24 +168,24 @@ def _scheduler(spec: DistillSpec, optimizer: torch.optim.Optimizer, total: int) 
 def _forward(
     model: torch.nn.Module, tokenizer: Any, spec: DistillSpec, pairs: dict[str, Any], samples: dict[str, Any] | None
 ) -> tuple[torch.Tensor, ...]:
-    """One stacked forward: [a; b; reference samples] → their summed response log-probs and the token count."""
-    from ray_jobs.models.logps import sequence_logps, tokenize_responses
+    """One packed forward: [a; b; reference samples] → their summed response log-probs and the token count.
 
-    prompts = pairs["prompts"] * 2
-    responses = pairs["response_a"] + pairs["response_b"]
-    ended = pairs["ended_a"] + pairs["ended_b"]
+    Each pair's two responses share one copy of its prompt (`ray_jobs.models.logps.pack`); the ids are stored
+    with the pairs, EOS already appended to the responses that ended, exactly as π_ref's log-probs were computed.
+    """
+    from ray_jobs.models.logps import pack, packed_logps
+
+    prompts = pairs["prompt_ids"] * 2
+    responses = pairs["ids_a"] + pairs["ids_b"]
     if samples is not None:
-        prompts = prompts + samples["prompts"]
-        responses = responses + samples["responses"]
-        ended = ended + samples["ended"]
-    # Responses cut at the generation cap carry no EOS, exactly as π_ref's log-probs were computed at scoring.
-    enc = tokenize_responses(tokenizer, prompts, responses, spec.max_length, ended)
+        prompts = prompts + samples["prompt_ids"]
+        responses = responses + samples["ids"]
+    packed = pack(prompts, responses, spec.max_length, tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
     with autocast(spec.precision, device):
-        logps = sequence_logps(model, batch).float()
-    n = len(pairs["prompts"])
-    return logps[:n], logps[n : 2 * n], logps[2 * n :], int(batch["attention_mask"].sum())
+        logps = packed_logps(model, packed).float()
+    n = len(pairs["prompt_ids"])
+    return logps[:n], logps[n : 2 * n], logps[2 * n :], packed.tokens
 
 
 def _step_selection(
@@ -284,7 +285,7 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
                     selection=selection,
                 )
                 (loss / accum).backward()
-            window.add(loss.detach(), stats, pairs["labelled"], tokens, len(pairs["prompts"]))
+            window.add(loss.detach(), stats, pairs["labelled"], tokens, len(pairs["prompt_ids"]))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()

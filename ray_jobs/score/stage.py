@@ -2,7 +2,8 @@
 
 Every ensemble member scores every distinct (prompt, response) once and π_ref's log-probability of every distinct
 response is computed once (`ray_jobs.score.scorer`). The distill stage then reads only Parquet: no reward or
-reference model is in memory while the policy trains. Publishes ``score/pairs.parquet`` (PAIRS) and
+reference model is in memory while the policy trains; the texts' token ids are stored with them, so it tokenizes
+nothing either. Publishes ``score/pairs.parquet`` (PAIRS) and
 ``score/ref_samples.parquet`` (REF_SAMPLES).
 """
 
@@ -20,6 +21,7 @@ from ray_jobs.ensemble.stage import load_members
 from ray_jobs.events import EventLog
 from ray_jobs.layout import PAIRS, REF_SAMPLES, JobLayout
 from ray_jobs.score.scorer import score_texts
+from ray_jobs.score.tokens import encode_pairs, encode_samples
 from ray_jobs.spec import JobSpec, SpecError
 
 STAGE = "score"
@@ -120,7 +122,7 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
 
     if not ray.is_initialized():
         raise RuntimeError("the score stage needs a running Ray (the pipeline connects first)")
-    from ray_jobs.models.registry import resolve_model_path
+    from ray_jobs.models.registry import load_tokenizer, resolve_model_path
 
     layout = JobLayout(job_dir)
     gen, sc = spec.generation, spec.score
@@ -171,12 +173,16 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
     pairs["ref_logp_b"] = [ref_of[k] for k in keys_b]
     pairs["rewards_a"] = [rewards_of[k] for k in keys_a]
     pairs["rewards_b"] = [rewards_of[k] for k in keys_b]
-    ref_samples = {
-        "prompt": [p for p, _, _ in kl_texts],
-        "response": [r for _, r, _ in kl_texts],
-        "ended": [e for _, _, e in kl_texts],
-        "ref_logp": [ref_of[k] for k in kl_texts],
-    }
+    ref_samples = pd.DataFrame(
+        {
+            "prompt": [p for p, _, _ in kl_texts],
+            "response": [r for _, r, _ in kl_texts],
+            "ended": [e for _, _, e in kl_texts],
+            "ref_logp": [ref_of[k] for k in kl_texts],
+        }
+    )
+    tokenizer = load_tokenizer(spec.reference)
+    pairs, ref_samples = encode_pairs(pairs, tokenizer), encode_samples(ref_samples, tokenizer)
     with layout.staging(STAGE) as out:
         PAIRS.write(pairs, out / layout.pairs.name)
         REF_SAMPLES.write(ref_samples, out / layout.ref_samples.name)

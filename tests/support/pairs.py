@@ -1,7 +1,7 @@
 """Scored pairs written as the score stage would, for the distill and evaluate tests.
 
 They write the scoring stage's outputs themselves, so these tests depend on no other stage: reference log-probs
-come from the real tiny reference through `sequence_logps`, rewards are fixed length-biased numbers (the paper's
+come from the real tiny reference through `response_logps`, rewards are fixed length-biased numbers (the paper's
 induced shift: longer is preferred in 80% of labelled pairs and every member rewards length).
 """
 
@@ -14,7 +14,8 @@ import pandas as pd
 
 from ray_jobs.layout import PAIRS, PREFERENCES, REF_SAMPLES, JobLayout
 from ray_jobs.models.logps import response_logps
-from ray_jobs.models.registry import load_causal_lm
+from ray_jobs.models.registry import load_causal_lm, load_tokenizer
+from ray_jobs.score.tokens import encode_pairs, encode_samples
 
 _VOCAB = """the film was a warm and gentle story about family who opened small bakery by sea acting good music lovely
 ending made me smile book long slow wonderful characters real writing clear great read rainy weekend"""
@@ -77,10 +78,12 @@ def write_pairs(job_dir: Path, reference: str | Path, n_labelled: int = 24, n_un
     df["rewards_b"] = length_rewards(df["response_b"].tolist(), k, rng)
     samples = pd.DataFrame({"prompt": PROMPTS * 4, "response": [_text(rng, 3, 10) for _ in range(4 * len(PROMPTS))]})
     samples["ref_logp"] = ref_logps(reference, samples["prompt"].tolist(), samples["response"].tolist())
+    df["ended_a"], df["ended_b"], samples["ended"] = True, True, True
+    tokenizer = load_tokenizer(str(reference))
     layout = JobLayout(job_dir)
     layout.pairs.parent.mkdir(parents=True, exist_ok=True)
-    PAIRS.write(df, layout.pairs)
-    REF_SAMPLES.write(samples, layout.ref_samples)
+    PAIRS.write(encode_pairs(df, tokenizer), layout.pairs)
+    REF_SAMPLES.write(encode_samples(samples, tokenizer), layout.ref_samples)
 
 
 def write_test_data(job_dir: Path) -> None:
