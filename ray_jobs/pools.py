@@ -1,7 +1,7 @@
 """Batch inference over a Ray Data actor pool, results put back in input order.
 
-Generation and scoring both send a list of rows through actors that load a model once (`map_batches` with a
-callable class); each row carries its position as ``index`` so results can be placed back whatever order the
+Scoring sends a list of rows through actors that load a model once (`map_batches` with a callable class); each
+row carries its position as ``index`` so results can be placed back whatever order the
 pool returns them in, progress can be reported as batches land, and a row the pool never returned is an error.
 """
 
