@@ -239,7 +239,9 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     model, tokenizer = _load_policy(task, rt.device)
     model = rt.prepare(model, d.strategy)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=d.lr, fused=rt.device.type == "cuda")
+    # Fused on every device (CPU too): on 2 cores the multi-tensor AdamW step of a 135M model measured 10× the
+    # fused one, longer than the forward and backward it follows.
+    optimizer = torch.optim.AdamW(params, lr=d.lr, fused=True)
     total = _total_steps(task, rt.world)
     scheduler = _scheduler(d, optimizer, total)
     checkpoints = _checkpoints(task, rt)
