@@ -13,8 +13,12 @@ import pandas as pd
 from ray_jobs.models.logps import encode
 
 
-def _ids(tokenizer: Any, prompts: pd.Series, responses: pd.Series, ended: pd.Series) -> tuple[list, list]:
-    return encode(tokenizer, prompts.astype(str).tolist(), responses.astype(str).tolist(), ended.astype(bool).tolist())
+def _ids(tokenizer: Any, prompts: pd.Series, responses: pd.Series, ended: pd.Series) -> tuple[pd.Series, pd.Series]:
+    prompt_ids, response_ids = encode(
+        tokenizer, prompts.astype(str).tolist(), responses.astype(str).tolist(), ended.astype(bool).tolist()
+    )
+    # Object columns even when empty: an empty list column would otherwise be float64, which Arrow cannot cast.
+    return tuple(pd.Series(ids, index=prompts.index, dtype=object) for ids in (prompt_ids, response_ids))
 
 
 def encode_pairs(pairs: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:
