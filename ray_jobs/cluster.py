@@ -7,12 +7,13 @@ Imports Ray only inside `connect` and `current_resources`, so the service can ch
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ray_jobs.spec import JobSpec
+from ray_jobs.spec import DistillSpec, JobSpec
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,33 @@ class ResourceError(RuntimeError):
         super().__init__(f"{field}: {message}")
 
 
+def distill_worker_cpus(spec: DistillSpec, cluster: ClusterResources) -> tuple[float, int]:
+    """(CPUs each distillation worker reserves, torch threads it computes with).
+
+    Ray Train reserves one CPU per worker and Ray then gives the worker one thread, so a lone CPU worker trained on
+    one core of a larger node. Reserving the whole node instead would make a job wait on anything else holding a CPU
+    there (a served policy holds one for as long as it is loaded); so by default the reservation stays at one CPU
+    and only the threads grow to the worker's share of the node.
+    """
+    if spec.cpus_per_worker is not None:
+        return spec.cpus_per_worker, max(1, math.floor(spec.cpus_per_worker + 1e-9))
+    return 1.0, max(1, math.floor(cluster.max_node_cpus / spec.num_workers))
+
+
 def check_resources(spec: JobSpec, cluster: ClusterResources) -> None:
     """Raise ResourceError for the first thing this spec asks of the cluster that no placement could give."""
     have = cluster.describe()
     d = spec.distill
+    cpus, _ = distill_worker_cpus(d, cluster)
     if d.use_gpu:
         if cluster.gpus == 0:
             raise ResourceError("distill.use_gpu", f"asks for GPUs but {have}")
         if d.num_workers > cluster.gpus:
             raise ResourceError("distill.num_workers", f"{d.num_workers} GPU workers asked but {have}")
-    elif d.num_workers > cluster.cpus:
-        raise ResourceError("distill.num_workers", f"{d.num_workers} one-CPU workers asked but {have}")
+    if cpus > cluster.max_node_cpus:
+        raise ResourceError("distill.cpus_per_worker", f"{cpus:g} CPUs per worker but {have}")
+    if d.num_workers * cpus > cluster.cpus:
+        raise ResourceError("distill.num_workers", f"{d.num_workers} workers of {cpus:g} CPUs asked but {have}")
     # Generation and scoring run as actor pools of one CPU per replica.
     for field, replicas in (("generation.replicas", spec.generation.replicas), ("score.replicas", spec.score.replicas)):
         if replicas > max(cluster.cpus, 1):

@@ -223,6 +223,13 @@ class DistillSpec(_Strict):
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response.")
     lora: LoraSpec | None = None
     num_workers: PositiveInt = Field(1, le=MAX_WORKERS)
+    cpus_per_worker: PositiveFloat | None = Field(
+        None,
+        le=MAX_WORKERS,
+        description="CPUs each training worker reserves and computes with (its torch threads: the floor, at least "
+        "1). None: each worker reserves 1 CPU, as Ray Train does, and computes with the largest node's CPUs shared "
+        "evenly among the workers, so a lone worker uses the whole machine without waiting for it to be free.",
+    )
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Precision = Field(

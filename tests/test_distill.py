@@ -168,6 +168,9 @@ def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
     assert summary["steps"] == 4
     assert (job / ".crash-hook-step-2").exists()  # the hook really fired
     events = list(read_events(job))
+    # A lone worker reserves Ray Train's one CPU but computes on both of the test cluster's (it had one thread).
+    assert [e["threads_per_worker"] for e in events if "threads_per_worker" in e] == [2]
+    assert {e["threads"] for e in events if "threads" in e} == {2}
     resumed = [e for e in events if e.get("resumed_step") is not None]
     assert [e["resumed_step"] for e in resumed] == [2]
     steps = [e["step"] for e in events if e["kind"] == "metrics" and e["stage"] == "distill"]
@@ -238,6 +241,7 @@ def test_two_workers_choose_the_member_of_the_whole_step(ray_cluster, tiny_llama
     _member_split_pairs(job, tiny_llama)
     whole = _one_step(tiny_llama, job, tmp_path / "whole", "min", batch_size=8, accum=1)
     run_distill(_step_spec(tiny_llama, "min", batch_size=2, accum=2, workers=2), job, EventLog(job))
+    assert {e["threads"] for e in read_events(job) if "threads" in e} == {1}  # two workers share the two CPUs
     values = [e for e in read_events(job) if e["kind"] == "metrics"][-1]["values"]
     assert values["member_argmin_counts"] == [0.0, 2.0]
     assert values["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)

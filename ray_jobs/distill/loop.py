@@ -256,6 +256,8 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
         itertools.islice(_sample_batches(task, rt), start * accum, None) if objective.needs_ref_samples else None
     )
     log = _Logger(task.log_dir if rt.rank == 0 else None)
+    threads = torch.get_num_threads()
+    log.event("log", message=f"computing with {threads} torch thread(s)", threads=threads)
     if start:
         log.event("log", message=f"resumed from checkpoint at step {start}", resumed_step=start)
     window = MetricsWindow()

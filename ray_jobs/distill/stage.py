@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.cluster import current_resources, distill_worker_cpus
 from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
 from ray_jobs.distill.loop import DistillTask, distill_task, steps_for, train_policy
 from ray_jobs.events import EventLog
 from ray_jobs.layout import JobLayout
 from ray_jobs.spec import JobSpec
+from ray_jobs.train_runtime import intra_op_threads
 
 STAGE = "distill"
 
@@ -48,7 +50,8 @@ def check_inputs(task: DistillTask) -> int:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    train_policy(config["task"])
+    with intra_op_threads(config["threads"]):
+        train_policy(config["task"])
 
 
 def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
@@ -73,12 +76,24 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     datasets = {"train": train.materialize()}
     if task.objective.needs_ref_samples:
         datasets["ref"] = ray.data.read_parquet(task.ref_samples).materialize()
-    events.emit("log", STAGE, message=f"training {d.loss} on {rows} pairs for {task.total_steps} steps")
+    cpus, threads = distill_worker_cpus(d, current_resources())
+    events.emit(
+        "log",
+        STAGE,
+        message=f"training {d.loss} on {rows} pairs for {task.total_steps} steps, {d.num_workers} worker(s) "
+        f"reserving {cpus:g} CPU(s) and computing with {threads} thread(s) each",
+        cpus_per_worker=cpus,
+        threads_per_worker=threads,
+    )
     with layout.staging(STAGE) as out:
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"task": dataclasses.replace(task, output_dir=str(out))},
-            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu),
+            train_loop_config={"task": dataclasses.replace(task, output_dir=str(out)), "threads": threads},
+            scaling_config=ScalingConfig(
+                num_workers=d.num_workers,
+                use_gpu=d.use_gpu,
+                resources_per_worker={"CPU": cpus, **({"GPU": 1} if d.use_gpu else {})},
+            ),
             datasets=datasets,
             run_config=RunConfig(
                 name=STAGE,
