@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ray_jobs.events import EventLog
+from ray_jobs.events import EventLog, read_events
 from ray_jobs.generate.engines import generate, kl_sampling
 from ray_jobs.generate.stage import run as run_generation
 from ray_jobs.layout import CANDIDATES, KL_SAMPLES, PAIRS, PREFERENCES, REF_SAMPLES, JobLayout
@@ -111,6 +111,13 @@ def test_generation_writes_candidates_and_kl_samples(scored):
     assert capped["candidates"] >= 7 and capped["kl_samples"] >= 4
     assert summary == {"prompts": 3, "candidates": 9, "kl_samples": 6, "capped": capped, "engine": "hf"}
     assert not (job_dir / ".partial" / "generate").exists()
+
+
+def test_a_lone_scorer_computes_on_every_cpu_of_the_node(scored):
+    """The scoring actor reserves one CPU, for which Ray gives it one thread; it sets torch's threads to its share
+    of the node instead (2 on the 2-CPU test cluster), or scoring ran on one core of an idle machine."""
+    job_dir = scored[0]
+    assert [e["threads"] for e in read_events(job_dir) if e.get("stage") == "score" and "threads" in e] == [2]
 
 
 def test_pairs_have_the_exact_columns_and_counts(scored):

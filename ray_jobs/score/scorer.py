@@ -30,10 +30,17 @@ class Scorer:
         ref_max_length: int,
         batch_size: int,
         ref_precision: Precision = "fp32",
+        threads: int | None = None,
     ):
         """`members`: (folder, token budget to score at) of each reward model; π_ref's log-probs are computed under
-        `ref_precision`, the policy's own compute precision (ray_jobs.precision)."""
+        `ref_precision`, the policy's own compute precision (ray_jobs.precision). `threads`: torch's intra-op
+        threads here (Ray gives a one-CPU actor one, which left a lone scorer on one core of the node)."""
+        import torch
+
         from ray_jobs.models.registry import load_causal_lm, load_reward_model
+
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         device = _device()
         self.reference = None
@@ -75,7 +82,9 @@ class Scorer:
                 ref = response_logps(
                     self.reference, self.tokenizer, prompts, responses, self.ref_max_length, self.batch_size, ended
                 ).numpy()
-        out = {"index": batch["index"], "ref_logp": ref}
+        import torch
+
+        out = {"index": batch["index"], "ref_logp": ref, "threads": np.full(len(prompts), torch.get_num_threads())}
         if self.members:  # a [B, 0] tensor column is more than Ray Data's tensor type accepts
             out["rewards"] = rewards
         return out
@@ -95,12 +104,16 @@ def score_texts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """π_ref log-prob [N] and member rewards [N, K] of each (prompt, response, ended); NaN where not asked for
     (no reference, or `needs_reward` false). `members`: (folder, token budget) of each reward model."""
+    from ray_jobs.cluster import current_resources
     from ray_jobs.pools import run_indexed
 
     ref = np.full(len(texts), np.nan)
     rewards = np.full((len(texts), len(members)), np.nan)
 
+    threads: set[int] = set()
+
     def place(batch: dict[str, np.ndarray]) -> None:
+        threads.update(int(t) for t in batch["threads"])
         index = batch["index"]
         ref[index] = batch["ref_logp"]
         if members:
@@ -118,6 +131,8 @@ def score_texts(
             ref_max_length=ref_max_length,
             batch_size=batch_size,
             ref_precision=ref_precision,
+            # Each replica reserves one CPU; together they compute on the node's CPUs, shared evenly.
+            threads=max(1, int(current_resources().max_node_cpus // replicas)),
         ),
         [
             {"prompt": p, "response": r, "ended": e, "reward": w}
@@ -128,4 +143,11 @@ def score_texts(
         on_batch=place,
         on_progress=progress,
     )
+    if events is not None:
+        events.emit(
+            "log",
+            "score",
+            message=f"scored with {max(threads, default=0)} torch thread(s) per replica",
+            threads=max(threads, default=0),
+        )
     return ref, rewards
