@@ -37,7 +37,7 @@ def test_auto_falls_back_to_transformers_with_a_log_event(ray_cluster, tiny_llam
     result = generate(model_dir, ["The movie was", "A dull plot"], 2, gen, events, stage="generate")
     assert result.engine == "hf"
     assert [len(t) for t in result.texts] == [2, 2]
-    events = read_events(tmp_path / "job")
+    events = list(read_events(tmp_path / "job"))
     assert [e["engine_started"] for e in events if "engine_started" in e] == ["vllm", "hf"]
     logs = [e for e in events if e["kind"] == "log" and "engine_started" not in e]
     assert len(logs) == 1 and logs[0]["stage"] == "generate"
