@@ -245,7 +245,12 @@ def test_killed_member_trials_are_retried_and_the_ensemble_completes(ray_cluster
 
     def trial_of(member: int) -> dict[str, Any]:
         # Tune runs each trial in its own trial directory, named member-<k> by the stage.
-        (trial,) = [a for a in _alive_actors("ImplicitFunc") if _cwd(a["Pid"]).endswith(f"member-{member}")]
+        # Only this stage's trials: an earlier test's finished Tune trial can outlive its run in the same cluster.
+        (trial,) = [
+            a
+            for a in _alive_actors("ImplicitFunc")
+            if a["ActorID"] not in earlier_trials and _cwd(a["Pid"]).endswith(f"member-{member}")
+        ]
         return trial
 
     def after_first_epoch(member: int, victim: Callable[[dict[str, Any]], int]) -> Victim:
@@ -259,6 +264,7 @@ def test_killed_member_trials_are_retried_and_the_ensemble_completes(ray_cluster
     # A TorchTrainer fitted in this process's main thread (another test's) keeps its controller alive: Ray Train's
     # SIGINT handler holds the handle. Only this stage's Train actors are its to end.
     earlier = {a["ActorID"] for a in _train_actors()}
+    earlier_trials = {a["ActorID"] for a in _alive_actors("ImplicitFunc")}
     reservations = live_placement_groups()
     # A one-worker member trains inside its Tune trial (no Ray Train run of its own): each member loses that
     # process after its first epoch, and Tune retries it.
