@@ -16,6 +16,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Hygiene checks, then the whole suite. pytest's exit 5 (no tests collected) fails like any other error.
+# Hygiene checks, the servers the tests start (PostgreSQL), then the whole suite. pytest's exit 5 (no tests
+# collected) fails like any other error.
 test: lint
+	bash scripts/test-services.sh
 	$(VENV)/bin/python -m pytest -q --timeout=900

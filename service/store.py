@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, create_engine, func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -110,12 +110,22 @@ class PolicyExists(Exception):
     """A policy with this id is registered already."""
 
 
+def engine_url(url: str) -> URL:
+    """A user's database URL with the driver the server extra ships: a plain ``postgresql://`` would mean
+    psycopg2, which is not installed; psycopg (3) is."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
 class Store:
     def __init__(self, url: str):
-        connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, connect_args=connect_args)
+        parsed = engine_url(url)
+        sqlite = parsed.get_backend_name() == "sqlite"
+        connect_args = {"check_same_thread": False, "timeout": 30} if sqlite else {}
+        if sqlite and parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # pool_pre_ping: a PostgreSQL server restarted under a running service leaves dead pooled connections.
+        self.engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=not sqlite)
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,29 @@ def tiny_bert() -> Path:
     from ray_jobs.models.registry import resolve_model_path
 
     return resolve_model_path("tiny:bert")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A real PostgreSQL server for this session (tests/support/postgres.py); skipped where none can run, but
+    never under CI, whose `make test` installs it."""
+    from tests.support.postgres import bin_dir, postgres_server
+
+    if bin_dir() is None:
+        message = "PostgreSQL is not installed (Debian package `postgresql`; make test installs it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind the store supports: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite'}"
+    from tests.support.postgres import fresh_database
+
+    server = request.getfixturevalue("postgres_server_url")
+    return fresh_database(server, f"t_{abs(hash(request.node.nodeid)) % 10**12}")

@@ -1,4 +1,5 @@
-"""The job follower survives a database error: tracking resumes on the next pass instead of ending for good."""
+"""The job follower survives a database error, on SQLite and PostgreSQL: tracking resumes on the next pass instead
+of ending for good, and reconciles what it finds."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from service.follower import UNSUBMITTED_GRACE_S, JobFollower
 from service.store import Store
 
 
-def test_a_database_error_does_not_end_job_tracking(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_a_database_error_does_not_end_job_tracking(tmp_path, database_url):
+    store = Store(database_url)
     # Ray is never asked: the only job was never submitted, which the follower judges from the store alone.
     follower = JobFollower(store, backend=None, interval_s=0.05)
 
@@ -28,7 +29,12 @@ def test_a_database_error_does_not_end_job_tracking(tmp_path):
         sql("ALTER TABLE jobs_away RENAME TO jobs")
         store.create_job(job_id="job-lost", name="lost", owner=None, spec={}, job_dir=str(tmp_path / "job-lost"))
         long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=UNSUBMITTED_GRACE_S + 60)
-        sql("UPDATE jobs SET created_at = :t WHERE id = 'job-lost'", t=long_ago.replace(tzinfo=None))
+        # SQLite stores naive UTC times (the store adds the zone back on reading); PostgreSQL keeps the zone.
+        sqlite = store.engine.dialect.name == "sqlite"
+        sql(
+            "UPDATE jobs SET created_at = :t WHERE id = 'job-lost'",
+            t=long_ago.replace(tzinfo=None) if sqlite else long_ago,
+        )
         for _ in range(100):
             await asyncio.sleep(0.05)
             if store.get_job("job-lost").state != "pending":
