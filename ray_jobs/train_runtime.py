@@ -69,6 +69,24 @@ class WorkerRuntime:
         return float(np.mean(self.gather(value)))
 
 
+def node_info() -> dict[str, str | None]:
+    """The Ray node (id, IP) and host this process runs on, for placement records; ids are None outside Ray."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return {
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(),
+            }
+    except ImportError:
+        pass
+    return {"node_id": None, "node_ip": None, "host": socket.gethostname()}
+
+
 def process_start_time() -> float:
     """When this process started (Unix time): a Ray worker's start-up cost is the gap between this and its task."""
     import psutil

@@ -70,7 +70,7 @@ def tiny_bert() -> Path:
 def postgres_server_url() -> Iterator[str]:
     """A real PostgreSQL server for this session (tests/support/postgres.py); skipped where none can run, but
     never under CI, whose `make test` installs it."""
-    from tests.support.postgres import bin_dir, postgres_server
+    from support.postgres import bin_dir, postgres_server
 
     if bin_dir() is None:
         message = "PostgreSQL is not installed (Debian package `postgresql`; make test installs it as root)"
@@ -86,7 +86,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database of each kind the store supports: a SQLite file, and a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.sqlite'}"
-    from tests.support.postgres import fresh_database
+    from support.postgres import fresh_database
 
     server = request.getfixturevalue("postgres_server_url")
     return fresh_database(server, f"t_{abs(hash(request.node.nodeid)) % 10**12}")

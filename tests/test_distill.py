@@ -242,6 +242,9 @@ def test_two_workers_choose_the_member_of_the_whole_step(ray_cluster, tiny_llama
     whole = _one_step(tiny_llama, job, tmp_path / "whole", "min", batch_size=8, accum=1)
     run_distill(_step_spec(tiny_llama, "min", batch_size=2, accum=2, workers=2), job, EventLog(job))
     assert {e["threads"] for e in read_events(job) if "threads" in e} == {1}  # two workers share the two CPUs
+    (placed,) = [e["workers"] for e in read_events(job) if "workers" in e]  # rank 0 records every worker's node
+    assert [w["rank"] for w in placed] == [0, 1]
+    assert {w["node_id"] for w in placed} == {ray_cluster.get_runtime_context().get_node_id()}
     values = [e for e in read_events(job) if e["kind"] == "metrics"][-1]["values"]
     assert values["member_argmin_counts"] == [0.0, 2.0]
     assert values["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)

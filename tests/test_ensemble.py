@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from support.data import write_job_data
+from support.ray_nodes import RAY, free_ports, node_ports, stop
 
 from ray_jobs.ensemble.stage import FAIL_ONCE_ENV, EnsembleError, load_members, member_tasks
 from ray_jobs.ensemble.stage import run as run_ensemble
@@ -308,12 +308,10 @@ def test_load_members_of_missing_ensemble_is_empty(tmp_path):
 
 
 # ---------------------------------------------------------------- 2-node cluster
-# Each node is a `ray start --block` child of this test: SIGTERM to it stops exactly that node's processes, so the
-# teardown never touches other Ray clusters on the machine (a plain `ray stop` would stop them all). The ensemble runs
+# Each node is a `ray start --block` child of this test (support/ray_nodes.py). The ensemble runs
 # in a subprocess (`python -m ray_jobs.ensemble` with RAY_ADDRESS) so it cannot collide with the session's in-process
 # cluster. Slow (two node start-ups plus a member fit): marked `slow`.
 
-RAY = str(Path(sys.executable).parent / "ray")
 NODES_PROBE = (
     "import json, ray; ray.init(address='{address}', log_to_driver=False); "
     "print(json.dumps({{'cpus': ray.cluster_resources().get('CPU', 0), "
@@ -321,38 +319,11 @@ NODES_PROBE = (
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _node_ports() -> list[str]:
-    # Every listening port explicit and free: defaults (52365, 8076, ...) collide with other clusters on the machine.
-    names = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export"]
-    names.append("runtime-env-agent")
-    return [f"--{name}-port={port}" for name, port in zip(names, _free_ports(len(names)), strict=True)]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ray-logs")
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    port, client_port = _free_ports(2)
+    port, client_port = free_ports(2)
     address = f"127.0.0.1:{port}"
     # Short root: Ray's unix socket paths live under it and must stay below ~107 characters.
     temp = tempfile.mkdtemp(prefix="rdt", dir="/tmp")
@@ -360,7 +331,7 @@ def two_nodes(tmp_path_factory):
     procs = [
         subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", f"--ray-client-server-port={client_port}"]
-            + ["--include-dashboard=false", f"--temp-dir={temp}", *common, *_node_ports()],
+            + ["--include-dashboard=false", f"--temp-dir={temp}", *common, *node_ports()],
             env=env,
             stdout=(logs / "head.log").open("w"),
             stderr=subprocess.STDOUT,
@@ -370,7 +341,7 @@ def two_nodes(tmp_path_factory):
         _wait_for_port(port, procs[0])
         procs.append(
             subprocess.Popen(
-                [RAY, "start", f"--address={address}", '--resources={"node2": 2}', *common, *_node_ports()],
+                [RAY, "start", f"--address={address}", '--resources={"node2": 2}', *common, *node_ports()],
                 env=env,
                 stdout=(logs / "node2.log").open("w"),
                 stderr=subprocess.STDOUT,
@@ -380,7 +351,7 @@ def two_nodes(tmp_path_factory):
         yield address, env, nodes
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 

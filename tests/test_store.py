@@ -135,11 +135,11 @@ def test_the_service_runs_on_postgresql_and_a_restart_keeps_its_policies(postgre
     """The real service over a socket, given a plain ``postgresql://`` URL as a user writes it (no driver named):
     a policy registered before a restart is served after it. No cluster is needed to register a policy."""
     import httpx
+    from support.postgres import fresh_database
 
     from service.background import BackgroundServer
     from service.ray_backend import free_port
     from service.settings import Settings
-    from tests.support.postgres import fresh_database
 
     url = fresh_database(postgres_server_url, "service_restart").replace("postgresql+psycopg://", "postgresql://")
     (tmp_path / "datasets" / "model").mkdir(parents=True)

@@ -43,7 +43,7 @@ from ray_jobs.distill.objective import Objective
 from ray_jobs.layout import POLICY_INFO_FILE, JobLayout
 from ray_jobs.precision import autocast
 from ray_jobs.spec import DistillSpec, JobSpec
-from ray_jobs.train_runtime import WorkerRuntime
+from ray_jobs.train_runtime import WorkerRuntime, node_info
 
 CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
 
@@ -257,7 +257,9 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     )
     log = _Logger(task.log_dir if rt.rank == 0 else None)
     threads = torch.get_num_threads()
-    log.event("log", message=f"computing with {threads} torch thread(s)", threads=threads)
+    # Where every worker runs, in rank order: the record that a multi-node run really spread out.
+    workers = [{"rank": r, **node} for r, node in enumerate(rt.gather(node_info()))]
+    log.event("log", message=f"computing with {threads} torch thread(s)", threads=threads, workers=workers)
     if start:
         log.event("log", message=f"resumed from checkpoint at step {start}", resumed_step=start)
     window = MetricsWindow()

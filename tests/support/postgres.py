@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,14 +34,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _as(user: str | None, argv: list[str]) -> list[str]:
+def _as(user: str | None, argv: list[str], prefix: Sequence[str] = ()) -> list[str]:
     # initdb and postgres refuse to run as root: as root, run them as the package's `postgres` user.
-    return ["runuser", "-u", user, "--", *argv] if user else argv
+    return [*prefix, *(["runuser", "-u", user, "--"] if user else []), *argv]
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start a server; yield the SQLAlchemy URL of its `postgres` database (superuser `postgres`, trust on loopback)."""
+def postgres_server(prefix: Sequence[str] = ()) -> Iterator[str]:
+    """Start a server; yield the SQLAlchemy URL of its `postgres` database (superuser `postgres`, trust on loopback).
+
+    `prefix` runs the server under a command such as ``ip netns exec NS``: it then listens on that namespace's
+    loopback, for a service running there."""
     bindir = bin_dir()
     if bindir is None:
         raise FileNotFoundError("PostgreSQL's initdb was not found (Debian package `postgresql`)")
@@ -57,12 +60,12 @@ def postgres_server() -> Iterator[str]:
         subprocess.run(_as(user, initdb), check=True, capture_output=True)
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=60"
         start = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"]
-        subprocess.run(_as(user, start), check=True, capture_output=True)
+        subprocess.run(_as(user, start, prefix), check=True, capture_output=True)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         if (data / "postmaster.pid").exists():
             stop = [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
-            subprocess.run(_as(user, stop), capture_output=True)
+            subprocess.run(_as(user, stop, prefix), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
