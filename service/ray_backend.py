@@ -45,8 +45,13 @@ from ray_jobs.layout import JobLayout
 log = logging.getLogger("rmdistill.ray")
 
 # Environment a job needs to find the same data folder, model cache and offline settings as the service.
+# What a job's driver and workers inherit from the service's environment, through the job's runtime environment:
+# never through the spec, which users read and which is stored with the job. The hub's token and endpoint let a
+# cluster whose nodes hold no credentials load a private model or dataset.
 PASSTHROUGH_ENV = (
     "RMDISTILL_CACHE",
+    "HF_TOKEN",
+    "HF_ENDPOINT",
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "HF_HOME",

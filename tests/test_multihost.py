@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from support.data import write_prefs
 from support.hosts import Host, can_make_hosts, private_hosts
@@ -149,7 +150,10 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
                                               *node_ports()], nodes=1 + i)  # fmt: skip
 
         database = stack.enter_context(postgres_server(prefix=head.command([])))
-        service_env = ray_env | {"RAY_ADDRESS": dashboard_url, "RMDISTILL_SERVING_RAY_ADDRESS": f"{head.ip}:{gcs}"}
+        hub = {"HF_TOKEN": "hf_" + secrets.token_hex(12), "HF_ENDPOINT": "https://hub.example.internal"}
+        service_env = (
+            ray_env | hub | {"RAY_ADDRESS": dashboard_url, "RMDISTILL_SERVING_RAY_ADDRESS": f"{head.ip}:{gcs}"}
+        )
         argv = [RMDISTILL, "serve", "--host", head.ip, "--port", str(api_port), "--data-dir", str(home),
                 "--database-url", database, "--tokens", TOKEN]  # fmt: skip
         start(head, "service", argv, env=service_env)
@@ -207,6 +211,20 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
 
         state, path = head.call(rows)
         assert state == "succeeded" and path[-2:] == ["running", "succeeded"]
+
+        # The hub's token and endpoint, set only where the service runs, reached the job through its runtime
+        # environment, and no answer of the service, nor anything in the job folder, carries the token.
+        ray_job = head.call(lambda: httpx.get(f"{dashboard_url}/api/jobs/rmdistill-{job['id']}", headers=ray_headers))
+        assert {k: ray_job.json()["runtime_env"]["env_vars"][k] for k in hub} == hub
+        answers = client_call(
+            lambda c: [json.dumps(c.get(job["id"])), json.dumps(c.events(job["id"])), c.logs(job["id"])]
+        )
+        files = [
+            p.read_text(errors="replace")
+            for p in job_dir.rglob("*")
+            if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt", ".md")
+        ]
+        assert not [text for text in answers + files if hub["HF_TOKEN"] in text]
 
 
 def _port_open(ip: str, port: int) -> bool:
