@@ -37,13 +37,17 @@ FAIL_ONCE_MESSAGE = "injected failure of member {k} (RMDISTILL_FAIL_MEMBER_ONCE 
 
 @dataclass(frozen=True)
 class MemberTask:
-    """One member's work: `spec` is the ensemble section with the member's overrides (backbone, lr, seed, LoRA)."""
+    """One member's work: `spec` is the ensemble section with the member's overrides (backbone, lr, seed, LoRA).
+
+    `given`: the member is a reward model the user brought, named by `spec.backbone`; it is measured, not trained.
+    """
 
     k: int
     spec: EnsembleSpec
     job_dir: str
     out_dir: str
     data_seed: int  # the ensemble's own seed: disjoint members must cut the same permutation
+    given: bool = False
     fail_once_marker: str | None = None
     attempt: int = 1
     launched_at: float | None = None
@@ -148,7 +152,8 @@ def _load_model(spec: EnsembleSpec):
     return load_reward_model(spec.backbone, lora=spec.lora)
 
 
-def _node() -> dict[str, str | None]:
+def node_info() -> dict[str, str | None]:
+    """The Ray node (id, IP) and host this process runs on; ids are None outside Ray."""
     try:
         import ray
 
@@ -292,7 +297,8 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         "timeline": timeline,
         "torch_threads": torch.get_num_threads(),
         "pid": os.getpid(),
-        **_node(),
+        "source": "trained",
+        **node_info(),
     }
     out = Path(task.out_dir)
     if rt.rank == 0:
