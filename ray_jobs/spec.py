@@ -336,6 +336,13 @@ class DistillSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response.")
     lora: LoraSpec | None = None
+    policy_format: Literal["merged", "adapter", "both"] = Field(
+        "merged",
+        description="How a LoRA policy is saved in distill/: merged (a whole model, LoRA folded in), adapter (the "
+        "PEFT adapter alone, loaded on top of the reference with PEFT; rmdistill merges it when it serves or "
+        "evaluates it), or both (the merged model, and the adapter in distill/adapter/). adapter and both need "
+        "distill.lora.",
+    )
     num_workers: PositiveInt = Field(1, le=MAX_WORKERS)
     cpus_per_worker: PositiveFloat | None = Field(
         None,
@@ -356,6 +363,13 @@ class DistillSpec(_Strict):
     log_every: PositiveInt = Field(1, le=MAX_STEPS)
     max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
     seed: int = 0
+
+    @field_validator("policy_format")
+    @classmethod
+    def _adapters_need_lora(cls, value: str, info: ValidationInfo) -> str:
+        if value != "merged" and info.data.get("lora") is None:
+            raise ValueError(f"{value} saves a LoRA adapter: set distill.lora")
+        return value
 
     @model_validator(mode="after")
     def _alpha_for_pdpo(self) -> DistillSpec:

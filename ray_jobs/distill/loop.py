@@ -40,7 +40,7 @@ from ray_jobs.distill.data import (
 )
 from ray_jobs.distill.metrics import MetricsWindow
 from ray_jobs.distill.objective import Objective
-from ray_jobs.layout import POLICY_INFO_FILE, JobLayout
+from ray_jobs.layout import ADAPTER_DIR, POLICY_INFO_FILE, JobLayout
 from ray_jobs.precision import autocast
 from ray_jobs.spec import DistillSpec, JobSpec
 from ray_jobs.train_runtime import WorkerRuntime
@@ -306,17 +306,28 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     # FSDP shards the weights: every rank joins the gather, rank 0 writes the full model.
     full_state = ckpt.full_model_state(model) if d.strategy == "fsdp" and rt.world > 1 else None
     if task.output_dir and rt.rank == 0:
-        save_policy(model, tokenizer, Path(task.output_dir), policy_info(task, total, last), full_state)
+        info = policy_info(task, total, last)
+        save_policy(model, tokenizer, Path(task.output_dir), info, full_state, d.policy_format)
     return last
 
 
 def save_policy(
-    model: torch.nn.Module, tokenizer: Any, out: Path, info: dict[str, Any], state_dict: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: Path,
+    info: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+    policy_format: str = "merged",
 ) -> None:
-    """A plain Hugging Face folder (LoRA merged in) plus rmdistill.json, so every reader loads it unchanged."""
-    from ray_jobs.models.io import save_model_folder
+    """The policy as `distill.policy_format` asks: a plain Hugging Face folder (LoRA merged in), the PEFT adapter,
+    or both (the adapter in ``adapter/``); plus rmdistill.json, whose `reference` is the adapter's base."""
+    from ray_jobs.models.io import save_adapter_folder, save_model_folder
 
-    save_model_folder(model, tokenizer, out, state_dict)
+    if policy_format != "merged":
+        # First: merging folds the adapter into the base weights in place.
+        save_adapter_folder(model, tokenizer, out if policy_format == "adapter" else out / ADAPTER_DIR)
+    if policy_format != "adapter":
+        save_model_folder(model, tokenizer, out, state_dict)
     (out / POLICY_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
 
 
