@@ -245,6 +245,11 @@ class EnsembleSpec(_Strict):
         None, description="Stop a member after this many epochs without a lower validation loss."
     )
     lora: LoraSpec | None = None
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
+        "for longer texts or larger backbones, about a third more compute. Off: activations are kept.",
+    )
     seed: int = 0
     workers_per_member: PositiveInt = Field(1, le=MAX_WORKERS)
     cpus_per_worker: PositiveFloat = Field(1.0, le=MAX_WORKERS)
@@ -306,6 +311,12 @@ class ScoreSpec(_Strict):
     batch_size: PositiveInt = Field(16, le=MAX_BATCH)
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response when scoring.")
     replicas: PositiveInt = Field(1, le=MAX_WORKERS)
+    precision: Precision = Field(
+        "auto",
+        description="Compute precision of the reward models' forward when they score the pairs: auto = bf16 "
+        "autocast on GPUs and fp32 on CPUs, bf16, fp32. π_ref's log-probs follow distill.precision instead, so "
+        "that h = 0 at the first step. Scoring trains nothing, so it has no gradient checkpointing.",
+    )
 
 
 class DistillSpec(_Strict):
@@ -359,6 +370,11 @@ class DistillSpec(_Strict):
         "autocast on GPUs and fp32 on CPUs, bf16 = bf16 autocast everywhere, fp32. Weights stay fp32.",
     )
     compile: bool = Field(False, description="torch.compile the policy.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
+        "for longer texts or larger policies, about a third more compute. Off: activations are kept.",
+    )
     checkpoint_every: PositiveInt = Field(50, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
     log_every: PositiveInt = Field(1, le=MAX_STEPS)
     max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
@@ -409,6 +425,44 @@ class EvaluateSpec(_Strict):
     seed: int = 0
 
 
+class MlflowSpec(_Strict):
+    """Log the job's training metrics to MLflow. Credentials come only from the environment
+    (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Where runs go: a tracking server URL or a local store such as sqlite:////path/mlflow.db. "
+        "None: the SQLite file mlflow.db in the data home (RMDISTILL_HOME), a local store that needs no server.",
+    )
+    experiment: str = Field(
+        "rmdistill", min_length=1, max_length=256, description="MLflow experiment the runs are filed under."
+    )
+
+
+class WandbSpec(_Strict):
+    """Log the job's training metrics to Weights & Biases. The API key, for online mode only, comes only from the
+    environment (WANDB_API_KEY)."""
+
+    project: str = Field("rmdistill", min_length=1, max_length=128, description="W&B project of the runs.")
+    entity: str | None = Field(None, description="W&B team or user; None: the API key's default.")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline writes runs into the job folder (wandb/), to upload later with `wandb sync`; online "
+        "sends them to the W&B server as they run.",
+    )
+
+
+class TrackingSpec(_Strict):
+    """Where training metrics go besides the job's event log. Every tracker run is named and tagged with the job id
+    (the job folder's name) and its stage."""
+
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files for every training stage into the job's tensorboard/."
+    )
+    mlflow: MlflowSpec | None = Field(None, description="Also log to MLflow (through Ray's MLflow integration).")
+    wandb: WandbSpec | None = Field(None, description="Also log to W&B (through Ray's W&B integration).")
+
+
 class ReuseSpec(_Strict):
     """Start from an earlier job's artifacts instead of recomputing them (a job id or a job folder)."""
 
@@ -426,6 +480,9 @@ class JobSpec(_Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     reuse: ReuseSpec = Field(default_factory=ReuseSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard (on by default), MLflow, W&B."
+    )
 
     @model_validator(mode="after")
     def _ensemble_for_distillation(self) -> JobSpec:

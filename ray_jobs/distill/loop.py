@@ -42,8 +42,8 @@ from ray_jobs.distill.metrics import MetricsWindow
 from ray_jobs.distill.objective import Objective
 from ray_jobs.layout import ADAPTER_DIR, POLICY_INFO_FILE, JobLayout
 from ray_jobs.precision import autocast
-from ray_jobs.spec import DistillSpec, JobSpec
-from ray_jobs.train_runtime import WorkerRuntime
+from ray_jobs.spec import DistillSpec, JobSpec, TrackingSpec
+from ray_jobs.train_runtime import WorkerRuntime, unwrap
 
 CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
 
@@ -52,8 +52,9 @@ CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
 class DistillTask:
     """What the loop needs: the reference, the distill section, and where to read and write.
 
-    ``log_dir`` receives events.jsonl and tensorboard/ (rank 0; None = silent), ``checkpoint_dir`` the resumable
-    state when running without Ray Train (None = no checkpoints), ``output_dir`` the policy (None = not saved).
+    ``log_dir`` receives events.jsonl and the trackers' files (rank 0; None = silent), `tracking` says which
+    trackers (the job's `spec.tracking`), ``checkpoint_dir`` the resumable state when running without Ray Train
+    (None = no checkpoints), ``output_dir`` the policy (None = not saved).
     """
 
     reference: str
@@ -65,6 +66,7 @@ class DistillTask:
     output_dir: str | None = None
     total_steps: int | None = None
     crash_after_step: int | None = None
+    tracking: TrackingSpec = dataclasses.field(default_factory=TrackingSpec)
 
     @property
     def objective(self) -> Objective:
@@ -83,6 +85,7 @@ def distill_task(spec: JobSpec, job_dir: str | os.PathLike[str], **changes: Any)
         log_dir=str(layout.root),
         checkpoint_dir=str(layout.checkpoints / "local"),
         crash_after_step=int(crash) if crash else None,
+        tracking=spec.tracking,
     )
     return dataclasses.replace(task, **changes)
 
@@ -127,7 +130,7 @@ def _total_steps(task: DistillTask, world: int) -> int:
 
 
 def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from ray_jobs.models.registry import load_causal_lm
+    from ray_jobs.models.registry import enable_gradient_checkpointing, load_causal_lm
 
     d = task.spec
     # fp32 master weights whatever the compute precision (ray_jobs.precision).
@@ -136,6 +139,8 @@ def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Modu
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    if d.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if d.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -255,9 +260,15 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     sample_stream = (
         itertools.islice(_sample_batches(task, rt), start * accum, None) if objective.needs_ref_samples else None
     )
-    log = _Logger(task.log_dir if rt.rank == 0 else None)
+    log = _Logger(task.log_dir if rt.rank == 0 else None, task.tracking, d.model_dump(mode="json"))
     threads = torch.get_num_threads()
-    log.event("log", message=f"computing with {threads} torch thread(s)", threads=threads)
+    checkpointing = bool(getattr(unwrap(model), "is_gradient_checkpointing", False))  # as the model has it
+    log.event(
+        "log",
+        message=f"computing with {threads} torch thread(s)",
+        threads=threads,
+        gradient_checkpointing=checkpointing,
+    )
     if start:
         log.event("log", message=f"resumed from checkpoint at step {start}", resumed_step=start)
     window = MetricsWindow()
@@ -332,18 +343,18 @@ def save_policy(
 
 
 class _Logger:
-    """Writes metrics to the job's event log and to TensorBoard; a None folder (other ranks) stays silent."""
+    """Writes metrics to the job's event log and to the trackers `spec.tracking` chose (TensorBoard by default);
+    a None folder (other ranks) stays silent."""
 
-    def __init__(self, log_dir: str | None):
-        self.events = self.writer = None
+    def __init__(self, log_dir: str | None, tracking: TrackingSpec, config: dict[str, Any]):
+        self.events = self.tracker = None
         if not log_dir:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         from ray_jobs.events import EventLog
+        from ray_jobs.tracking import StageTracker
 
         self.events = EventLog(log_dir)
-        self.writer = SummaryWriter(log_dir=str(JobLayout(log_dir).tensorboard))
+        self.tracker = StageTracker(tracking, log_dir, "distill", config=config)
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.events is not None:
@@ -353,13 +364,8 @@ class _Logger:
         if self.events is None:
             return
         self.events.metrics("distill", step, values)
-        for key, value in values.items():
-            if isinstance(value, list):
-                for k, v in enumerate(value):
-                    self.writer.add_scalar(f"distill/{key}/{k}", v, step)
-            elif value is not None:
-                self.writer.add_scalar(f"distill/{key}", value, step)
+        self.tracker.log(step, values)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()

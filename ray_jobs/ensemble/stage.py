@@ -30,6 +30,7 @@ from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
 from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
+from ray_jobs.tracking import tune_callbacks
 from ray_jobs.train_runtime import process_start_time, reclaiming_placement_groups
 
 STAGE = "ensemble"
@@ -63,7 +64,7 @@ def _member_spec(spec: EnsembleSpec, k: int) -> EnsembleSpec:
     )
 
 
-def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[MemberTask]:
+def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard: bool = True) -> list[MemberTask]:
     """One task per member, writing into ``out_root/member-<k>``; a given member's `spec.backbone` is its model."""
     fail_member = os.environ.get(FAIL_ONCE_ENV)
     return [
@@ -74,6 +75,7 @@ def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[Memb
             out_dir=str(member_dir(out_root, k)),
             data_seed=spec.seed,
             given=k in spec.given,
+            tensorboard=tensorboard,
             fail_once_marker=str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
         )
         for k in range(spec.size)
@@ -160,10 +162,13 @@ def _fit_in_trial(task: MemberTask, res: dict[str, Any]) -> None:
     processes that each import Ray (the worker torch and transformers too) and a worker group to wait for, all
     to run one rank. On a small machine that start-up was as long as the training itself.
     """
+    from ray import tune
+
     from ray_jobs.ensemble.train import train_member
     from ray_jobs.train_runtime import WorkerRuntime
 
-    train_member(task, WorkerRuntime(use_gpu=res["gpus_per_worker"] > 0))
+    # Each epoch reaches Tune as a result, so the tracker callbacks log the member's curve, not only its end.
+    train_member(task, WorkerRuntime(use_gpu=res["gpus_per_worker"] > 0), report=tune.report)
 
 
 def _fit_with_train(task: MemberTask, res: dict[str, Any]) -> None:
@@ -217,7 +222,8 @@ def _max_concurrent(spec: EnsembleSpec, trained: int) -> int:
     return max(1, min(trained, math.floor(fits + 1e-9)))
 
 
-def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> None:
+def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path, callbacks: list[Any]) -> None:
+    """The trained members as trials of one Tune run; `callbacks` are its tracker logger callbacks."""
     from ray import tune
 
     resources = {
@@ -239,6 +245,7 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
             name="ensemble",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -317,7 +324,7 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
     started = time.time()
     storage = layout.ray_storage(STAGE)
     with layout.staging(STAGE) as out_root:
-        tasks = member_tasks(ens, layout.root, out_root)
+        tasks = member_tasks(ens, layout.root, out_root, tensorboard=spec.tracking.tensorboard)
         given, trained = [t for t in tasks if t.given], [t for t in tasks if not t.given]
         events.emit(
             "log",
@@ -329,7 +336,7 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
         adopting = _adopt_given(ens, given)
         try:
             if trained:
-                _fit_members(ens, trained, storage)
+                _fit_members(ens, trained, storage, tune_callbacks(spec.tracking, layout.root, STAGE))
         finally:
             # Wait for the given members whatever the trained ones did: none may still write into staging.
             adopted = ray.wait(adopting, num_returns=len(adopting))[0] if adopting else []

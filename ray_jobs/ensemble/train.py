@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_jobs.layout import MEMBER_METRICS_FILE, PREFERENCES, JobLayout
-from ray_jobs.spec import EnsembleSpec
+from ray_jobs.spec import EnsembleSpec, TrackingSpec
 from ray_jobs.train_runtime import WorkerRuntime, intra_op_threads, unwrap
 
 # Test hook, not a feature: RMDISTILL_FAIL_MEMBER_ONCE=<k> (read by the stage, see ray_jobs.ensemble.stage) sets
@@ -48,6 +48,7 @@ class MemberTask:
     out_dir: str
     data_seed: int  # the ensemble's own seed: disjoint members must cut the same permutation
     given: bool = False
+    tensorboard: bool = True  # write the member's epoch metrics to <job>/tensorboard/ensemble/member-<k>
     fail_once_marker: str | None = None
     attempt: int = 1
     launched_at: float | None = None
@@ -145,11 +146,14 @@ def evaluate(model, tokenizer, data: dict[str, list], spec: EnsembleSpec, rt: Wo
 
 
 def _load_model(spec: EnsembleSpec):
-    from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.registry import enable_gradient_checkpointing, load_reward_model
 
     # The fresh scalar head draws from torch's global RNG: the member seed makes members start apart.
     torch.manual_seed(spec.seed)
-    return load_reward_model(spec.backbone, lora=spec.lora)
+    model, tokenizer = load_reward_model(spec.backbone, lora=spec.lora)
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
 
 
 def node_info() -> dict[str, str | None]:
@@ -199,12 +203,16 @@ def train_member(
 def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[str, Any]], None] | None):
     from ray_jobs.events import EventLog
     from ray_jobs.models.io import save_model_folder
+    from ray_jobs.tracking import StageTracker
 
     spec, k = task.spec, task.k
     launched = task.launched_at or time.time()
     train_start = time.time()
     timeline = {"loop_start": train_start}
     events = EventLog(task.job_dir)
+    # MLflow and W&B runs of members come from the Tune run's logger callbacks; TensorBoard is written here.
+    tensorboard = TrackingSpec(tensorboard=task.tensorboard and rt.rank == 0)
+    tracker = StageTracker(tensorboard, task.job_dir, "ensemble", f"member-{k}")
     layout = JobLayout(task.job_dir)
     train, validation = split_validation(load_pairs(layout.train), spec.validation_fraction, task.data_seed)
     test = load_pairs(layout.test)
@@ -251,6 +259,7 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         history.append(epoch_metrics)
         if rt.rank == 0:
             events.metrics("ensemble", step=epoch, values=epoch_metrics, member=k, event="epoch_done")
+            tracker.log(epoch, epoch_metrics)
         # Without a validation split the last epoch is kept: never choose on the test split.
         score = epoch_metrics["validation_loss"] if selects else -epoch
         if best is None or score < best["score"]:
@@ -267,6 +276,7 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         if selects and spec.early_stopping_patience and stale >= spec.early_stopping_patience:
             break
     timeline["trained"] = time.time()
+    tracker.close()
     if best["epoch"] != history[-1]["epoch"]:
         unwrap(model).load_state_dict(best_state)
     metrics = {
@@ -296,6 +306,8 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         "train_start_time": train_start,
         "timeline": timeline,
         "torch_threads": torch.get_num_threads(),
+        # Read off the model, not the spec: whether its layers really recomputed their activations.
+        "gradient_checkpointing": bool(getattr(unwrap(model), "is_gradient_checkpointing", False)),
         "pid": os.getpid(),
         "source": "trained",
         **node_info(),

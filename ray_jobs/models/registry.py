@@ -212,3 +212,9 @@ def load_reward_model(
         )
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass (transformers' layer-wise checkpointing, non-reentrant: it needs
+    no input that requires grad, so it also works under LoRA's frozen embeddings)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
