@@ -11,7 +11,8 @@ written, so a stage folder that exists is complete and a crash leaves nothing th
     <job>/ensemble/             member-<k>/ (HF folder + metrics.json), manifest.json
     <job>/generate/             candidates.parquet (CANDIDATES), kl_samples.parquet (KL_SAMPLES)
     <job>/score/                pairs.parquet (PAIRS), ref_samples.parquet (REF_SAMPLES), scored_with.json
-    <job>/distill/              the policy: an HF folder plus rmdistill.json (how it was trained)
+    <job>/distill/              the policy: an HF folder (or a PEFT adapter, or both: adapter/), rmdistill.json (how it
+                                was trained) and README.md (its card)
     <job>/evaluate/             report.json and PNG plots
     <job>/checkpoints/ .ray/ tensorboard/    working state outside the published stages
 
@@ -38,6 +39,9 @@ MEMBER_METRICS_FILE = "metrics.json"
 POLICY_INFO_FILE = "rmdistill.json"
 REPORT_FILE = "report.json"
 SCORED_WITH_FILE = "scored_with.json"
+POLICY_CARD_FILE = "README.md"
+# distill.policy_format both: the LoRA adapter beside the merged policy.
+ADAPTER_DIR = "adapter"
 
 
 def home() -> Path:

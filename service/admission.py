@@ -24,6 +24,8 @@ def _ref_fields(spec: JobSpec) -> Iterator[tuple[str, str]]:
     for i, member in enumerate(spec.ensemble.members):
         if member.backbone:
             yield f"ensemble.members.{i}.backbone", member.backbone
+        if member.model:
+            yield f"ensemble.members.{i}.model", member.model
     if spec.evaluate.oracle:
         yield "evaluate.oracle", spec.evaluate.oracle
     if spec.data.relabel:

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.layout import POLICY_INFO_FILE
 from ray_jobs.names import ENGINES
 
 log = logging.getLogger(__name__)
@@ -99,48 +94,9 @@ def resolve_engine(engine: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------------- model folders
 def _materialise(path: str) -> Path:
     """A plain HF folder for ``path``: itself, or a PEFT adapter merged into its base (cached by content)."""
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        return folder
-    from ray_jobs.layout import model_cache
-
-    stamp = max(p.stat().st_mtime_ns for p in folder.iterdir())
-    key = hashlib.sha256(f"{folder.resolve()}:{stamp}".encode()).hexdigest()[:16]
-    merged = model_cache() / "merged-policies" / key
-    if merged.is_dir():
-        return merged
-    base = _adapter_base(folder)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ray_jobs.models.registry import resolve_model_path
 
-    base_path = resolve_model_path(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), folder).merge_and_unload()
-    tok_source = folder if (folder / "tokenizer_config.json").is_file() else base_path
-    merged.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: a concurrent loader never sees a half-written folder.
-    tmp = Path(tempfile.mkdtemp(dir=merged.parent))
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
-    try:
-        os.replace(tmp, merged)
-    except OSError:  # another loader won the race; its folder is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return merged
-
-
-def _adapter_base(folder: Path) -> str:
-    meta = folder / POLICY_INFO_FILE
-    if meta.is_file():
-        info = json.loads(meta.read_text())
-        for key in ("base_model", "reference"):
-            if info.get(key):
-                return str(info[key])
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise EngineUnavailableError(f"{folder}: adapter names no base model (adapter_config.json, {POLICY_INFO_FILE})")
-    return str(base)
+    return Path(resolve_model_path(path))
 
 
 # -------------------------------------------------------------------------------------------------------- backends

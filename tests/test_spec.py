@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ray_jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+
+
+def test_every_example_job_spec_is_valid():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    jobs = [path for path in sorted(examples.glob("*.yaml")) if path.name != "experiment.yaml"]
+    assert len(jobs) >= 3
+    for path in jobs:
+        assert load_spec(path).name == path.stem.replace("_", "-"), path
 
 
 def test_every_field_has_a_default():

@@ -24,16 +24,76 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUE = {"1", "true", "yes", "on"}
 
 
-def read_source(source: str, split: str = "train") -> Records:
-    """Records numbered from 1 (for JSON Lines the line number) from a file, a save_to_disk folder or a hub id."""
+DataFiles = str | list[str] | dict[str, str | list[str]]
+
+
+def read_source(
+    source: str,
+    split: str = "train",
+    *,
+    config: str | None = None,
+    revision: str | None = None,
+    data_files: DataFiles | None = None,
+) -> Records:
+    """Records numbered from 1 (for JSON Lines the line number) from a file, a folder or a hub id.
+
+    A folder is a save_to_disk folder, or with `data_files` a folder of data files (glob patterns relative to it).
+    `config`, `revision` and `data_files` are datasets.load_dataset's `name`, `revision` and `data_files` for a hub
+    id. An option that cannot apply to the source raises `SpecError` naming it (``data.config``).
+    """
     path = Path(source).expanduser()
+    if path.exists():
+        for field, value in (("config", config), ("revision", revision)):
+            if value is not None:
+                _refuse(field, f"applies to hub datasets only; {source!r} is a local {_kind(path)}")
     if path.is_dir():
-        return _read_saved(path, split)
+        return _read_files(path, _patterns(data_files, split)) if data_files else _read_saved(path, split)
     if path.is_file():
+        if data_files is not None:
+            _refuse("data_files", f"selects files of a folder or a hub dataset; {source!r} is a single file")
+        if split != "train":
+            _refuse("split", "a single file has no splits; name each split's files with data.data_files")
         return _read_file(path)
     if source.startswith(("/", ".", "~")) or _data_suffix(path) or not _HUB_ID.match(source):
         raise DatasetError(f"data.source {source!r}: no such file or folder (resolved to {path.resolve()})")
-    return _read_hub(source, split)
+    return _read_hub(source, split, config=config, revision=revision, data_files=data_files)
+
+
+def _refuse(field: str, message: str) -> None:
+    from ray_jobs.spec import SpecError
+
+    raise SpecError([{"field": f"data.{field}", "message": message}])
+
+
+def _kind(path: Path) -> str:
+    return "folder" if path.is_dir() else "file"
+
+
+def _patterns(data_files: DataFiles, split: str) -> list[str]:
+    """The glob patterns of `split` in a `data_files` value (a mapping names each split's files)."""
+    if isinstance(data_files, dict):
+        if split not in data_files:
+            _refuse("split", f"{split!r} is not a split of data.data_files (it names {', '.join(data_files)})")
+        data_files = data_files[split]
+    return [data_files] if isinstance(data_files, str) else list(data_files)
+
+
+def _read_files(folder: Path, patterns: list[str]) -> Records:
+    """The records of every file the patterns match in `folder`, in sorted order, numbered on across files."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if not matched:
+            _refuse("data_files", f"{pattern!r} matches no file in {folder}")
+        files += [p for p in matched if p not in files]
+    outside = [p for p in files if not p.resolve().is_relative_to(folder.resolve())]
+    if outside:
+        _refuse("data_files", f"{outside[0]} lies outside data.source {folder}")
+    records: Records = []
+    for file in files:
+        offset = len(records)
+        records += [(offset + number, record) for number, record in _read_file(file)]
+    return records
 
 
 def _data_suffix(path: Path) -> str | None:
@@ -141,18 +201,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _read_hub(source: str, split: str) -> Records:
+def _read_hub(
+    source: str, split: str, *, config: str | None, revision: str | None, data_files: DataFiles | None
+) -> Records:
     # datasets retries a dead network for minutes; a job should instead say at once what to do.
     if not hub_reachable():
         raise DatasetError(
             f"data.source {source!r} looks like a Hugging Face hub id, but the hub is unreachable from here "
             "(offline mode or no network). Download the dataset where the hub is reachable and pass a local path "
-            "(.jsonl/.json/.parquet/.csv, optionally .gz, or a save_to_disk folder) as data.source."
+            "(.jsonl/.json/.parquet/.csv, optionally .gz, a folder of them with data.data_files, or a save_to_disk "
+            "folder) as data.source."
         )
     import datasets
 
     try:
-        loaded = datasets.load_dataset(source, split=split)
+        loaded = datasets.load_dataset(source, name=config, revision=revision, data_files=data_files, split=split)
     except Exception as exc:  # the hub raises many unrelated types; the user needs the id and the cause
-        raise DatasetError(f"data.source {source!r}: cannot load split {split!r} from the hub: {exc}") from exc
+        options = ", ".join(
+            f"data.{k} {v!r}" for k, v in (("config", config), ("revision", revision), ("split", split)) if v
+        )
+        raise DatasetError(f"data.source {source!r} ({options}): cannot load it from the hub: {exc}") from exc
     return _numbered(loaded.to_list())

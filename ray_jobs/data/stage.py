@@ -8,17 +8,19 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ray_jobs.data.columns import rename_columns
 from ray_jobs.data.errors import DatasetError
 from ray_jobs.data.formats import EXTRACTORS, FORMATS, Renderer, detect_format
 from ray_jobs.data.length_bias import apply_length_bias
+from ray_jobs.data.prompt_budget import apply_prompt_budget
 from ray_jobs.data.reviews import label_by_oracle, reviews_records
-from ray_jobs.data.sources import read_source
+from ray_jobs.data.sources import DataFiles, read_source
 from ray_jobs.data.split import split_by_prompt
 from ray_jobs.data.validate import collect
 from ray_jobs.events import EventLog
 from ray_jobs.generate.engines import SamplingEngines
 from ray_jobs.layout import PREFERENCES, JobLayout
-from ray_jobs.spec import JobSpec
+from ray_jobs.spec import ColumnMap, JobSpec
 
 STAGE = "data"
 BUILTIN_REVIEWS = "builtin:reviews"
@@ -32,11 +34,20 @@ def read_pairs(
     split: str = "train",
     renderer: Renderer | None = None,
     on_error: Literal["fail", "skip"] = "fail",
+    config: str | None = None,
+    revision: str | None = None,
+    data_files: DataFiles | None = None,
+    columns: ColumnMap | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Normal-form rows from a file, folder or hub id, plus {format, rows_read, skipped}."""
-    records = read_source(source, split)
+    """Normal-form rows from a file, folder or hub id, plus {format, rows_read, skipped}.
+
+    `config`, `revision`, `data_files` choose what is read (`ray_jobs.data.sources.read_source`); `columns` maps
+    the data's own column names onto the ones the formats read."""
+    records = read_source(source, split, config=config, revision=revision, data_files=data_files)
     if not records:
         raise DatasetError(f"{source}: no rows")
+    if columns is not None:
+        records = rename_columns(records, columns)
     fmt = detect_format(records) if format == "auto" else format
     if fmt not in FORMATS:
         raise DatasetError(f"unknown data format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
@@ -117,11 +128,24 @@ def run(
         rows, summary = _builtin_reviews(spec, renderer, events, engines)
     else:
         rows, summary = read_pairs(
-            data.source, data.format, split=data.split, renderer=renderer, on_error=data.on_error
+            data.source,
+            data.format,
+            split=data.split,
+            renderer=renderer,
+            on_error=data.on_error,
+            config=data.config,
+            revision=data.revision,
+            data_files=data.data_files,
+            columns=data.columns,
         )
     summary = {"source": data.source, **summary, "valid": len(rows)}
     if summary["skipped"]:
         events.emit("log", STAGE, message=f"skipped invalid rows: {summary['skipped']}")
+    if data.max_prompt_tokens is not None:
+        rows, summary["prompt_budget"] = apply_prompt_budget(
+            rows, renderer.tokenizer, data.max_prompt_tokens, data.long_prompts
+        )
+        events.emit("log", STAGE, message=f"prompt budget: {summary['prompt_budget']}")
     events.progress(STAGE, 1, _STEPS)
 
     if data.relabel is not None:

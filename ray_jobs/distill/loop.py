@@ -40,10 +40,10 @@ from ray_jobs.distill.data import (
 )
 from ray_jobs.distill.metrics import MetricsWindow
 from ray_jobs.distill.objective import Objective
-from ray_jobs.layout import POLICY_INFO_FILE, JobLayout
+from ray_jobs.layout import ADAPTER_DIR, POLICY_INFO_FILE, JobLayout
 from ray_jobs.precision import autocast
-from ray_jobs.spec import DistillSpec, JobSpec
-from ray_jobs.train_runtime import WorkerRuntime, node_info
+from ray_jobs.spec import DistillSpec, JobSpec, TrackingSpec
+from ray_jobs.train_runtime import WorkerRuntime, node_info, unwrap
 
 CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
 
@@ -52,8 +52,9 @@ CRASH_ENV = "RMDISTILL_CRASH_AFTER_STEP"
 class DistillTask:
     """What the loop needs: the reference, the distill section, and where to read and write.
 
-    ``log_dir`` receives events.jsonl and tensorboard/ (rank 0; None = silent), ``checkpoint_dir`` the resumable
-    state when running without Ray Train (None = no checkpoints), ``output_dir`` the policy (None = not saved).
+    ``log_dir`` receives events.jsonl and the trackers' files (rank 0; None = silent), `tracking` says which
+    trackers (the job's `spec.tracking`), ``checkpoint_dir`` the resumable state when running without Ray Train
+    (None = no checkpoints), ``output_dir`` the policy (None = not saved).
     """
 
     reference: str
@@ -65,6 +66,7 @@ class DistillTask:
     output_dir: str | None = None
     total_steps: int | None = None
     crash_after_step: int | None = None
+    tracking: TrackingSpec = dataclasses.field(default_factory=TrackingSpec)
 
     @property
     def objective(self) -> Objective:
@@ -83,6 +85,7 @@ def distill_task(spec: JobSpec, job_dir: str | os.PathLike[str], **changes: Any)
         log_dir=str(layout.root),
         checkpoint_dir=str(layout.checkpoints / "local"),
         crash_after_step=int(crash) if crash else None,
+        tracking=spec.tracking,
     )
     return dataclasses.replace(task, **changes)
 
@@ -127,7 +130,7 @@ def _total_steps(task: DistillTask, world: int) -> int:
 
 
 def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from ray_jobs.models.registry import load_causal_lm
+    from ray_jobs.models.registry import enable_gradient_checkpointing, load_causal_lm
 
     d = task.spec
     # fp32 master weights whatever the compute precision (ray_jobs.precision).
@@ -136,6 +139,8 @@ def _load_policy(task: DistillTask, device: torch.device) -> tuple[torch.nn.Modu
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    if d.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if d.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -255,11 +260,18 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     sample_stream = (
         itertools.islice(_sample_batches(task, rt), start * accum, None) if objective.needs_ref_samples else None
     )
-    log = _Logger(task.log_dir if rt.rank == 0 else None)
+    log = _Logger(task.log_dir if rt.rank == 0 else None, task.tracking, d.model_dump(mode="json"))
     threads = torch.get_num_threads()
+    checkpointing = bool(getattr(unwrap(model), "is_gradient_checkpointing", False))  # as the model has it
     # Where every worker runs, in rank order: the record that a multi-node run really spread out.
     workers = [{"rank": r, **node} for r, node in enumerate(rt.gather(node_info()))]
-    log.event("log", message=f"computing with {threads} torch thread(s)", threads=threads, workers=workers)
+    log.event(
+        "log",
+        message=f"computing with {threads} torch thread(s)",
+        threads=threads,
+        gradient_checkpointing=checkpointing,
+        workers=workers,
+    )
     if start:
         log.event("log", message=f"resumed from checkpoint at step {start}", resumed_step=start)
     window = MetricsWindow()
@@ -308,33 +320,44 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     # FSDP shards the weights: every rank joins the gather, rank 0 writes the full model.
     full_state = ckpt.full_model_state(model) if d.strategy == "fsdp" and rt.world > 1 else None
     if task.output_dir and rt.rank == 0:
-        save_policy(model, tokenizer, Path(task.output_dir), policy_info(task, total, last), full_state)
+        info = policy_info(task, total, last)
+        save_policy(model, tokenizer, Path(task.output_dir), info, full_state, d.policy_format)
     return last
 
 
 def save_policy(
-    model: torch.nn.Module, tokenizer: Any, out: Path, info: dict[str, Any], state_dict: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: Path,
+    info: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+    policy_format: str = "merged",
 ) -> None:
-    """A plain Hugging Face folder (LoRA merged in) plus rmdistill.json, so every reader loads it unchanged."""
-    from ray_jobs.models.io import save_model_folder
+    """The policy as `distill.policy_format` asks: a plain Hugging Face folder (LoRA merged in), the PEFT adapter,
+    or both (the adapter in ``adapter/``); plus rmdistill.json, whose `reference` is the adapter's base."""
+    from ray_jobs.models.io import save_adapter_folder, save_model_folder
 
-    save_model_folder(model, tokenizer, out, state_dict)
+    if policy_format != "merged":
+        # First: merging folds the adapter into the base weights in place.
+        save_adapter_folder(model, tokenizer, out if policy_format == "adapter" else out / ADAPTER_DIR)
+    if policy_format != "adapter":
+        save_model_folder(model, tokenizer, out, state_dict)
     (out / POLICY_INFO_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
 
 
 class _Logger:
-    """Writes metrics to the job's event log and to TensorBoard; a None folder (other ranks) stays silent."""
+    """Writes metrics to the job's event log and to the trackers `spec.tracking` chose (TensorBoard by default);
+    a None folder (other ranks) stays silent."""
 
-    def __init__(self, log_dir: str | None):
-        self.events = self.writer = None
+    def __init__(self, log_dir: str | None, tracking: TrackingSpec, config: dict[str, Any]):
+        self.events = self.tracker = None
         if not log_dir:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         from ray_jobs.events import EventLog
+        from ray_jobs.tracking import StageTracker
 
         self.events = EventLog(log_dir)
-        self.writer = SummaryWriter(log_dir=str(JobLayout(log_dir).tensorboard))
+        self.tracker = StageTracker(tracking, log_dir, "distill", config=config)
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.events is not None:
@@ -344,13 +367,8 @@ class _Logger:
         if self.events is None:
             return
         self.events.metrics("distill", step, values)
-        for key, value in values.items():
-            if isinstance(value, list):
-                for k, v in enumerate(value):
-                    self.writer.add_scalar(f"distill/{key}/{k}", v, step)
-            elif value is not None:
-                self.writer.add_scalar(f"distill/{key}", value, step)
+        self.tracker.log(step, values)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()

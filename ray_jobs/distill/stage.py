@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.cluster import current_resources, distill_worker_cpus
+from ray_jobs.distill.card import write_policy_card
 from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
 from ray_jobs.distill.loop import DistillTask, distill_task, steps_for, train_policy
 from ray_jobs.events import EventLog
@@ -104,4 +105,5 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         )
         trainer.fit()
         info = json.loads((out / layout.policy_info.name).read_text(encoding="utf-8"))
+        write_policy_card(layout, out)
     return {"policy": str(layout.policy), "pairs": rows, "steps": info["steps"], "final_metrics": info["final_metrics"]}

@@ -19,15 +19,18 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ray_jobs.ensemble.given import check_given
 from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
 from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
+from ray_jobs.tracking import tune_callbacks
 from ray_jobs.train_runtime import process_start_time, reclaiming_placement_groups
 
 STAGE = "ensemble"
@@ -52,7 +55,7 @@ def _member_spec(spec: EnsembleSpec, k: int) -> EnsembleSpec:
         lora = (spec.lora or LoraSpec()).model_copy(update={"r": override.lora_r})
     return spec.model_copy(
         update={
-            "backbone": override.backbone or spec.backbone,
+            "backbone": override.model or override.backbone or spec.backbone,
             "lr": override.lr or spec.lr,
             "seed": spec.seed + k if override.seed is None else override.seed,
             "lora": lora,
@@ -61,8 +64,8 @@ def _member_spec(spec: EnsembleSpec, k: int) -> EnsembleSpec:
     )
 
 
-def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[MemberTask]:
-    """One task per member, writing into ``out_root/member-<k>``."""
+def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard: bool = True) -> list[MemberTask]:
+    """One task per member, writing into ``out_root/member-<k>``; a given member's `spec.backbone` is its model."""
     fail_member = os.environ.get(FAIL_ONCE_ENV)
     return [
         MemberTask(
@@ -71,6 +74,8 @@ def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path) -> list[Memb
             job_dir=str(job_dir),
             out_dir=str(member_dir(out_root, k)),
             data_seed=spec.seed,
+            given=k in spec.given,
+            tensorboard=tensorboard,
             fail_once_marker=str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
         )
         for k in range(spec.size)
@@ -96,19 +101,23 @@ def _bump_attempt(task: MemberTask) -> int:
     return len(counter.read_text().splitlines())
 
 
-def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict[str, Any]:
+def _member_trial(trial_config: dict[str, Any], tasks: dict[int, MemberTask]) -> dict[str, Any]:
     """Tune trial function: fit one member; raise so Tune retries a failed member."""
-    task = tasks[trial_config["member"]]
+    res = trial_config["resources"]
+    fit = _fit_in_trial if res["workers_per_member"] == 1 else _fit_with_train
+    return _run_member(tasks[trial_config["member"]], lambda task: fit(task, res))
+
+
+def _run_member(task: MemberTask, fit: Callable[[MemberTask], Any]) -> dict[str, Any]:
+    """Fit (or, for a given member, measure) one member into its folder, telling the event log; a trial's or a
+    task's body alike."""
     task = dataclasses.replace(task, attempt=_bump_attempt(task), launched_at=time.time())
-    res, k = trial_config["resources"], task.k
+    k = task.k
     events = EventLog(task.job_dir)
     events.emit("log", STAGE, message=f"member {k} started (attempt {task.attempt})", event="member_started", member=k)
     shutil.rmtree(task.out_dir, ignore_errors=True)  # a retry must not publish a half-written earlier attempt
     fit_start = time.time()
-    if res["workers_per_member"] == 1:
-        _fit_in_trial(task, res)
-    else:
-        _fit_with_train(task, res)
+    fit(task)
     fit_end = time.time()
     metrics = json.loads((Path(task.out_dir) / MEMBER_METRICS_FILE).read_text())
     done = len(list(Path(task.out_dir).parent.glob(f"member-*/{MEMBER_METRICS_FILE}")))
@@ -118,6 +127,7 @@ def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict
         message=f"member {k} finished: held-out accuracy {metrics['accuracy']:.3f}, loss {metrics['loss']:.4f}",
         event="member_finished",
         member=k,
+        source=metrics["source"],
         accuracy=metrics["accuracy"],
         loss=metrics["loss"],
         attempt=metrics["attempt"],
@@ -131,6 +141,20 @@ def _member_trial(trial_config: dict[str, Any], tasks: list[MemberTask]) -> dict
     return {key: metrics[key] for key in ("member", "accuracy", "loss", "epochs_run", "attempt")}
 
 
+def _adopt_given(spec: EnsembleSpec, tasks: list[MemberTask]) -> list[Any]:
+    """Start measuring the given members, one Ray task each on a member's resources; returns their refs."""
+    import ray
+
+    from ray_jobs.ensemble.given import adopt_given
+
+    # A plain task, not a Tune trial: there is nothing to search or report per epoch, and an ensemble of given
+    # members only then starts no Tune run at all. A bad model fails its task at once (no retry helps it).
+    remote = ray.remote(_run_member).options(
+        num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_retries=0
+    )
+    return [remote.remote(task, adopt_given) for task in tasks]
+
+
 def _fit_in_trial(task: MemberTask, res: dict[str, Any]) -> None:
     """A one-worker member trains in its trial's own process, on the resources the trial reserved for it.
 
@@ -138,10 +162,13 @@ def _fit_in_trial(task: MemberTask, res: dict[str, Any]) -> None:
     processes that each import Ray (the worker torch and transformers too) and a worker group to wait for, all
     to run one rank. On a small machine that start-up was as long as the training itself.
     """
+    from ray import tune
+
     from ray_jobs.ensemble.train import train_member
     from ray_jobs.train_runtime import WorkerRuntime
 
-    train_member(task, WorkerRuntime(use_gpu=res["gpus_per_worker"] > 0))
+    # Each epoch reaches Tune as a result, so the tracker callbacks log the member's curve, not only its end.
+    train_member(task, WorkerRuntime(use_gpu=res["gpus_per_worker"] > 0), report=tune.report)
 
 
 def _fit_with_train(task: MemberTask, res: dict[str, Any]) -> None:
@@ -181,21 +208,22 @@ def _trial_resources(spec: EnsembleSpec) -> dict[str, float]:
     return {"cpu": spec.cpus_per_worker, "gpu": spec.gpus_per_worker}
 
 
-def _max_concurrent(spec: EnsembleSpec) -> int:
+def _max_concurrent(spec: EnsembleSpec, trained: int) -> int:
     """Members that fit on the cluster at once (spec.max_concurrent wins): more would only queue inside Train."""
     import ray
 
     if spec.max_concurrent:
-        return min(spec.max_concurrent, spec.size)
+        return min(spec.max_concurrent, trained)
     total = ray.cluster_resources()
     member_cpus = spec.workers_per_member * spec.cpus_per_worker
     fits = total.get("CPU", 0.0) / (member_cpus + (TRIAL_CPUS if spec.workers_per_member > 1 else 0.0))
     if spec.gpus_per_worker > 0:
         fits = min(fits, total.get("GPU", 0.0) / (spec.workers_per_member * spec.gpus_per_worker))
-    return max(1, min(spec.size, math.floor(fits + 1e-9)))
+    return max(1, min(trained, math.floor(fits + 1e-9)))
 
 
-def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> None:
+def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path, callbacks: list[Any]) -> None:
+    """The trained members as trials of one Tune run; `callbacks` are its tracker logger callbacks."""
     from ray import tune
 
     resources = {
@@ -206,10 +234,10 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
     }
     tuner = tune.Tuner(
         # Tune's param space is for searchable values: the tasks travel with the function, the space names a member.
-        tune.with_resources(tune.with_parameters(_member_trial, tasks=tasks), _trial_resources(spec)),
+        tune.with_resources(tune.with_parameters(_member_trial, tasks={t.k: t for t in tasks}), _trial_resources(spec)),
         param_space={"member": tune.grid_search([t.k for t in tasks]), "resources": resources},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=_max_concurrent(spec),
+            max_concurrent_trials=_max_concurrent(spec, len(tasks)),
             trial_name_creator=lambda t: f"member-{t.config['member']}",
             trial_dirname_creator=lambda t: f"member-{t.config['member']}",
         ),
@@ -217,6 +245,7 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
             name="ensemble",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -225,7 +254,9 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path) -> 
     failed = [(r.config["member"], r.error) for r in results if r.error is not None]
     if failed:
         detail = "; ".join(f"member {k}: {type(e).__name__}: {e}" for k, e in failed)
-        raise EnsembleError(f"{len(failed)} of {spec.size} members failed after {spec.max_retries} retries: {detail}")
+        raise EnsembleError(
+            f"{len(failed)} of {len(tasks)} trained members failed after {spec.max_retries} retries: {detail}"
+        )
 
 
 def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
@@ -248,11 +279,15 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
     )
     return {
         "size": spec.size,
+        # Which members the user brought (used as they are) and which this stage fitted.
+        "given": sorted(spec.given),
+        "trained": spec.trained,
         "backbone": spec.backbone,
         "backbones": sorted({m["backbone"] for m in members}),
         "diversity": spec.diversity,
         "members": [
-            {"path": member_dir(out_root, m["member"]).name, "member": m["member"], **{key: m[key] for key in keys}}
+            {"path": member_dir(out_root, m["member"]).name, "member": m["member"], "source": m["source"]}
+            | {key: m[key] for key in keys}
             | {
                 "node_id": m["node_id"],
                 "node_ip": m["node_ip"],
@@ -285,12 +320,27 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
     for split in (layout.train, layout.test):
         if not split.is_file():
             raise EnsembleError(f"{split} is missing: run the data stage first")
+    check_given(ens)
     started = time.time()
     storage = layout.ray_storage(STAGE)
     with layout.staging(STAGE) as out_root:
-        tasks = member_tasks(ens, layout.root, out_root)
-        events.emit("log", STAGE, message=f"fitting {ens.size} reward models ({ens.diversity})", members=ens.size)
-        _fit_members(ens, tasks, storage)
+        tasks = member_tasks(ens, layout.root, out_root, tensorboard=spec.tracking.tensorboard)
+        given, trained = [t for t in tasks if t.given], [t for t in tasks if not t.given]
+        events.emit(
+            "log",
+            STAGE,
+            message=f"fitting {len(trained)} reward models ({ens.diversity}), measuring {len(given)} given",
+            members=ens.size,
+            given=len(given),
+        )
+        adopting = _adopt_given(ens, given)
+        try:
+            if trained:
+                _fit_members(ens, trained, storage, tune_callbacks(spec.tracking, layout.root, STAGE))
+        finally:
+            # Wait for the given members whatever the trained ones did: none may still write into staging.
+            adopted = ray.wait(adopting, num_returns=len(adopting))[0] if adopting else []
+        ray.get(adopted)
         manifest = build_manifest(ens, out_root)
         manifest["wall_time_s"] = time.time() - started
         (out_root / layout.manifest.name).write_text(json.dumps(manifest, indent=2))

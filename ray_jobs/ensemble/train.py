@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ray_jobs.layout import MEMBER_METRICS_FILE, PREFERENCES, JobLayout
-from ray_jobs.spec import EnsembleSpec
-from ray_jobs.train_runtime import WorkerRuntime, intra_op_threads, unwrap
+from ray_jobs.spec import EnsembleSpec, TrackingSpec
+from ray_jobs.train_runtime import WorkerRuntime, intra_op_threads, node_info, unwrap
 
 # Test hook, not a feature: RMDISTILL_FAIL_MEMBER_ONCE=<k> (read by the stage, see ray_jobs.ensemble.stage) sets
 # `fail_once_marker` for member k; its first attempt raises after one epoch and leaves this marker file, so the
@@ -37,13 +36,18 @@ FAIL_ONCE_MESSAGE = "injected failure of member {k} (RMDISTILL_FAIL_MEMBER_ONCE 
 
 @dataclass(frozen=True)
 class MemberTask:
-    """One member's work: `spec` is the ensemble section with the member's overrides (backbone, lr, seed, LoRA)."""
+    """One member's work: `spec` is the ensemble section with the member's overrides (backbone, lr, seed, LoRA).
+
+    `given`: the member is a reward model the user brought, named by `spec.backbone`; it is measured, not trained.
+    """
 
     k: int
     spec: EnsembleSpec
     job_dir: str
     out_dir: str
     data_seed: int  # the ensemble's own seed: disjoint members must cut the same permutation
+    given: bool = False
+    tensorboard: bool = True  # write the member's epoch metrics to <job>/tensorboard/ensemble/member-<k>
     fail_once_marker: str | None = None
     attempt: int = 1
     launched_at: float | None = None
@@ -141,27 +145,14 @@ def evaluate(model, tokenizer, data: dict[str, list], spec: EnsembleSpec, rt: Wo
 
 
 def _load_model(spec: EnsembleSpec):
-    from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.registry import enable_gradient_checkpointing, load_reward_model
 
     # The fresh scalar head draws from torch's global RNG: the member seed makes members start apart.
     torch.manual_seed(spec.seed)
-    return load_reward_model(spec.backbone, lora=spec.lora)
-
-
-def _node() -> dict[str, str | None]:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            return {
-                "node_id": ctx.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address(),
-                "host": socket.gethostname(),
-            }
-    except ImportError:
-        pass
-    return {"node_id": None, "node_ip": None, "host": socket.gethostname()}
+    model, tokenizer = load_reward_model(spec.backbone, lora=spec.lora)
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
 
 
 def split_validation(train: dict[str, list], fraction: float, seed: int) -> tuple[dict[str, list], dict[str, list]]:
@@ -194,12 +185,16 @@ def train_member(
 def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[str, Any]], None] | None):
     from ray_jobs.events import EventLog
     from ray_jobs.models.io import save_model_folder
+    from ray_jobs.tracking import StageTracker
 
     spec, k = task.spec, task.k
     launched = task.launched_at or time.time()
     train_start = time.time()
     timeline = {"loop_start": train_start}
     events = EventLog(task.job_dir)
+    # MLflow and W&B runs of members come from the Tune run's logger callbacks; TensorBoard is written here.
+    tensorboard = TrackingSpec(tensorboard=task.tensorboard and rt.rank == 0)
+    tracker = StageTracker(tensorboard, task.job_dir, "ensemble", f"member-{k}")
     layout = JobLayout(task.job_dir)
     train, validation = split_validation(load_pairs(layout.train), spec.validation_fraction, task.data_seed)
     test = load_pairs(layout.test)
@@ -246,6 +241,7 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         history.append(epoch_metrics)
         if rt.rank == 0:
             events.metrics("ensemble", step=epoch, values=epoch_metrics, member=k, event="epoch_done")
+            tracker.log(epoch, epoch_metrics)
         # Without a validation split the last epoch is kept: never choose on the test split.
         score = epoch_metrics["validation_loss"] if selects else -epoch
         if best is None or score < best["score"]:
@@ -262,6 +258,7 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         if selects and spec.early_stopping_patience and stale >= spec.early_stopping_patience:
             break
     timeline["trained"] = time.time()
+    tracker.close()
     if best["epoch"] != history[-1]["epoch"]:
         unwrap(model).load_state_dict(best_state)
     metrics = {
@@ -291,8 +288,11 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
         "train_start_time": train_start,
         "timeline": timeline,
         "torch_threads": torch.get_num_threads(),
+        # Read off the model, not the spec: whether its layers really recomputed their activations.
+        "gradient_checkpointing": bool(getattr(unwrap(model), "is_gradient_checkpointing", False)),
         "pid": os.getpid(),
-        **_node(),
+        "source": "trained",
+        **node_info(),
     }
     out = Path(task.out_dir)
     if rt.rank == 0:

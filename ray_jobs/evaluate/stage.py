@@ -23,6 +23,7 @@ import pandas as pd
 from ray_jobs.data.formats import Renderer
 from ray_jobs.data.reviews import eval_prompts, read_prompt_lines
 from ray_jobs.data.stage import BUILTIN_REVIEWS
+from ray_jobs.distill.card import write_policy_card
 from ray_jobs.events import EventLog
 from ray_jobs.generate.cache import cached_samples
 from ray_jobs.generate.engines import generate, kl_sampling
@@ -278,6 +279,7 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     with layout.staging(STAGE) as out:
         report["plots"] = write_plots(out, layout.root, scores, lengths)
         (out / layout.report.name).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_policy_card(layout, policy)  # the card now tells how the policy did
     summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths", "chosen_logratio")}
     events.metrics(STAGE, 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
     return summary

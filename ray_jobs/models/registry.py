@@ -1,11 +1,14 @@
 """One resolver from a model reference to a local Hugging Face folder, and loaders built on it.
 
 References: ``builtin:smollm2-135m``, ``builtin:minilm-l6``, ``tiny:llama``, ``tiny:bert`` (materialised once into
-``model_cache()``), an existing local folder, or anything else shaped like a hub id (``org/name``).
+``model_cache()``), an existing local folder (a PEFT adapter folder resolves to its merge with its base), or
+anything else shaped like a hub id (``org/name``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ray_jobs.layout import model_cache
+from ray_jobs.layout import POLICY_INFO_FILE, model_cache
 from ray_jobs.models import builtins, tiny
 from ray_jobs.names import HUB_ID, MODEL_PREFIXES
 
@@ -35,6 +38,8 @@ _MATERIALISED: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny:bert": ("tiny-bert-v1", tiny.build_tiny_bert),
     "builtin:smollm2-135m": ("smollm2-135m-instruct", builtins.convert_smollm2),
 }
+# A folder holding this is a PEFT adapter, not a whole model: it resolves to its merge with its base.
+ADAPTER_CONFIG = "adapter_config.json"
 _NOT_A_MODEL = {"builtin:vader": "builtin:vader is an oracle, not a model: load it with ray_jobs.models.oracle"}
 
 
@@ -80,11 +85,47 @@ def resolve_model_path(ref: str | os.PathLike[str]) -> Path | str:
     if text.startswith(MODEL_PREFIXES):
         raise ModelNotFoundError(f"unknown model {text!r}; built-in models are {', '.join(known_refs())}")
     path = Path(text).expanduser()
+    if (path / ADAPTER_CONFIG).is_file():
+        return merged_adapter(path)
     if path.exists():
         return path
     if isinstance(ref, os.PathLike) or not HUB_ID.match(text) or text.startswith((".", "~")):
         raise ModelNotFoundError(f"model path {text!r} does not exist")
     return text
+
+
+def merged_adapter(folder: Path) -> Path:
+    """A PEFT adapter folder (a LoRA policy saved as an adapter) merged into its base model, as a plain folder.
+
+    Merged once per adapter version into the model cache, so vLLM, transformers and every stage load it like any
+    model. The base is the reference rmdistill.json records, else PEFT's base_model_name_or_path.
+    """
+    stamp = max(p.stat().st_mtime_ns for p in folder.iterdir())
+    key = hashlib.sha256(f"{folder.resolve()}:{stamp}".encode()).hexdigest()[:16]
+    return materialise(f"merged-{key}", lambda out: _merge_adapter(folder, out), model_cache() / "merged-policies")
+
+
+def _merge_adapter(folder: Path, out: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = resolve_model_path(_adapter_base(folder))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).merge_and_unload()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").is_file() else base).save_pretrained(out)
+
+
+def _adapter_base(folder: Path) -> str:
+    info = folder / POLICY_INFO_FILE
+    if info.is_file():
+        recorded = json.loads(info.read_text())
+        for key in ("base_model", "reference"):
+            if recorded.get(key):
+                return str(recorded[key])
+    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"{folder}: the adapter names no base model ({ADAPTER_CONFIG}, {POLICY_INFO_FILE})")
+    return str(base)
 
 
 def _from_pretrained(ref: str | os.PathLike[str], loader: Callable[..., Any], **kwargs: Any) -> Any:
@@ -101,6 +142,13 @@ def _from_pretrained(ref: str | os.PathLike[str], loader: Callable[..., Any], **
                 f"download it elsewhere and pass a local path, or use one of {', '.join(known_refs())}. ({err})"
             ) from err
         raise ModelNotFoundError(f"model folder {str(location)!r} ({ref}) could not be loaded: {err}") from err
+
+
+def load_config(ref: str | os.PathLike[str]) -> Any:
+    """The model's configuration alone (no weights): enough to tell what kind of model a reference names."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(ref, AutoConfig.from_pretrained)
 
 
 def load_tokenizer(ref: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -164,3 +212,9 @@ def load_reward_model(
         )
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass (transformers' layer-wise checkpointing, non-reentrant: it needs
+    no input that requires grad, so it also works under LoRA's frozen embeddings)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

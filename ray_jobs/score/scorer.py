@@ -31,10 +31,12 @@ class Scorer:
         batch_size: int,
         ref_precision: Precision = "fp32",
         threads: int | None = None,
+        member_precision: Precision = "fp32",
     ):
-        """`members`: (folder, token budget to score at) of each reward model; π_ref's log-probs are computed under
-        `ref_precision`, the policy's own compute precision (ray_jobs.precision). `threads`: torch's intra-op
-        threads here (Ray gives a one-CPU actor one, which left a lone scorer on one core of the node)."""
+        """`members`: (folder, token budget to score at) of each reward model, run under `member_precision`;
+        π_ref's log-probs are computed under `ref_precision`, the policy's own compute precision
+        (ray_jobs.precision). `threads`: torch's intra-op threads here (Ray gives a one-CPU actor one, which left a
+        lone scorer on one core of the node)."""
         import torch
 
         from ray_jobs.models.registry import load_causal_lm, load_reward_model
@@ -52,6 +54,7 @@ class Scorer:
             model, tokenizer = load_reward_model(path)
             self.members.append((model.to(device).eval(), tokenizer, max_length))
         self.ref_max_length, self.batch_size, self.ref_precision = ref_max_length, batch_size, ref_precision
+        self.member_precision = member_precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ray_jobs.models.logps import response_logps
@@ -64,8 +67,8 @@ class Scorer:
         rewards = np.full((len(prompts), len(self.members)), np.nan)
         for k, (model, tokenizer, max_length) in enumerate(self.members):
             if wanted.size:
-                rewards[wanted, k] = (
-                    score_pairs(
+                with autocast(self.member_precision, model.device):
+                    member_rewards = score_pairs(
                         model,
                         tokenizer,
                         [prompts[i] for i in wanted],
@@ -73,9 +76,7 @@ class Scorer:
                         batch_size=self.batch_size,
                         max_length=max_length,
                     )
-                    .double()
-                    .numpy()
-                )
+                rewards[wanted, k] = member_rewards.double().numpy()
         ref = np.full(len(prompts), np.nan)
         if self.reference is not None:
             with autocast(self.ref_precision, self.reference.device):
@@ -101,9 +102,11 @@ def score_texts(
     replicas: int,
     events: EventLog | None = None,
     ref_precision: Precision = "fp32",
+    member_precision: Precision = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """π_ref log-prob [N] and member rewards [N, K] of each (prompt, response, ended); NaN where not asked for
-    (no reference, or `needs_reward` false). `members`: (folder, token budget) of each reward model."""
+    (no reference, or `needs_reward` false). `members`: (folder, token budget) of each reward model, run under
+    `member_precision`."""
     from ray_jobs.cluster import current_resources
     from ray_jobs.pools import run_indexed
 
@@ -131,6 +134,7 @@ def score_texts(
             ref_max_length=ref_max_length,
             batch_size=batch_size,
             ref_precision=ref_precision,
+            member_precision=member_precision,
             # Each replica reserves one CPU; together they compute on the node's CPUs, shared evenly.
             threads=max(1, int(current_resources().max_node_cpus // replicas)),
         ),

@@ -85,6 +85,7 @@ def scored_with(spec: JobSpec, members: list[tuple[str, int]]) -> dict[str, Any]
         "ref_max_length": spec.distill.max_length,
         "ref_precision": spec.distill.precision,
         "members": [{"path": path, "max_length": max_length} for path, max_length in members],
+        "member_precision": spec.score.precision,
     }
 
 
@@ -162,6 +163,7 @@ def run(spec: JobSpec, job_dir: Path, events: EventLog) -> dict[str, Any]:
         replicas=sc.replicas,
         events=events,
         ref_precision=spec.distill.precision,
+        member_precision=sc.precision,
     )
     _check_finite(ref, all_texts, f"reference {spec.reference}")
     for k, (member, _) in enumerate(members):
