@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray_jobs.events import EventCursor, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import FINAL_STATES, JobState
-from ray_jobs.spec import SpecError, parse_spec
+from ray_jobs.spec import JobSpec, SpecError, parse_spec
 from service.admission import check_cluster, confine_spec
 from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
@@ -87,7 +87,9 @@ def _owned_job(store: Store, job_id: str, owner: str | None) -> Job:
 @router.post(
     "",
     status_code=202,
-    summary="Submit a job spec (ray_jobs.spec.JobSpec as JSON)",
+    summary="Submit a job spec",
+    description="The body is a job spec (ray_jobs/spec.py; `rmdistill schema` prints the same JSON schema): every "
+    "field is optional, unknown fields are refused, and each bad field is named in the 422 body.",
     responses=error_responses(403, 409, 429, 503),
 )
 def submit_job(
@@ -96,14 +98,16 @@ def submit_job(
     settings: SettingsDep,
     backend: BackendDep,
     response: Response,
-    body: Annotated[dict[str, Any], Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
+    body: Annotated[JobSpec, Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
 ) -> JobDetail:
     job = submit_spec(body, owner, store, settings, backend)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_detail(store, job)
 
 
-def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings: Settings, backend: RayBackend) -> Job:
+def submit_spec(
+    body: dict[str, Any] | JobSpec, owner: str | None, store: Store, settings: Settings, backend: RayBackend
+) -> Job:
     """Validate, admit and submit one job spec: the path of POST /v1/jobs, and of each experiment cell."""
     try:
         spec = parse_spec(body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from clients import sdk
 from ray_jobs import names
 from ray_jobs.cluster import ClusterResources
 from ray_jobs.events import EventLog
+from ray_jobs.experiment.grid import Arm, ExperimentSpec, Grid
 from ray_jobs.layout import JobLayout
 from ray_jobs.spec import parse_spec
 from service import store as store_module
@@ -95,6 +97,43 @@ def test_error_responses_are_documented_with_the_bodies_sent(openapi: dict[str, 
     chat = operations[("post", "/v1/chat/completions")]["responses"]
     assert chat["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorBody")
     assert chat["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+def _referenced(schemas: dict[str, Any], name: str, seen: set[str] | None = None) -> set[str]:
+    """`name` and every component schema it references, transitively."""
+    seen = set() if seen is None else seen
+    if name not in seen:
+        seen.add(name)
+        for ref in re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schemas[name])):
+            _referenced(schemas, ref, seen)
+    return seen
+
+
+def test_job_submission_is_typed_with_the_spec_and_every_field_explains_itself(openapi: dict[str, Any]) -> None:
+    body = _operations(openapi)[("post", "/v1/jobs")]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/JobSpec"}
+    schemas = openapi["components"]["schemas"]
+    sections = _referenced(schemas, "JobSpec")
+    assert {
+        "DataSpec",
+        "LengthBias",
+        "EnsembleSpec",
+        "MemberOverride",
+        "LoraSpec",
+        "DistillSpec",
+        "ReuseSpec",
+    } <= sections
+    undescribed = [
+        f"{name}.{field}"
+        for name in sections
+        for field, prop in schemas[name].get("properties", {}).items()
+        if not prop.get("description")
+    ]
+    assert undescribed == []
+    # The experiment document, which the service also takes, explains itself the same way.
+    models = [ExperimentSpec, Grid, Arm]
+    assert [f"{m.__name__}.{f}" for m in models for f, info in m.model_fields.items() if not info.description] == []
+    assert schemas["DistillSpec"]["properties"]["beta"]["exclusiveMinimum"] == 0
 
 
 def test_job_states_come_from_one_place(openapi: dict[str, Any]) -> None:
