@@ -55,8 +55,14 @@ SUCCESS = {
     ("post", "/v1/chat/completions"): ("200", "ChatCompletion"),
     ("post", "/v1/policies/{policy_id}/generate"): ("200", "GenerateResponse"),
     ("get", "/healthz"): ("200", "Health"),
+    ("get", "/v1/jobs/{job_id}/artifacts"): ("200", "ArtifactList"),
+    ("get", "/v1/datasets"): ("200", "DatasetList"),
+    ("put", "/v1/datasets/{name}"): ("201", "DatasetView"),
 }
 TEXT_ROUTES = {("get", "/v1/jobs/{job_id}/logs"), ("get", "/metrics")}
+# Routes whose success is bytes (a download) or nothing (a deletion).
+BINARY_ROUTES = {("get", "/v1/jobs/{job_id}/artifacts/{path}")}
+EMPTY_ROUTES = {("delete", "/v1/datasets/{name}")}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,11 @@ def _operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------ OpenAPI
 def test_every_json_route_names_its_response_schema(openapi: dict[str, Any]) -> None:
     operations = _operations(openapi)
-    assert set(operations) == set(SUCCESS) | TEXT_ROUTES
+    assert set(operations) == set(SUCCESS) | TEXT_ROUTES | BINARY_ROUTES | EMPTY_ROUTES
+    for key in BINARY_ROUTES:
+        assert set(operations[key]["responses"]["200"]["content"]) == {"application/octet-stream"}, key
+    for key in EMPTY_ROUTES:
+        assert "content" not in operations[key]["responses"]["204"], key
     for key, (status, schema) in SUCCESS.items():
         content = operations[key]["responses"][status]["content"]["application/json"]
         assert content["schema"] == {"$ref": f"#/components/schemas/{schema}"}, key

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ray_jobs.data.errors import DatasetError
-from ray_jobs.data.formats import EXTRACTORS, FORMATS, Renderer, detect_format
+from ray_jobs.data.formats import EXTRACTORS, Renderer, extract_pairs
 from ray_jobs.data.length_bias import apply_length_bias
 from ray_jobs.data.reviews import label_by_oracle, reviews_records
 from ray_jobs.data.sources import read_source
@@ -34,13 +34,7 @@ def read_pairs(
     on_error: Literal["fail", "skip"] = "fail",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Normal-form rows from a file, folder or hub id, plus {format, rows_read, skipped}."""
-    records = read_source(source, split)
-    if not records:
-        raise DatasetError(f"{source}: no rows")
-    fmt = detect_format(records) if format == "auto" else format
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown data format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
-    collected = collect(records, EXTRACTORS[fmt], on_error=on_error, source=source)
+    fmt, collected = extract_pairs(read_source(source, split), format, on_error=on_error, source=source)
     render = renderer or Renderer(None)
     rows = [render.pair(pair, fmt) for pair in collected.rows]
     return rows, {"format": fmt, "rows_read": collected.rows_read, "skipped": collected.skipped}
