@@ -1,26 +1,41 @@
-"""`rmdistill`: run the service, submit and follow jobs, chat with a policy.
+"""`rmdistill`: run the service, write and check specs, submit and follow jobs, fetch what they made, chat with a
+policy.
 
-Client commands talk to --url (env RMDISTILL_URL) with --token (env RMDISTILL_TOKEN); `serve` needs the
-server extra and is imported only when it runs, so the client install stays light.
+Client commands talk to --url (env RMDISTILL_URL) with --token (env RMDISTILL_TOKEN); `serve` needs the server
+extra and is imported only when it runs, so the client install stays light. `--json` (before the command) prints
+the service's answers as JSON for scripts.
+
+Exit codes: 0 success; 1 the service answered with an error, or a followed job (or experiment cell) did not
+succeed; 2 invalid input found before anything was sent (a spec that does not validate, a file that cannot be
+read or would be overwritten, a bad option); 3 the service could not be reached.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
+from clients import render
 from clients.sdk import Client, RmdistillError
+from clients.specs import CASES, example
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -29,8 +44,59 @@ if TYPE_CHECKING:
 
     from service.settings import Settings
 
-app = typer.Typer(help="rmdistill: robust preference optimization through reward-model distillation.")
+EXIT_FAILED, EXIT_INVALID, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 the service answered with an error, or the job did not succeed; 2 invalid input "
+    "(nothing was sent); 3 the service could not be reached."
+)
+DEFAULT_DOWNLOADS = ("policy", "report", "plot")
+
 console = Console()
+errors = Console(stderr=True)
+
+
+class CliProblem(Exception):
+    """Something the user can fix, found by the CLI itself: printed as is, exiting with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_INVALID):
+        super().__init__(message)
+        self.code = code
+
+
+class _Commands(TyperGroup):
+    """The one error handler of every command: the service's errors with the fields they name, invalid specs,
+    an unreachable service and the CLI's own findings each end in one message and a documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from ray_jobs.spec import SpecError
+
+        try:
+            return super().invoke(ctx)
+        except RmdistillError as exc:
+            errors.print(f"[red]error {exc.status}[/red]: {exc.message}")
+            for field in exc.fields:
+                errors.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
+            raise typer.Exit(EXIT_FAILED) from None
+        except SpecError as exc:
+            errors.print("[red]invalid spec[/red]:")
+            for field in exc.errors:
+                errors.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
+            raise typer.Exit(EXIT_INVALID) from None
+        except httpx.TransportError as exc:
+            url = (ctx.obj or {}).get("url")
+            errors.print(f"[red]cannot reach the service at {url}[/red]: {exc} (is `rmdistill serve` running?)")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        except CliProblem as exc:
+            errors.print(f"[red]error[/red]: {exc}")
+            raise typer.Exit(exc.code) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    help="rmdistill: robust preference optimization through reward-model distillation.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+)
 
 
 @app.callback()
@@ -38,21 +104,24 @@ def main(
     ctx: typer.Context,
     url: str = typer.Option("http://127.0.0.1:8000", envvar="RMDISTILL_URL", help="Service URL."),
     token: str | None = typer.Option(None, envvar="RMDISTILL_TOKEN", help="Bearer token."),
+    as_json: bool = typer.Option(False, "--json", help="Print answers as JSON (for scripts)."),
 ) -> None:
-    ctx.obj = {"url": url, "token": token}
+    ctx.obj = {"url": url.rstrip("/"), "token": token, "json": as_json}
 
 
-@contextlib.contextmanager
-def _client(ctx: typer.Context) -> Iterator[Client]:
-    """The service client; an API error anywhere inside is printed with its fields and exits 1."""
-    try:
-        with Client(ctx.obj["url"], ctx.obj["token"]) as client:
-            yield client
-    except RmdistillError as exc:
-        console.print(f"[red]error {exc.status}[/red]: {exc.message}")
-        for field in exc.fields:
-            console.print(f"  [bold]{field['field']}[/bold]: {field['message']}")
-        raise typer.Exit(1) from None
+def _client(ctx: typer.Context) -> Client:
+    """The service client, closed when the command ends."""
+    client = Client(ctx.obj["url"], ctx.obj["token"])
+    ctx.call_on_close(client.close)
+    return client
+
+
+def _show(ctx: typer.Context, data: Any, view: Callable[[Any], Any] | None = None) -> None:
+    """`data` as JSON with --json, else as `view` renders it for the terminal."""
+    if ctx.obj["json"] or view is None:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        console.print(view(data))
 
 
 @app.command()
@@ -91,6 +160,7 @@ def serve(
         data_roots=tuple(data_root) if data_root else None,
         insecure=insecure,
     )
+    console.print(f"rmdistill on http://{settings.host}:{settings.port}/ (the dashboard; the API's docs at /docs)")
     if settings.insecure and not settings.auth_enabled:
         console.print(f"[yellow]warning[/yellow]: no tokens: anyone who reaches {settings.host} has full access")
     if settings.ray_address is None:
@@ -163,9 +233,63 @@ def _settings(**overrides: Any) -> Settings:
         return Settings.from_env(**overrides)
     except ValidationError as exc:
         console.print(f"[red]error[/red]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INVALID) from None
 
 
+# ------------------------------------------------------------------------------------------------------------- specs
+Case = enum.StrEnum("Case", {name: name for name in CASES})
+
+
+@app.command()
+def init(
+    case: Case = typer.Argument("quickstart", help="; ".join(f"{k}: {v}" for k, v in CASES.items())),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write it (default: <case>.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented job spec for a case, to edit and submit."""
+    case = case.value
+    target = output or Path(f"{case}.yaml")
+    if target.exists() and not force:
+        raise CliProblem(f"{target} exists; pass --force to overwrite it")
+    target.write_text(example(case).read_text(encoding="utf-8"), encoding="utf-8")
+    console.print(f"wrote {target} ({CASES[case]}); check it with `rmdistill validate {target}`")
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (.yaml or .json)."),
+) -> None:
+    """Check a spec offline with the service's own validation (paths and cluster fit are checked on submission)."""
+    from ray_jobs.spec import load_spec
+
+    job = load_spec(spec)
+    full = job.model_dump(mode="json")
+    _show(ctx, {"valid": True, "spec": full}, lambda _: _describe_spec(spec, full))
+
+
+def _describe_spec(path: Path, spec: dict[str, Any]) -> str:
+    d, e = spec["distill"], spec["ensemble"]
+    members = f"{e['size']} × {e['backbone']}" if e["size"] else "no reward models"
+    return (
+        f"[green]valid[/green]: {path} — job {spec['name']!r}: {spec['reference']} on {spec['data']['source']}, "
+        f"{d['loss']} (β {d['beta']}) against {members}"
+    )
+
+
+@app.command()
+def schema(
+    experiment: bool = typer.Option(False, "--experiment", help="The experiment spec's schema instead."),
+) -> None:
+    """The JSON schema of a job spec (every field with its description and default), as POST /v1/jobs takes it."""
+    if experiment:
+        from ray_jobs.experiment.grid import ExperimentSpec as model
+    else:
+        from ray_jobs.spec import JobSpec as model
+    typer.echo(json.dumps(model.model_json_schema(), indent=2))
+
+
+# -------------------------------------------------------------------------------------------------------------- jobs
 def _follow(client: Client, job_id: str) -> str:
     """Show the job's stages as progress bars until it ends; returns the final state."""
     tasks: dict[str, TaskID] = {}
@@ -184,7 +308,9 @@ def _follow(client: Client, job_id: str) -> str:
                 bars.update(bar(stage), completed=event.get("done"), total=event.get("total"))
             elif kind == "metrics" and stage:
                 values = ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event["values"].items()
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in event["values"].items()
+                    if not isinstance(v, list)
                 )
                 bars.update(bar(stage), note=values[:80])
             elif kind in ("stage_finished", "stage_skipped") and stage:
@@ -196,30 +322,37 @@ def _follow(client: Client, job_id: str) -> str:
     return client.wait(job_id)["state"]
 
 
+def _dashboard(ctx: typer.Context, job_id: str | None = None) -> str:
+    return f"{ctx.obj['url']}/" + (f"#/jobs/{job_id}" if job_id else "")
+
+
 @app.command()
 def submit(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (.yaml or .json)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Show progress until the job ends."),
 ) -> None:
-    """Submit a job spec."""
-    with _client(ctx) as client:
-        job = client.submit(spec)
-        console.print(f"submitted [bold]{job['id']}[/bold] ({job['state']})")
-        if follow:
-            state = _follow(client, job["id"])
-            console.print(f"job {job['id']}: [bold]{state}[/bold]")
-            if state != "succeeded":
-                raise typer.Exit(1)
+    """Submit a job spec (exit 1 if, followed, the job does not succeed)."""
+    client = _client(ctx)
+    job = client.submit(spec)
+    if ctx.obj["json"]:
+        final = client.wait(job["id"]) if follow else job
+        _show(ctx, final)
+        state = final["state"]
+    else:
+        console.print(f"submitted [bold]{job['id']}[/bold] ({job['state']}); watch it at {_dashboard(ctx, job['id'])}")
+        if not follow:
+            return
+        state = _follow(client, job["id"])
+        console.print(f"job {job['id']}: [bold]{state}[/bold]")
+    if follow and state != "succeeded":
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
 def status(ctx: typer.Context, job_id: str) -> None:
-    """A job's state, stage, progress, metrics and artifacts."""
-    with _client(ctx) as client:
-        job: dict[str, Any] = client.get(job_id)
-    job.pop("spec", None)
-    console.print_json(json.dumps(job))
+    """A job's state, each stage's progress and latest metrics, and its policy."""
+    _show(ctx, _client(ctx).get(job_id), render.job_view)
 
 
 @app.command()
@@ -229,20 +362,39 @@ def jobs(
     limit: int = typer.Option(20, help="How many."),
 ) -> None:
     """List jobs, newest first."""
-    with _client(ctx) as client:
-        page = client.list(state=state, limit=limit)
-    table = Table("id", "name", "state", "stage", "created")
-    for job in page["items"]:
-        table.add_row(job["id"], job["name"], job["state"], job["stage"] or "", job["created_at"] or "")
-    console.print(table)
-    console.print(f"{len(page['items'])} of {page['total']}")
+    page = _client(ctx).list(state=state, limit=limit)
+    _show(ctx, page, lambda p: render.jobs_table(p["items"]))
+    if not ctx.obj["json"]:
+        console.print(f"{len(page['items'])} of {page['total']}")
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    job_id: str,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing events as they happen, to the end."),
+    offset: int = typer.Option(0, help="Start at this event (0 = the first)."),
+) -> None:
+    """A job's event log, one line per event (JSON lines with --json)."""
+    client = _client(ctx)
+    stream = client.follow(job_id, offset) if follow else iter(client.events(job_id, offset=offset)["events"])
+    for event in stream:
+        typer.echo(json.dumps(event) if ctx.obj["json"] else render.event_line(event))
+
+
+@app.command()
+def report(ctx: typer.Context, job_id: str) -> None:
+    """A finished job's evaluation: win rate against π_ref with its interval, rewards, KL, lengths."""
+    evaluation = _client(ctx).report(job_id)
+    evaluation.pop("samples", None)  # per-sample scores: GET /v1/jobs/{id}/results has them
+    _show(ctx, evaluation, render.report_table)
 
 
 @app.command()
 def cancel(ctx: typer.Context, job_id: str) -> None:
     """Stop a job."""
-    with _client(ctx) as client:
-        console.print(f"{job_id}: {client.cancel(job_id)['state']}")
+    job = _client(ctx).cancel(job_id)
+    _show(ctx, job, lambda j: f"{job_id}: {j['state']}")
 
 
 @app.command()
@@ -250,8 +402,82 @@ def logs(
     ctx: typer.Context, job_id: str, tail: int | None = typer.Option(None, help="Only the last this-many lines.")
 ) -> None:
     """The Ray job's driver log."""
-    with _client(ctx) as client:
-        typer.echo(client.logs(job_id, tail=tail))
+    typer.echo(_client(ctx).logs(job_id, tail=tail))
+
+
+# --------------------------------------------------------------------------------------------- artifacts and data
+def _wanted(artifacts: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The artifacts named by path or by kind (policy, report, plot, pairs, ...), in listing order."""
+    unknown = [n for n in names if not any(n in (a["path"], a["kind"]) for a in artifacts)]
+    if unknown:
+        listed = ", ".join(a["path"] for a in artifacts) or "none yet"
+        raise CliProblem(f"no artifact {', '.join(map(repr, unknown))}; this job has: {listed}", EXIT_FAILED)
+    return [a for a in artifacts if a["path"] in names or a["kind"] in names]
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    job_id: str,
+    names: list[str] = typer.Argument(
+        None, help="Artifacts by path or kind (policy, report, plot, pairs); default: policy, report and plots."
+    ),
+    output: Path = typer.Option(Path("."), "--output", "-o", help="Folder to write <job id>/... into."),
+    list_only: bool = typer.Option(False, "--list", help="Only list what the job offers."),
+) -> None:
+    """Download a job's artifacts: the policy (distill.tar.gz, a Hugging Face folder), the report, plots, pairs."""
+    client = _client(ctx)
+    artifacts = client.artifacts(job_id)
+    if list_only:
+        table = Table("path", "kind", "size")
+        for a in artifacts:
+            table.add_row(a["path"], a["kind"], render.size(a["bytes"]))
+        _show(ctx, artifacts, lambda _: table)
+        return
+    saved = []
+    for artifact in _wanted(artifacts, names or list(DEFAULT_DOWNLOADS)):
+        path = client.download(job_id, artifact["path"], output / job_id / artifact["path"])
+        saved.append({"path": artifact["path"], "file": str(path), "bytes": path.stat().st_size})
+        if not ctx.obj["json"]:
+            console.print(f"{path}  {render.size(path.stat().st_size)}")
+    if ctx.obj["json"]:
+        _show(ctx, saved)
+
+
+@app.command()
+def upload(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Preference file (.jsonl/.json/.parquet/.csv)."),
+    name: str | None = typer.Option(None, help="Name in your data area (default: the file's name)."),
+    format: str = typer.Option("auto", help="Row format (auto detects it; see `rmdistill schema`)."),
+) -> None:
+    """Upload a preference file into your data area; the service checks every row, then specs can name it."""
+    dataset = _client(ctx).upload(file, name=name, format=format)
+    _show(
+        ctx,
+        dataset,
+        lambda d: (
+            f"uploaded {d['name']}: {d['rows']} valid rows ({d['format']}); "
+            f"use it as [bold]data.source: {d['source']}[/bold]"
+        ),
+    )
+
+
+@app.command()
+def datasets(ctx: typer.Context) -> None:
+    """Your uploaded datasets."""
+    items = _client(ctx).datasets()
+    table = Table("data.source", "rows", "format", "size", "uploaded")
+    for d in items:
+        table.add_row(d["source"], str(d["rows"]), d["format"] or "", render.size(d["bytes"]), d["uploaded_at"][:19])
+    _show(ctx, items, lambda _: table)
+
+
+# ---------------------------------------------------------------------------------------------------------- policies
+@app.command()
+def policies(ctx: typer.Context) -> None:
+    """Registered policies, with the win rate their job measured."""
+    _show(ctx, _client(ctx).policies(), render.policies_table)
 
 
 @app.command()
@@ -262,9 +488,84 @@ def chat(
     max_tokens: int = typer.Option(64, help="Most tokens to generate."),
 ) -> None:
     """Send one user message to a policy and print its answer."""
-    with _client(ctx) as client:
-        answer = client.chat(policy, message, max_tokens=max_tokens)
-    typer.echo(answer["choices"][0]["message"]["content"])
+    answer = _client(ctx).chat(policy, message, max_tokens=max_tokens)
+    _show(ctx, answer, lambda a: a["choices"][0]["message"]["content"])
+
+
+# -------------------------------------------------------------------------------------------------------------- demo
+DEMO_PROMPT = "In one sentence, review a small seaside café."
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _start_service(url: str, log: Path, timeout_s: float = 300) -> subprocess.Popen:
+    """`rmdistill serve` on the URL's port in a child process (which stops its Ray head on exit), once healthy."""
+    port = httpx.URL(url).port or 8000
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--stop-cluster"]
+    with log.open("ab") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.terminate()
+            raise CliProblem(f"the service did not start (see {log})", EXIT_UNREACHABLE)
+        time.sleep(1)
+    return child
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    spec: Path | None = typer.Option(None, help="Job spec (default: the quickstart shipped with rmdistill)."),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="Keep a service the demo started running for the dashboard until Ctrl+C."
+    ),
+) -> None:
+    """The quickstart end to end: start a local service if none answers at --url, submit, follow, print the
+    evaluation and ask the trained policy for a review. The dashboard's address is printed first."""
+    url = ctx.obj["url"]
+    child = None
+    if not _healthy(url):
+        if httpx.URL(url).host not in ("127.0.0.1", "localhost"):
+            raise CliProblem(f"nothing answers at {url}", EXIT_UNREACHABLE)
+        from ray_jobs.layout import home
+
+        log = home() / "demo-service.log"
+        console.print(f"starting the service at {url} (log: {log}); the first start takes a minute")
+        child = _start_service(url, log)
+    try:
+        client = _client(ctx)
+        job = client.submit(spec or _packaged_quickstart())
+        console.print(f"submitted [bold]{job['id']}[/bold]; the dashboard shows it live: {_dashboard(ctx, job['id'])}")
+        state = _follow(client, job["id"])
+        console.print(f"job {job['id']}: [bold]{state}[/bold]")
+        if state != "succeeded":
+            errors.print(client.logs(job["id"], tail=40))
+            raise typer.Exit(EXIT_FAILED)
+        console.print(render.report_table(client.report(job["id"])))
+        answer = client.chat(job["id"], DEMO_PROMPT, max_tokens=96, temperature=0.7)
+        console.print(f"\n{DEMO_PROMPT}\npolicy {job['id']} says: {answer['choices'][0]['message']['content']}")
+        console.print(f"\nthe dashboard: [bold]{_dashboard(ctx)}[/bold] (jobs, curves, plots and a playground)")
+        if child is not None and wait:
+            console.print("the service keeps running for it; Ctrl+C stops it")
+            with contextlib.suppress(KeyboardInterrupt):
+                child.wait()
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=120)
+
+
+def _packaged_quickstart() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(example("quickstart").read_text(encoding="utf-8"))
 
 
 @app.command()
@@ -284,28 +585,22 @@ def experiment(
     """Run a robustness grid (ρ × arm × α × seed), each cell an ordinary job; resumable, ends with the table."""
     from ray_jobs.experiment.grid import load_experiment
     from ray_jobs.experiment.runner import FolderInUse, run_experiment
-    from ray_jobs.spec import SpecError
 
-    try:
-        plan = load_experiment(spec, quick)
-    except SpecError as exc:
-        console.print(f"[red]invalid experiment[/red]: {exc}")
-        raise typer.Exit(2) from None
-    with _client(ctx) as client:
-        if on_service:
-            outcome = _watch_experiment(client, client.submit_experiment(spec, quick)["id"])
-        else:
-            folder = results or Path("experiments") / plan.name
-            try:
-                outcome = run_experiment(plan, client, folder, log=lambda line: console.print(f"[dim]{line}"))
-            except FolderInUse as exc:
-                console.print(f"[red]error[/red]: {exc}")
-                raise typer.Exit(2) from None
-            outcome["table"] = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
+    plan = load_experiment(spec, quick)
+    client = _client(ctx)
+    if on_service:
+        outcome = _watch_experiment(client, client.submit_experiment(spec, quick)["id"])
+    else:
+        folder = results or Path("experiments") / plan.name
+        try:
+            outcome = run_experiment(plan, client, folder, log=lambda line: console.print(f"[dim]{line}"))
+        except FolderInUse as exc:
+            raise CliProblem(str(exc)) from None
+        outcome["table"] = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
     typer.echo(outcome["table"])
     if outcome["failures"]:
-        console.print(f"[red]failed cells[/red]: {outcome['failures']}")
-        raise typer.Exit(1)
+        errors.print(f"[red]failed cells[/red]: {outcome['failures']}")
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _watch_experiment(client: Client, experiment_id: str) -> dict[str, Any]:
@@ -334,7 +629,10 @@ def table(
     try:
         summary = write_summary(folder)
     except ValueError as exc:
-        console.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(1) from None
+        raise CliProblem(str(exc), EXIT_FAILED) from None
     typer.echo((folder / "table.md").read_text())
     console.print(f"{summary['cells']} cells")
+
+
+if __name__ == "__main__":  # `python -m clients.cli`, as `rmdistill demo` starts the service
+    app()

@@ -166,6 +166,10 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['state']} (stage {job.get('stage')}) after {timeout} s")
             time.sleep(poll_s)
 
+    def report(self, job_id: str) -> dict[str, Any]:
+        """A finished job's evaluation report (evaluate/report.json)."""
+        return self.results(job_id)["evaluate"]
+
     def results(self, job_id: str) -> dict[str, Any]:
         """A finished job's {"data": data summary, "evaluate": evaluation report with per-sample scores}."""
         return self._request("GET", f"/v1/jobs/{job_id}/results").json()
@@ -174,6 +178,49 @@ class Client:
         """Submit a spec and wait for it to end: (job id, final state). With `results`, a runner for experiments."""
         job = self.submit(spec)
         return job["id"], self.wait(job["id"], poll_s=2.0)["state"]
+
+    # -- artifacts and datasets --
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """What the job published: {path, kind, bytes, media_type, url} per file, then one archive per stage."""
+        return self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()["items"]
+
+    def download(self, job_id: str, path: str, dest: str | Path) -> Path:
+        """Stream one artifact (a listed path, e.g. distill.tar.gz for the policy) into the file `dest`; the file
+        appears only once complete."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        try:
+            timeout = httpx.Timeout(30.0, read=300.0)
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{path}", timeout=timeout) as response:
+                self._check(response)
+                with partial.open("wb") as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+            partial.replace(dest)
+        finally:
+            partial.unlink(missing_ok=True)
+        return dest
+
+    def upload(self, path: str | Path, name: str | None = None, format: str = "auto") -> dict[str, Any]:
+        """Upload a preference file into the caller's data area; the service validates every row first. Returns
+        {name, source (the value for data.source), bytes, format, rows, uploaded_at}."""
+        path = Path(path)
+        with path.open("rb") as fh:
+            return self._request(
+                "PUT",
+                f"/v1/datasets/{name or path.name}",
+                content=fh,
+                params={"format": format},
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=httpx.Timeout(30.0, write=300.0, read=300.0),
+            ).json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/datasets").json()["items"]
+
+    def delete_dataset(self, name: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{name}")
 
     # -- experiments run by the service --
     def submit_experiment(self, spec: dict[str, Any] | str | Path, quick: bool = False) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class LengthBias(_Strict):
 class LoraSpec(_Strict):
     r: PositiveInt = Field(16, le=MAX_RANK, description="LoRA rank.")
     alpha: PositiveFloat = Field(32.0, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability on the LoRA path; 0 = none.")
     target_modules: list[str] | None = Field(None, description="Module names to adapt; None lets PEFT choose.")
 
 
@@ -103,7 +103,9 @@ class DataSpec(_Strict):
     format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of prompts held out (split by prompt).")
-    seed: int = 0
+    seed: int = Field(
+        0, description="Seeds the train/test split by prompt hash and the subsampling of max_pairs and length_bias."
+    )
     apply_chat_template: bool = Field(
         True, description="Render prompts with the reference tokenizer's chat template when it has one."
     )
@@ -129,7 +131,9 @@ class DataSpec(_Strict):
         description="builtin:reviews only: responses sampled from the reference per prompt; every two of them make "
         "a pair (3 → 3 pairs). Independent of generation.samples_per_prompt, which adds generated pairs for training.",
     )
-    length_bias: LengthBias | None = None
+    length_bias: LengthBias | None = Field(
+        None, description="The paper's induced length bias on the training split; None leaves the labels as they are."
+    )
     config: str | None = Field(
         None,
         description="Hub datasets only: the configuration (subset) to load, as datasets.load_dataset's `name` "
@@ -197,10 +201,12 @@ class DataSpec(_Strict):
 class MemberOverride(_Strict):
     """Per-member changes, so one family can mix backbones, learning rates or LoRA ranks."""
 
-    backbone: str | None = None
-    lr: PositiveFloat | None = None
-    lora_r: PositiveInt | None = None
-    seed: int | None = None
+    backbone: str | None = Field(None, description="This member's backbone; None = ensemble.backbone.")
+    lr: PositiveFloat | None = Field(None, description="This member's learning rate; None = ensemble.lr.")
+    lora_r: PositiveInt | None = Field(
+        None, description="This member's LoRA rank (needs ensemble.lora); None = ensemble.lora.r."
+    )
+    seed: int | None = Field(None, description="This member's init and data-order seed; None = ensemble.seed + k.")
     model: str | None = Field(
         None,
         description="A reward model you already have, used as this member as it is (not trained): a local folder "
@@ -220,12 +226,18 @@ class MemberOverride(_Strict):
 class EnsembleSpec(_Strict):
     size: int = Field(3, ge=0, le=64, description="Number of reward models K; 0 skips the ensemble stage.")
     backbone: str = Field("builtin:minilm-l6", description="Encoder or causal LM under a scalar reward head.")
-    diversity: Diversity = "bootstrap"
+    diversity: Diversity = Field(
+        "bootstrap",
+        description="How members differ: seed (all rows, own init and order), bootstrap (n rows drawn with "
+        "replacement per member), disjoint (each member its own share of the rows).",
+    )
     members: list[MemberOverride] = Field(default_factory=list, description="Overrides for member 0, 1, ...")
-    epochs: PositiveInt = Field(2, le=MAX_EPOCHS)
-    lr: PositiveFloat = 2.0e-5
-    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
-    gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_ACCUM)
+    epochs: PositiveInt = Field(2, le=MAX_EPOCHS, description="Passes over each member's training rows.")
+    lr: PositiveFloat = Field(2.0e-5, description="AdamW learning rate of every member (constant).")
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH, description="Pairs per micro-batch, per worker.")
+    gradient_accumulation_steps: PositiveInt = Field(
+        1, le=MAX_ACCUM, description="Micro-batches summed into each optimizer step (1 = none)."
+    )
     max_length: int = Field(
         256, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response; members score at it too."
     )
@@ -244,15 +256,24 @@ class EnsembleSpec(_Strict):
     early_stopping_patience: PositiveInt | None = Field(
         None, description="Stop a member after this many epochs without a lower validation loss."
     )
-    lora: LoraSpec | None = None
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters on the backbone; None = full fine-tuning.")
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
         "for longer texts or larger backbones, about a third more compute. Off: activations are kept.",
     )
-    seed: int = 0
-    workers_per_member: PositiveInt = Field(1, le=MAX_WORKERS)
-    cpus_per_worker: PositiveFloat = Field(1.0, le=MAX_WORKERS)
+    seed: int = Field(0, description="Member k's seed is seed + k (head init, data order, bootstrap draw).")
+    workers_per_member: PositiveInt = Field(
+        1,
+        le=MAX_WORKERS,
+        description="Data-parallel workers per member; more than 1 makes each member a Ray Train run.",
+    )
+    cpus_per_worker: PositiveFloat = Field(
+        1.0,
+        le=MAX_WORKERS,
+        description="CPUs each member worker reserves; it computes with floor(this) torch threads, at least 1. "
+        "Fractions let several members train at once on few cores.",
+    )
     gpus_per_worker: float = Field(0.0, ge=0.0, le=64, description="Fractions let several members share one GPU.")
     max_concurrent: PositiveInt | None = Field(None, description="Members trained at once; None = all that fit.")
     max_retries: int = Field(1, ge=0, description="Retries of a failed member before the stage fails.")
@@ -280,10 +301,14 @@ class GenerationSpec(_Strict):
         2, ge=0, le=MAX_SAMPLES, description="Responses sampled from π_ref per prompt (0 = none)."
     )
     pairing: Pairing = Field("all", description="All distinct pairs per prompt, or one random pair.")
-    max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    max_new_tokens: PositiveInt = Field(
+        48, le=MAX_NEW_TOKENS, description="Token cap of each sampled response; a response cut there is `capped`."
+    )
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 1 = π_ref's own distribution, 0 = greedy."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = no truncation.")
+    seed: int = Field(0, description="Sampling seed; with the prompt's position it fixes each prompt's samples.")
     max_prompts: PositiveInt | None = Field(
         None, le=MAX_ROWS, description="Sample for at most this many training prompts."
     )
@@ -303,14 +328,22 @@ class GenerationSpec(_Strict):
     replicas: PositiveInt = Field(
         1, le=MAX_WORKERS, description="Generation engines run in parallel (one per GPU or CPU worker)."
     )
-    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
-    max_model_len: PositiveInt = Field(1024, le=MAX_TOKENS)
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH, description="Prompts sent to an engine per call.")
+    max_model_len: PositiveInt = Field(
+        1024,
+        le=MAX_TOKENS,
+        description="Tokens of prompt + response an engine holds per sequence (vLLM's max_model_len).",
+    )
 
 
 class ScoreSpec(_Strict):
-    batch_size: PositiveInt = Field(16, le=MAX_BATCH)
+    batch_size: PositiveInt = Field(16, le=MAX_BATCH, description="Texts per scoring batch (rewards and log π_ref).")
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response when scoring.")
-    replicas: PositiveInt = Field(1, le=MAX_WORKERS)
+    replicas: PositiveInt = Field(
+        1,
+        le=MAX_WORKERS,
+        description="Scoring actors, each holding π_ref and every member (one per CPU or GPU worker).",
+    )
     precision: Precision = Field(
         "auto",
         description="Compute precision of the reward models' forward when they score the pairs: auto = bf16 "
@@ -320,7 +353,11 @@ class ScoreSpec(_Strict):
 
 
 class DistillSpec(_Strict):
-    loss: Loss = "e-dpo"
+    loss: Loss = Field(
+        "e-dpo",
+        description="dpo, ipo (labels), distill (one reward model or the ensemble mean), e-dpo (the ensemble, "
+        "pessimistically), p-dpo (dpo + alpha·forward KL).",
+    )
     beta: PositiveFloat = Field(0.1, description="KL strength β of the implicit reward β·log(π/π_ref).")
     alpha: float = Field(
         0.0,
@@ -337,16 +374,22 @@ class DistillSpec(_Strict):
     member: int | None = Field(
         None, ge=0, description="distill only: the reward-model member to distil from; None = ensemble mean."
     )
-    epochs: PositiveInt = Field(1, le=MAX_EPOCHS)
+    epochs: PositiveInt = Field(1, le=MAX_EPOCHS, description="Passes over the pairs (unless max_steps stops first).")
     max_steps: PositiveInt | None = Field(None, le=MAX_STEPS, description="Stop after this many optimizer steps.")
-    lr: PositiveFloat = 5.0e-6
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    batch_size: PositiveInt = Field(8, le=MAX_BATCH)
-    gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_ACCUM)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    lr: PositiveFloat = Field(5.0e-6, description="AdamW peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup (transformers' get_scheduler)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0; 0 = none.")
+    batch_size: PositiveInt = Field(8, le=MAX_BATCH, description="Pairs per micro-batch, per worker.")
+    gradient_accumulation_steps: PositiveInt = Field(
+        1, le=MAX_ACCUM, description="Micro-batches summed into each optimizer step (1 = none)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm; None = no clipping.")
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="Token budget of prompt + response.")
-    lora: LoraSpec | None = None
+    lora: LoraSpec | None = Field(
+        None, description="Train LoRA adapters (saved as distill.policy_format says); None = full fine-tuning."
+    )
     policy_format: Literal["merged", "adapter", "both"] = Field(
         "merged",
         description="How a LoRA policy is saved in distill/: merged (a whole model, LoRA folded in), adapter (the "
@@ -354,7 +397,7 @@ class DistillSpec(_Strict):
         "evaluates it), or both (the merged model, and the adapter in distill/adapter/). adapter and both need "
         "distill.lora.",
     )
-    num_workers: PositiveInt = Field(1, le=MAX_WORKERS)
+    num_workers: PositiveInt = Field(1, le=MAX_WORKERS, description="Ray Train data-parallel workers.")
     cpus_per_worker: PositiveFloat | None = Field(
         None,
         le=MAX_WORKERS,
@@ -362,8 +405,10 @@ class DistillSpec(_Strict):
         "1). None: each worker reserves 1 CPU, as Ray Train does, and computes with the largest node's CPUs shared "
         "evenly among the workers, so a lone worker uses the whole machine without waiting for it to be free.",
     )
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    use_gpu: bool = Field(False, description="One GPU per training worker; False trains on CPUs.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How workers share the model: ddp (a full copy each) or fsdp (sharded)."
+    )
     precision: Precision = Field(
         "auto",
         description="Compute precision of the policy's forward (and of π_ref's log-probs at scoring): auto = bf16 "
@@ -376,9 +421,11 @@ class DistillSpec(_Strict):
         "for longer texts or larger policies, about a third more compute. Off: activations are kept.",
     )
     checkpoint_every: PositiveInt = Field(50, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
-    log_every: PositiveInt = Field(1, le=MAX_STEPS)
+    log_every: PositiveInt = Field(
+        1, le=MAX_STEPS, description="Optimizer steps per metrics event (means over the window; the last step always)."
+    )
     max_failures: int = Field(2, ge=0, description="Worker restarts Ray Train may make, resuming from checkpoints.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the policy's pair order and any dropout.")
 
     @field_validator("policy_format")
     @classmethod
@@ -420,9 +467,13 @@ class EvaluateSpec(_Strict):
         description="Training pairs on which to report log π(chosen) − log π_ref(chosen) (0 = skip): DPO is known to "
         "push it down even as it fits the labels.",
     )
-    max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.7, ge=0.0)
-    seed: int = 0
+    max_new_tokens: PositiveInt = Field(48, le=MAX_NEW_TOKENS, description="Token cap of each evaluation sample.")
+    temperature: float = Field(
+        0.7, ge=0.0, description="Sampling temperature of the policy and π_ref alike (top_p 1); 0 = greedy."
+    )
+    seed: int = Field(
+        0, description="Evaluation sampling seed: the same seed gives π_ref the same samples in every job."
+    )
 
 
 class MlflowSpec(_Strict):
@@ -466,20 +517,40 @@ class TrackingSpec(_Strict):
 class ReuseSpec(_Strict):
     """Start from an earlier job's artifacts instead of recomputing them (a job id or a job folder)."""
 
-    ensemble: str | None = None
-    pairs: str | None = None
+    ensemble: str | None = Field(
+        None, description="Take the reward models (ensemble/) of this job; None = fit them (if the loss needs them)."
+    )
+    pairs: str | None = Field(
+        None,
+        description="Take the scored pairs (and data, generations, ensemble) of this job, e.g. to distil several "
+        "losses from the same pairs; None = compute them.",
+    )
 
 
 class JobSpec(_Strict):
-    name: str = Field("job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(
+        "job",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="A label for listings and filters (not unique; the service gives each job its own id).",
+    )
     reference: str = Field("builtin:smollm2-135m", description="π_ref and the policy's starting point.")
-    data: DataSpec = Field(default_factory=DataSpec)
-    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    score: ScoreSpec = Field(default_factory=ScoreSpec)
-    distill: DistillSpec = Field(default_factory=DistillSpec)
-    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
-    reuse: ReuseSpec = Field(default_factory=ReuseSpec)
+    data: DataSpec = Field(default_factory=DataSpec, description="The data stage: preference pairs in, split, biased.")
+    ensemble: EnsembleSpec = Field(
+        default_factory=EnsembleSpec, description="The ensemble stage: K Bradley-Terry reward models."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="The generate stage: responses sampled from π_ref."
+    )
+    score: ScoreSpec = Field(
+        default_factory=ScoreSpec, description="The score stage: every response scored by every member, and log π_ref."
+    )
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="The distill stage: training the policy.")
+    evaluate: EvaluateSpec = Field(
+        default_factory=EvaluateSpec, description="The evaluate stage: oracle win rate against π_ref, KL, lengths."
+    )
+    reuse: ReuseSpec = Field(default_factory=ReuseSpec, description="Start from an earlier job's artifacts.")
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Experiment trackers: TensorBoard (on by default), MLflow, W&B."
     )

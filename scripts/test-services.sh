@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Servers the tests start for themselves. The store's tests run a throwaway PostgreSQL (tests/support/postgres.py)
-# from Debian's `postgresql` binaries: install them when missing and this machine can (root with apt-get, as in CI).
-# Elsewhere the PostgreSQL cases skip and say why; under CI they fail instead.
+# System programs the tests drive, from Debian's packages: PostgreSQL (the store's tests start a throwaway server,
+# tests/support/postgres.py) and Chromium (the dashboard's browser test; Playwright's own browser download cannot
+# work offline). Installed when missing and this machine can (root with apt-get, as in CI); elsewhere the tests that
+# need them skip and say why, and under CI they fail instead.
 set -euo pipefail
-if command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
-  exit 0
-fi
+missing=()
+command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v chromium >/dev/null || missing+=(chromium)
+[ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends postgresql >/dev/null \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends postgresql >/dev/null; }
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
 else
-  echo "PostgreSQL is not installed and cannot be installed here: the store's PostgreSQL tests will skip" >&2
+  echo "not installed and cannot be installed here: ${missing[*]}; the tests that need them will skip" >&2
 fi

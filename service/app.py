@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import experiments_api, jobs_api, ops_api, policies_api, serving
+from service import artifacts_api, datasets_api, experiments_api, jobs_api, ops_api, policies_api, serving
 from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
@@ -36,18 +36,21 @@ SHUTDOWN_GRACE_S = 2
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks."""
+    """413 for bodies over the limit, whether announced by Content-Length or streamed in chunks; paths under a
+    prefix of `larger` (uploads) have that prefix's limit instead."""
 
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, larger: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.larger = app, max_bytes, larger or {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = f"request body over the {self.max_bytes}-byte limit"
+        path = scope.get("path", "")
+        limit = next((n for prefix, n in self.larger.items() if path.startswith(prefix)), self.max_bytes)
+        too_large = f"request body over the {limit}-byte limit"
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if length.isdigit() and int(length) > limit:
             await error_response(413, too_large)(scope, receive, send)
             return
         received = 0
@@ -57,7 +60,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # HTTPException, not ApiError: FastAPI turns other errors raised while reading a body into 400.
                     raise HTTPException(413, too_large)
             return message
@@ -133,8 +136,12 @@ def create_app(settings: Settings | None = None, stop_cluster: bool = True) -> F
 
     # The last added is outermost: the size limit rejects before any work; latency covers everything else.
     app.add_middleware(LatencyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        larger={datasets_api.router.prefix + "/": settings.max_upload_bytes},
+    )
 
-    for module in (jobs_api, experiments_api, policies_api, serving, ops_api):
+    for module in (jobs_api, artifacts_api, datasets_api, experiments_api, policies_api, serving, ops_api):
         app.include_router(module.router)
     return app

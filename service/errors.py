@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_jobs.spec import friendly_error
 from service.schemas import ErrorBody
 
 log = logging.getLogger("rmdistill.service")
@@ -41,11 +42,16 @@ def error_response(status: int, message: str, fields: list[dict[str, str]] | Non
     return JSONResponse(error_body(message, fields), status_code=status)
 
 
-def _field_path(loc: tuple) -> str:
-    parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
-    return ".".join(parts) or "body"
+def _field_error(error: dict) -> dict[str, str]:
+    """One request-validation error as the job spec's own errors read (``distill.beta: must be > 0``), its path
+    without FastAPI's "body"/"query" prefix; a body that is no JSON, or no object, is named ``body``."""
+    loc = tuple(error.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    field_error = friendly_error({**error, "loc": loc})
+    if not loc or error.get("type") == "json_invalid":
+        field_error["field"] = "body"
+    return field_error
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -55,13 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [
-            {
-                "field": "body" if e.get("type") == "json_invalid" else _field_path(e.get("loc", ())),
-                "message": str(e.get("msg")),
-            }
-            for e in exc.errors()
-        ]
+        fields = [_field_error(e) for e in exc.errors()]
         message = "invalid request: " + "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return error_response(422, message, fields)
 

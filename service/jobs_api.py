@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray_jobs.events import EventCursor, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import FINAL_STATES, JobState
-from ray_jobs.spec import SpecError, parse_spec
+from ray_jobs.spec import JobSpec, SpecError, parse_spec
 from service.admission import check_cluster, confine_spec
 from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
@@ -77,7 +77,7 @@ def job_detail(store: Store, job: Job) -> JobDetail:
     )
 
 
-def _owned_job(store: Store, job_id: str, owner: str | None) -> Job:
+def owned_job(store: Store, job_id: str, owner: str | None) -> Job:
     job = store.get_job(job_id, owner)
     if job is None:
         raise ApiError(404, f"job {job_id} not found")
@@ -87,7 +87,9 @@ def _owned_job(store: Store, job_id: str, owner: str | None) -> Job:
 @router.post(
     "",
     status_code=202,
-    summary="Submit a job spec (ray_jobs.spec.JobSpec as JSON)",
+    summary="Submit a job spec",
+    description="The body is a job spec (ray_jobs/spec.py; `rmdistill schema` prints the same JSON schema): every "
+    "field is optional, unknown fields are refused, and each bad field is named in the 422 body.",
     responses=error_responses(403, 409, 429, 503),
 )
 def submit_job(
@@ -96,14 +98,16 @@ def submit_job(
     settings: SettingsDep,
     backend: BackendDep,
     response: Response,
-    body: Annotated[dict[str, Any], Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
+    body: Annotated[JobSpec, Body(openapi_examples={"tiny": {"value": SPEC_EXAMPLE}})],
 ) -> JobDetail:
     job = submit_spec(body, owner, store, settings, backend)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_detail(store, job)
 
 
-def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings: Settings, backend: RayBackend) -> Job:
+def submit_spec(
+    body: dict[str, Any] | JobSpec, owner: str | None, store: Store, settings: Settings, backend: RayBackend
+) -> Job:
     """Validate, admit and submit one job spec: the path of POST /v1/jobs, and of each experiment cell."""
     try:
         spec = parse_spec(body)
@@ -122,7 +126,7 @@ def submit_spec(body: dict[str, Any], owner: str | None, store: Store, settings:
         job = store.get_job(ref, owner)
         return job.job_dir if job else None
 
-    spec = confine_spec(spec, settings.data_roots, own_job_dir)
+    spec = confine_spec(spec, settings.roots_for(owner), own_job_dir)
     check_cluster(spec, backend.resources(), settings.driver_memory_bytes)
 
     job_id = f"job-{secrets.token_hex(6)}"
@@ -160,7 +164,7 @@ def list_jobs(
     responses=error_responses(404),
 )
 def get_job(job_id: str, owner: Owner, store: StoreDep) -> JobDetail:
-    return job_detail(store, _owned_job(store, job_id, owner))
+    return job_detail(store, owned_job(store, job_id, owner))
 
 
 def job_results(job: Job) -> JobResults:
@@ -178,7 +182,7 @@ def job_results(job: Job) -> JobResults:
     responses=error_responses(404),
 )
 def get_results(job_id: str, owner: Owner, store: StoreDep) -> JobResults:
-    return job_results(_owned_job(store, job_id, owner))
+    return job_results(owned_job(store, job_id, owner))
 
 
 def _sse(event: dict[str, Any], event_id: int) -> bytes:
@@ -241,7 +245,7 @@ def job_events(
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
 ) -> Any:
-    job = _owned_job(store, job_id, owner)
+    job = owned_job(store, job_id, owner)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         last_id = request.headers.get("last-event-id", "")
         # isdecimal() also admits non-ASCII digits, which int() reads but a client's id never holds.
@@ -269,7 +273,7 @@ def job_logs(
     backend: BackendDep,
     tail: Annotated[int | None, Query(ge=1, le=MAX_LOG_LINES, description="Only the last this-many lines.")] = None,
 ) -> PlainTextResponse:
-    job = _owned_job(store, job_id, owner)
+    job = owned_job(store, job_id, owner)
     logs = backend.logs(job.ray_submission_id) if job.ray_submission_id else None
     if logs is None:
         raise ApiError(404, f"Ray has no logs for job {job_id} (it was never submitted or the cluster forgot it)")
@@ -282,14 +286,14 @@ def job_logs(
     "/{job_id}/cancel", status_code=202, summary="Stop the job's Ray job", responses=error_responses(404, 409, 503)
 )
 def cancel_job(job_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> JobDetail:
-    job = _owned_job(store, job_id, owner)
+    job = owned_job(store, job_id, owner)
     # A job can move under us (the follower submits a queued one, Ray starts a pending one): retry on the new state.
     for _ in range(5):
         if job.is_final:
             raise ApiError(409, f"job {job_id} is already {job.state}")
         if _cancel(store, backend, job):
             break
-        job = _owned_job(store, job_id, owner)
+        job = owned_job(store, job_id, owner)
     current = store.get_job(job_id)
     assert current is not None
     return job_detail(store, current)

@@ -49,7 +49,7 @@ def get_policy(policy_id: str, owner: Owner, store: StoreDep) -> PolicyView:
     responses=error_responses(403, 409, 422),
 )
 def register_policy(body: PolicyRegistration, owner: Owner, store: StoreDep, settings: SettingsDep) -> PolicyView:
-    folder = Path(confine_path("path", body.path, settings.data_roots))
+    folder = Path(confine_path("path", body.path, settings.roots_for(owner)))
     if not folder.is_dir() or not any((folder / marker).is_file() for marker in MODEL_MARKERS):
         raise ApiError(
             422,

@@ -42,7 +42,7 @@ class ErrorBody(BaseModel):
 ERROR_DESCRIPTIONS = {
     401: "Missing or unknown bearer token",
     403: "A path outside the data roots",
-    404: "No such job or policy among the caller's",
+    404: "No such job, policy, artifact or dataset among the caller's",
     409: "Conflicts with the job's state, an existing id, or what the cluster can ever provide",
     413: "Request body over the size limit",
     422: "Invalid request or job spec; `fields` names each offending field",
@@ -116,6 +116,34 @@ class EventPage(BaseModel):
     offset: int
     next_offset: int
     state: JobState
+
+
+class ArtifactView(BaseModel):
+    path: str = Field(description="The name to download it by: `<stage>/<file>`, or `<stage>.tar.gz` for a folder.")
+    kind: Literal["policy", "report", "plot", "pairs", "archive", "file"] = Field(
+        description="policy: the trained policy as a .tar.gz (a Hugging Face folder); report: the evaluation "
+        "report; plot: a PNG; pairs: the scored pairs (Parquet); archive: another stage folder; file: anything else."
+    )
+    bytes: int | None = Field(description="File size; None for archives, which are built while they are sent.")
+    media_type: str
+    url: str = Field(description="Where to GET it, relative to the service, with the same bearer token.")
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactView] = Field(description="Files of the published (complete) stages, then their archives.")
+
+
+class DatasetView(BaseModel):
+    name: str
+    source: str = Field(description="What to write as data.source in a job spec to train on this file.")
+    bytes: int
+    format: str | None = Field(description="The row format detected when it was uploaded.")
+    rows: int | None = Field(description="Rows it held when it was uploaded, every one valid.")
+    uploaded_at: Timestamp
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetView]
 
 
 # ----------------------------------------------------------------------------------------------------- policies

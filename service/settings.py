@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_jobs.layout import JOBS_DIR
 
+# Uploads live outside every shared data root, one folder per owner, so no spec reaches another owner's files.
+UPLOADS_DIR = "uploads"
+ANONYMOUS = "anonymous"  # the owner folder when auth is off (owner ids are 12 hex digits: no clash)
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -44,7 +48,10 @@ class Settings(BaseModel):
     database_url: str = Field("", description="Any SQLAlchemy URL; empty = SQLite file in data_dir.")
     token_hashes: frozenset[str] = Field(frozenset(), description="sha256 hex of each accepted bearer token.")
     data_roots: tuple[Path, ...] = Field((), description="Folders specs may read from; data_dir/datasets is added.")
-    max_body_bytes: int = Field(1 << 20, gt=0)
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body in bytes (uploads excepted).")
+    max_upload_bytes: int = Field(
+        256 << 20, gt=0, description="Largest dataset upload in bytes (PUT /v1/datasets/{name}); more gets 413."
+    )
     ray_address: str | None = Field(
         None, description="Existing cluster (dashboard URL or GCS address); None = embedded."
     )
@@ -114,6 +121,14 @@ class Settings(BaseModel):
     def jobs_dir(self) -> Path:
         return self.data_dir / JOBS_DIR
 
+    def uploads_of(self, owner: str | None) -> Path:
+        """The owner's data area: the datasets they uploaded, readable by their jobs only."""
+        return self.data_dir / UPLOADS_DIR / (owner or ANONYMOUS)
+
+    def roots_for(self, owner: str | None) -> tuple[Path, ...]:
+        """The folders an owner's specs may read from: their own uploads first, then the shared data roots."""
+        return (self.uploads_of(owner), *self.data_roots)
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from RMDISTILL_* / RAY_ADDRESS, with non-None keyword overrides winning."""
@@ -126,6 +141,7 @@ class Settings(BaseModel):
             "tokens": _split(env.get("RMDISTILL_TOKENS"), ","),
             "data_roots": tuple(Path(p) for p in _split(env.get("RMDISTILL_DATA_ROOTS"), os.pathsep)),
             "max_body_bytes": int(env.get("RMDISTILL_MAX_BODY_BYTES", str(1 << 20))),
+            "max_upload_bytes": int(env.get("RMDISTILL_MAX_UPLOAD_BYTES", str(256 << 20))),
             "ray_address": env.get("RAY_ADDRESS") or None,
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
             "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),

@@ -305,14 +305,15 @@ class TestEmbedded:
         runner = CliRunner()
         base = ["--url", embedded.url, "--token", TOKEN_A]
         job_id = completed["job"]["id"]
-        status = runner.invoke(app, [*base, "status", job_id])
+        status = runner.invoke(app, [*base, "--json", "status", job_id])
         assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "succeeded"
         listing = runner.invoke(app, [*base, "jobs", "--state", "succeeded"], env={"COLUMNS": "200"})
         assert listing.exit_code == 0 and job_id in listing.stdout
         bad = tmp_path / "bad.yaml"
         bad.write_text("name: bad\ndistill:\n  beta: -1\n")
         refused = runner.invoke(app, [*base, "submit", str(bad)], env={"COLUMNS": "200"})
-        assert refused.exit_code == 1 and "error 422" in refused.stdout and "distill.beta" in refused.stdout
+        assert refused.exit_code == 1 and "error 422" in refused.stderr and "distill.beta" in refused.stderr
+        assert refused.stdout == ""  # errors go to stderr: scripts read only answers from stdout
         assert runner.invoke(app, ["--url", embedded.url, "jobs"]).exit_code == 1  # no token: 401
 
     def test_cancel_stops_the_ray_job(self, embedded: Server, completed: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from clients import sdk
 from ray_jobs import names
 from ray_jobs.cluster import ClusterResources
 from ray_jobs.events import EventLog
+from ray_jobs.experiment.grid import Arm, ExperimentSpec, Grid
 from ray_jobs.layout import JobLayout
 from ray_jobs.spec import parse_spec
 from service import store as store_module
@@ -53,8 +55,14 @@ SUCCESS = {
     ("post", "/v1/chat/completions"): ("200", "ChatCompletion"),
     ("post", "/v1/policies/{policy_id}/generate"): ("200", "GenerateResponse"),
     ("get", "/healthz"): ("200", "Health"),
+    ("get", "/v1/jobs/{job_id}/artifacts"): ("200", "ArtifactList"),
+    ("get", "/v1/datasets"): ("200", "DatasetList"),
+    ("put", "/v1/datasets/{name}"): ("201", "DatasetView"),
 }
 TEXT_ROUTES = {("get", "/v1/jobs/{job_id}/logs"), ("get", "/metrics")}
+# Routes whose success is bytes (a download) or nothing (a deletion).
+BINARY_ROUTES = {("get", "/v1/jobs/{job_id}/artifacts/{path}")}
+EMPTY_ROUTES = {("delete", "/v1/datasets/{name}")}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,11 @@ def _operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------ OpenAPI
 def test_every_json_route_names_its_response_schema(openapi: dict[str, Any]) -> None:
     operations = _operations(openapi)
-    assert set(operations) == set(SUCCESS) | TEXT_ROUTES
+    assert set(operations) == set(SUCCESS) | TEXT_ROUTES | BINARY_ROUTES | EMPTY_ROUTES
+    for key in BINARY_ROUTES:
+        assert set(operations[key]["responses"]["200"]["content"]) == {"application/octet-stream"}, key
+    for key in EMPTY_ROUTES:
+        assert "content" not in operations[key]["responses"]["204"], key
     for key, (status, schema) in SUCCESS.items():
         content = operations[key]["responses"][status]["content"]["application/json"]
         assert content["schema"] == {"$ref": f"#/components/schemas/{schema}"}, key
@@ -95,6 +107,43 @@ def test_error_responses_are_documented_with_the_bodies_sent(openapi: dict[str, 
     chat = operations[("post", "/v1/chat/completions")]["responses"]
     assert chat["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIErrorBody")
     assert chat["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+def _referenced(schemas: dict[str, Any], name: str, seen: set[str] | None = None) -> set[str]:
+    """`name` and every component schema it references, transitively."""
+    seen = set() if seen is None else seen
+    if name not in seen:
+        seen.add(name)
+        for ref in re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schemas[name])):
+            _referenced(schemas, ref, seen)
+    return seen
+
+
+def test_job_submission_is_typed_with_the_spec_and_every_field_explains_itself(openapi: dict[str, Any]) -> None:
+    body = _operations(openapi)[("post", "/v1/jobs")]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/JobSpec"}
+    schemas = openapi["components"]["schemas"]
+    sections = _referenced(schemas, "JobSpec")
+    assert {
+        "DataSpec",
+        "LengthBias",
+        "EnsembleSpec",
+        "MemberOverride",
+        "LoraSpec",
+        "DistillSpec",
+        "ReuseSpec",
+    } <= sections
+    undescribed = [
+        f"{name}.{field}"
+        for name in sections
+        for field, prop in schemas[name].get("properties", {}).items()
+        if not prop.get("description")
+    ]
+    assert undescribed == []
+    # The experiment document, which the service also takes, explains itself the same way.
+    models = [ExperimentSpec, Grid, Arm]
+    assert [f"{m.__name__}.{f}" for m in models for f, info in m.model_fields.items() if not info.description] == []
+    assert schemas["DistillSpec"]["properties"]["beta"]["exclusiveMinimum"] == 0
 
 
 def test_job_states_come_from_one_place(openapi: dict[str, Any]) -> None:

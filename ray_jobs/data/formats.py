@@ -11,10 +11,10 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ray_jobs.data.errors import BAD_RECORD, DatasetError, RowProblem
-from ray_jobs.data.validate import check_distinct, check_label, check_text, require
+from ray_jobs.data.validate import Collected, check_distinct, check_label, check_text, collect, require
 
 FORMATS = ("standard", "implicit", "conversational", "unlabeled", "tldr_openai", "tldr_vertex")
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -200,6 +200,19 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], Pair]] = {
     "tldr_openai": _tldr_openai,
     "tldr_vertex": _tldr_vertex,
 }
+
+
+def extract_pairs(
+    records: list[tuple[int, Any]], format: str, *, on_error: Literal["fail", "skip"], source: str
+) -> tuple[str, Collected]:
+    """The records' format (detected when `format` is auto) and their pairs; bad rows raise one DatasetError naming
+    each (fail) or are counted by reason (skip)."""
+    if not records:
+        raise DatasetError(f"{source}: no rows")
+    fmt = detect_format(records) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown data format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    return fmt, collect(records, EXTRACTORS[fmt], on_error=on_error, source=source)
 
 
 class Renderer:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ray_jobs.data.columns import rename_columns
 from ray_jobs.data.errors import DatasetError
-from ray_jobs.data.formats import EXTRACTORS, FORMATS, Renderer, detect_format
+from ray_jobs.data.formats import EXTRACTORS, Renderer, extract_pairs
 from ray_jobs.data.length_bias import apply_length_bias
 from ray_jobs.data.prompt_budget import apply_prompt_budget
 from ray_jobs.data.reviews import label_by_oracle, reviews_records
@@ -44,14 +44,9 @@ def read_pairs(
     `config`, `revision`, `data_files` choose what is read (`ray_jobs.data.sources.read_source`); `columns` maps
     the data's own column names onto the ones the formats read."""
     records = read_source(source, split, config=config, revision=revision, data_files=data_files)
-    if not records:
-        raise DatasetError(f"{source}: no rows")
     if columns is not None:
         records = rename_columns(records, columns)
-    fmt = detect_format(records) if format == "auto" else format
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown data format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
-    collected = collect(records, EXTRACTORS[fmt], on_error=on_error, source=source)
+    fmt, collected = extract_pairs(records, format, on_error=on_error, source=source)
     render = renderer or Renderer(None)
     rows = [render.pair(pair, fmt) for pair in collected.rows]
     return rows, {"format": fmt, "rows_read": collected.rows_read, "skipped": collected.skipped}

@@ -38,7 +38,7 @@ class Arm(_Strict):
     """One training recipe compared across the grid."""
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=48, description="Label in tables and ids.")
-    loss: Loss
+    loss: Loss = Field(..., description="The arm's distill.loss (dpo, ipo, distill, e-dpo, p-dpo).")
     family: Family | None = Field(None, description="e-dpo's reduction over members; None keeps the base spec's.")
     member: int | None = Field(None, ge=0, description="distill only: one member instead of the ensemble mean.")
     alpha: list[float] | None = Field(
@@ -56,7 +56,7 @@ class Arm(_Strict):
 
 class Grid(_Strict):
     rho: list[float] = Field(..., min_length=1, description="Induced length-bias levels (share of longer-preferred).")
-    arms: list[Arm] = Field(..., min_length=1)
+    arms: list[Arm] = Field(..., min_length=1, description="The recipes compared; every one runs at every ρ and seed.")
     alpha: list[float] = Field(
         [0.0],
         min_length=1,
@@ -89,13 +89,19 @@ class Grid(_Strict):
 
 
 class ExperimentSpec(_Strict):
-    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Names the experiment, its cells' jobs and its default results folder.",
+    )
     base: dict[str, Any] = Field(
         ...,
         description="The job spec every cell starts from (its data.length_bias.rho, distill.loss, family, alpha "
         "and seeds are set per cell).",
     )
-    grid: Grid
+    grid: Grid = Field(..., description="The axes swept: ρ × arms × α × seeds.")
     quick: dict[str, Any] | None = Field(
         None, description="Overrides merged into {base, grid} by --quick: a small grid that runs in minutes."
     )

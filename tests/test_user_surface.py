@@ -1,0 +1,159 @@
+"""The user's surface end to end, on one real service (uvicorn, SQLite, its own Ray head) and one tiny job:
+
+- the CLI as a newcomer uses it: init → validate → upload → submit --follow → report → download, with output and
+  exit codes checked;
+- the dashboard in a real browser (Playwright driving Debian's Chromium, headless) on the job the CLI made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from clients.cli import app
+from service.background import BackgroundServer
+from service.settings import Settings
+from tests.support.data import write_prefs
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
+
+TOKEN = "token-dana"
+# The newcomer's spec made tiny: the same sections, test-sized models and steps.
+TINY = {
+    "reference": "tiny:llama",
+    "data": {"test_fraction": 0.25, "apply_chat_template": False},
+    "ensemble": {
+        "size": 2,
+        "backbone": "tiny:bert",
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 64,
+        "cpus_per_worker": 0.5,
+    },
+    "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
+    "score": {"max_length": 64},
+    "distill": {"max_steps": 3, "batch_size": 4, "max_length": 64, "epochs": 1},
+    "evaluate": {"oracle": "builtin:vader", "prompts": "held_out", "num_prompts": 4, "max_new_tokens": 6},
+}
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    home = tmp_path_factory.mktemp("surface")
+    with pytest.MonkeyPatch.context() as env:
+        # Policies are served by transformers in a half-CPU actor: no engine start to wait for on 2 cores.
+        env.setenv("RMDISTILL_SERVING_ENGINE", "hf")
+        env.setenv("RMDISTILL_SERVING_NUM_CPUS", "0.5")
+        server = BackgroundServer(Settings(data_dir=home, tokens=[TOKEN], ray_num_cpus=2, poll_interval_s=0.5))
+        server.start()
+        yield server
+        server.stop()
+
+
+def cli(server: BackgroundServer, *args: str, cwd: Path) -> Any:
+    """The real CLI in this process, against the real server; COLUMNS keeps rich from wrapping."""
+    runner = CliRunner()
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(cwd)
+        return runner.invoke(app, ["--url", server.url, "--token", TOKEN, *args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def newcomer(server: BackgroundServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every step a newcomer takes, in order; each step's result is kept for the tests to check."""
+    work = tmp_path_factory.mktemp("newcomer")
+    steps: dict[str, Any] = {"work": work}
+    steps["init"] = cli(server, "init", "own-data", "-o", "job.yaml", cwd=work)
+    written = yaml.safe_load((work / "job.yaml").read_text())
+    (work / "tiny.yaml").write_text(yaml.safe_dump(merge(written, TINY)))
+    steps["validate"] = cli(server, "validate", "tiny.yaml", cwd=work)
+    (work / "bad.yaml").write_text("name: bad\ndistill:\n  beta: -1\n")
+    steps["invalid"] = cli(server, "validate", "bad.yaml", cwd=work)
+    write_prefs(work / "my-prefs.jsonl", n=24)
+    steps["upload"] = cli(server, "upload", "my-prefs.jsonl", cwd=work)
+    steps["submit"] = cli(server, "submit", "tiny.yaml", "--follow", cwd=work)
+    match = re.search(r"submitted (job-[0-9a-f]+)", steps["submit"].stdout)
+    steps["job_id"] = job_id = match.group(1) if match else None
+    steps["report"] = cli(server, "report", job_id, cwd=work)
+    steps["report_json"] = cli(server, "--json", "report", job_id, cwd=work)
+    steps["download"] = cli(server, "download", job_id, "-o", "out", cwd=work)
+    return steps
+
+
+def test_init_writes_a_commented_spec_that_validates(newcomer):
+    init, validate, invalid = newcomer["init"], newcomer["validate"], newcomer["invalid"]
+    assert init.exit_code == 0 and "wrote job.yaml" in init.stdout
+    text = (newcomer["work"] / "job.yaml").read_text()
+    assert text.startswith("# Your own preference file") and "source: my-prefs.jsonl" in text
+    assert validate.exit_code == 0 and "valid" in validate.stdout and "tiny:llama" in validate.stdout
+    assert invalid.exit_code == 2 and "distill.beta" in invalid.stderr and "must be > 0" in invalid.stderr
+    again = cli_offline("init", "own-data", "-o", str(newcomer["work"] / "job.yaml"))
+    assert again.exit_code == 2 and "exists" in again.stderr
+
+
+def cli_offline(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_upload_then_submit_follows_the_job_to_success(newcomer):
+    upload, submit = newcomer["upload"], newcomer["submit"]
+    assert upload.exit_code == 0, upload.output
+    assert "24 valid rows (standard)" in upload.stdout and "data.source: my-prefs.jsonl" in upload.stdout
+    assert submit.exit_code == 0, submit.output
+    job_id = newcomer["job_id"]
+    assert f"job {job_id}: succeeded" in submit.stdout and f"#/jobs/{job_id}" in submit.stdout
+
+
+def test_report_prints_the_evaluation_table(newcomer):
+    report, as_json = newcomer["report"], newcomer["report_json"]
+    assert report.exit_code == 0 and as_json.exit_code == 0
+    evaluation = json.loads(as_json.stdout)
+    assert "samples" not in evaluation and evaluation["num_prompts"] == 4
+    win = evaluation["win_rate"]
+    assert win["wins"] + win["ties"] + win["losses"] == win["n"] == 4
+    assert "evaluation on 4 prompts" in report.stdout
+    assert f"{win['rate']:.3f} [{win['lo']:.3f}, {win['hi']:.3f}]" in report.stdout
+    assert "KL(π‖π_ref)" in report.stdout
+
+
+def test_download_fetches_the_policy_report_and_plots(newcomer):
+    download, job_id = newcomer["download"], newcomer["job_id"]
+    assert download.exit_code == 0, download.output
+    folder = newcomer["work"] / "out" / job_id
+    report = json.loads((folder / "evaluate" / "report.json").read_text())
+    assert report["win_rate"] == json.loads(newcomer["report_json"].stdout)["win_rate"]
+    assert {p.name for p in (folder / "evaluate").glob("*.png")} >= {"training_curves.png", "lengths.png"}
+    with tarfile.open(folder / "distill.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"{job_id}-distill/config.json", f"{job_id}-distill/rmdistill.json"} <= names
+    assert not list(folder.rglob(".*.partial"))
+
+
+def test_events_policies_and_exit_codes(server, newcomer):
+    job_id, work = newcomer["job_id"], newcomer["work"]
+    events = cli(server, "events", job_id, cwd=work)
+    assert events.exit_code == 0 and events.stdout.splitlines()[-1].split()[1:3] == ["job_finished", "succeeded"]
+    lines = cli(server, "--json", "events", job_id, cwd=work).stdout.splitlines()
+    assert json.loads(lines[0])["kind"] == "job_started" and json.loads(lines[-1])["kind"] == "job_finished"
+    assert job_id in cli(server, "policies", cwd=work).stdout
+    missing = cli(server, "download", job_id, "nothing.bin", cwd=work)
+    assert missing.exit_code == 1 and "no artifact 'nothing.bin'" in missing.stderr
+    gone = cli(server, "report", "job-000000000000", cwd=work)
+    assert gone.exit_code == 1 and "error 404" in gone.stderr
+    unreachable = cli_offline("--url", "http://127.0.0.1:9", "jobs")
+    assert unreachable.exit_code == 3 and "cannot reach the service" in unreachable.stderr
