@@ -193,7 +193,8 @@ class DataSpec(_Strict):
     @field_validator("long_prompts")
     @classmethod
     def _needs_a_budget(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("max_prompt_tokens") is None:
+        # Only a change from the default is refused: a stored spec carries the default too and must read back.
+        if value != "truncate" and info.data.get("max_prompt_tokens") is None:
             raise ValueError("has nothing to act on without data.max_prompt_tokens")
         return value
 

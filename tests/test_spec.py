@@ -92,3 +92,17 @@ def test_sizes_have_upper_bounds_named_in_the_error(section, field, value, bound
     with pytest.raises(SpecError) as err:
         parse_spec({section: {field: value}})
     assert err.value.errors == [{"field": f"{section}.{field}", "message": f"must be <= {bound}"}]
+
+
+JOB_EXAMPLES = [
+    p for p in sorted(Path(__file__).resolve().parents[1].glob("examples/*.yaml")) if p.stem != "experiment"
+]
+
+
+@pytest.mark.parametrize("path", JOB_EXAMPLES, ids=lambda p: p.name)
+def test_a_spec_reads_back_from_what_it_writes(path: Path) -> None:
+    """The service stores a spec with every default written out and the driver reads that back: no validator may
+    refuse a default, or every job fails before its first stage."""
+    spec = load_spec(path)
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+    assert parse_spec(JobSpec().model_dump(mode="json")) == JobSpec()
