@@ -150,6 +150,11 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
                 extra = {"engines": engines} if stage in SAMPLING_STAGES else {}
                 summary = stage_function(stage)(spec, job_dir, events, **extra) or {}
                 if not SAMPLING_STAGES.intersection(pending[i + 1 :]):
+                    if stage in SAMPLING_STAGES and "evaluate" in pending:
+                        # Evaluation's π_ref samples, drawn now on the held engine instead of a new one later.
+                        from ray_jobs.evaluate.stage import reference_samples
+
+                        reference_samples(spec, job_dir, events, engines)
                     engines.close()  # the later stages need the CPUs (or GPUs) and memory the engines hold
                 if not layout.is_complete(stage):
                     raise RuntimeError(f"stage {stage} returned without publishing {stage}/")

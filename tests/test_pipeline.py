@@ -77,6 +77,16 @@ def test_events_tell_the_story(finished_job):
     assert any(e["kind"] == "metrics" and e["stage"] == "ensemble" for e in events)
 
 
+def test_a_job_starts_each_model_once(finished_job):
+    """π_ref starts once, for data, generation and evaluation's reference samples alike; the policy starts once in
+    evaluation, for its samples at evaluation's temperature (0.7 here) and its KL samples at temperature 1."""
+    _, job_dir, _ = finished_job
+    starts = [(e["stage"], e["engine_started"]) for e in read_events(job_dir) if "engine_started" in e]
+    assert starts == [("generate", "hf"), ("evaluate", "hf")]
+    report = json.loads((job_dir / "evaluate" / "report.json").read_text())
+    assert report["kl"]["samples"] == 4 and len(report["samples"]["reference"]) == 4
+
+
 def test_rerunning_a_finished_job_does_no_work(finished_job):
     spec, job_dir, _ = finished_job
     before = {p: p.stat().st_mtime_ns for p in job_dir.rglob("*") if p.is_file() and p.name != "events.jsonl"}

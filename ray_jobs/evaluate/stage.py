@@ -26,7 +26,7 @@ from ray_jobs.data.stage import BUILTIN_REVIEWS
 from ray_jobs.distill.card import write_policy_card
 from ray_jobs.events import EventLog
 from ray_jobs.generate.cache import cached_samples
-from ray_jobs.generate.engines import generate, kl_sampling
+from ray_jobs.generate.engines import SamplingEngines, kl_sampling
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import Precision
 from ray_jobs.spec import GenerationSpec, JobSpec
@@ -110,12 +110,22 @@ def _flat(texts: list[list[str]], ended: list[list[bool]], n: int) -> tuple[list
     return [t for ts in padded for t in ts], [e for es in flags for e in es]
 
 
-def _sample(
-    model_ref: str | Path, prompts: list[str], gen: GenerationSpec, events: EventLog, n: int
-) -> tuple[list[str], list[bool]]:
+def _sample(engines: SamplingEngines, prompts: list[str], gen: GenerationSpec, n: int) -> tuple[list[str], list[bool]]:
     """n completions per prompt (prompt-major), and whether each ended on its own (False: cut at max_new_tokens)."""
-    out = generate(model_ref, prompts, n, gen, events, stage=STAGE)
+    out = engines.generate(prompts, n, gen, STAGE)
     return _flat(out.texts, out.ended, n)
+
+
+def reference_samples(
+    spec: JobSpec, job_dir: str | Path, events: EventLog, engines: SamplingEngines | None = None
+) -> tuple[list[str], list[bool]]:
+    """π_ref's evaluation samples, flattened like the policy's. They are cached: the pipeline draws them on the π_ref
+    engine it holds for the data and generate stages, before it ends that engine, so evaluation reads them instead
+    of starting π_ref again; seeded by stage, they are the samples an engine of evaluation's own would draw."""
+    prompts = evaluation_prompts(spec, JobLayout(job_dir))
+    n = spec.evaluate.samples_per_prompt
+    texts, ended, _ = cached_samples(spec.reference, prompts, n, sampling(spec), events, stage=STAGE, engines=engines)
+    return _flat(texts, ended, n)
 
 
 class Responses(NamedTuple):
@@ -216,14 +226,14 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     n = e.samples_per_prompt
     events.emit("log", STAGE, message=f"sampling policy and reference on {len(prompts)} prompts, {n} each")
     gen = sampling(spec)
-    policy_texts, policy_ended = _sample(policy, prompts, gen, events, n)
-    reference_texts, reference_ended = _flat(
-        *cached_samples(spec.reference, prompts, n, gen, events, stage=STAGE)[:2], n
-    )
-    sample_prompts = [p for p in prompts for _ in range(n)]
-    # KL(π‖π_ref) is an expectation under π itself: samples at temperature 1, drawn apart when evaluation's differs.
+    # KL(π‖π_ref) is an expectation under π itself: samples at temperature 1, drawn apart when evaluation's differs,
+    # on the same policy engine.
     kl_gen = kl_sampling(gen)
-    kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(policy, prompts, kl_gen, events, n)
+    with SamplingEngines(policy, events) as engines:
+        policy_texts, policy_ended = _sample(engines, prompts, gen, n)
+        kl_texts, kl_ended = (policy_texts, policy_ended) if kl_gen == gen else _sample(engines, prompts, kl_gen, n)
+    reference_texts, reference_ended = reference_samples(spec, job_dir, events)
+    sample_prompts = [p for p in prompts for _ in range(n)]
     m = n * min(e.kl_prompts or len(prompts), len(prompts))
     kl_set = Responses(sample_prompts[:m], kl_texts[:m], kl_ended[:m], spec.distill.max_length + e.max_new_tokens)
     chosen = chosen_responses(spec, layout)
