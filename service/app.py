@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service import artifacts_api, datasets_api, experiments_api, jobs_api, ops_api, policies_api, serving
+from service import artifacts_api, dashboard, datasets_api, experiments_api, jobs_api, ops_api, policies_api, serving
 from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
@@ -144,4 +144,5 @@ def create_app(settings: Settings | None = None, stop_cluster: bool = True) -> F
 
     for module in (jobs_api, artifacts_api, datasets_api, experiments_api, policies_api, serving, ops_api):
         app.include_router(module.router)
+    dashboard.mount(app)
     return app

@@ -9,13 +9,16 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.admission import confine_path
-from service.deps import Owner, SettingsDep, StoreDep
+from service.deps import BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.schemas import PolicyList, PolicyView, error_responses
 from service.store import PolicyExists
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"], responses=error_responses(401))
 JOB_POLICY_PREFIX = "job-"
+# π_ref of policy P is served as policy "ref-P" (POST /v1/policies/P/reference).
+REFERENCE_PREFIX = "ref-"
+RESERVED_PREFIXES = (JOB_POLICY_PREFIX, REFERENCE_PREFIX)
 # A folder transformers (full checkpoint) or PEFT (adapter) can load.
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 
@@ -57,11 +60,13 @@ def register_policy(body: PolicyRegistration, owner: Owner, store: StoreDep, set
             [{"field": "path", "message": "not a Hugging Face model or adapter folder"}],
         )
     policy_id = body.id or f"pol-{secrets.token_hex(6)}"
-    if policy_id.startswith(JOB_POLICY_PREFIX):
-        # A job's policy takes the job's id when the job succeeds: nobody may squat it beforehand.
+    if policy_id.startswith(RESERVED_PREFIXES):
+        # A job's policy takes the job's id when the job succeeds, and a reference takes its policy's: nobody may
+        # squat either beforehand.
         raise ApiError(
             422,
-            f"id: {policy_id!r} is reserved (ids starting with {JOB_POLICY_PREFIX!r} name the policies jobs produce)",
+            f"id: {policy_id!r} is reserved (ids starting with {JOB_POLICY_PREFIX!r} name the policies jobs produce, "
+            f"{REFERENCE_PREFIX!r} their references)",
             [{"field": "id", "message": "reserved prefix"}],
         )
     try:
@@ -72,3 +77,43 @@ def register_policy(body: PolicyRegistration, owner: Owner, store: StoreDep, set
         # The same answer whoever holds the id, and nothing about them.
         raise ApiError(409, f"policy id {policy_id} is not available", [{"field": "id", "message": "taken"}]) from None
     return PolicyView.model_validate(policy)
+
+
+@router.post(
+    "/{policy_id}/reference",
+    summary="The policy's π_ref as a policy of its own (id ref-<policy id>), to serve and compare side by side",
+    responses=error_responses(404, 409, 422),
+)
+def reference_policy(policy_id: str, owner: Owner, store: StoreDep, backend: BackendDep) -> PolicyView:
+    policy = store.get_policy(policy_id, owner)
+    if policy is None:
+        raise ApiError(404, f"policy {policy_id} not found")
+    reference_id = f"{REFERENCE_PREFIX}{policy.id}"
+    existing = store.get_policy(reference_id, owner)
+    if existing is not None:
+        return PolicyView.model_validate(existing)
+    if not policy.base_model:
+        raise ApiError(409, f"policy {policy_id} records no reference model (register it with base_model)")
+    folder = _reference_folder(policy.base_model, Path(backend.job_env()["RMDISTILL_CACHE"]))
+    try:
+        registered = store.add_policy(
+            policy_id=reference_id, path=str(folder), owner=owner, base_model=policy.base_model, loss=None
+        )
+    except PolicyExists:  # registered by a concurrent request meanwhile
+        registered = store.get_policy(reference_id, owner)
+    return PolicyView.model_validate(registered)
+
+
+def _reference_folder(reference: str, cache: Path) -> Path:
+    """The local folder of a reference model as the job's driver found it (the same model cache); 409 for what
+    cannot be served from here (a hub id, or a model that is gone)."""
+    # Imported here: the registry imports torch, which only this route of the policy API needs.
+    from ray_jobs.models.registry import ModelNotFoundError, resolve_model_path
+
+    try:
+        folder = resolve_model_path(reference, cache)
+    except ModelNotFoundError as exc:
+        raise ApiError(409, f"the reference {reference!r} cannot be served: {exc}") from None
+    if not isinstance(folder, Path):
+        raise ApiError(409, f"the reference {reference!r} is a hub id, not a model folder on this machine")
+    return folder

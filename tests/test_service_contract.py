@@ -58,6 +58,7 @@ SUCCESS = {
     ("get", "/v1/jobs/{job_id}/artifacts"): ("200", "ArtifactList"),
     ("get", "/v1/datasets"): ("200", "DatasetList"),
     ("put", "/v1/datasets/{name}"): ("201", "DatasetView"),
+    ("post", "/v1/policies/{policy_id}/reference"): ("200", "PolicyView"),
 }
 TEXT_ROUTES = {("get", "/v1/jobs/{job_id}/logs"), ("get", "/metrics")}
 # Routes whose success is bytes (a download) or nothing (a deletion).

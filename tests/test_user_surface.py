@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,27 +24,26 @@ from clients.cli import app
 from service.background import BackgroundServer
 from service.settings import Settings
 from tests.support.data import write_prefs
+from tests.test_service import tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
 TOKEN = "token-dana"
-# The newcomer's spec made tiny: the same sections, test-sized models and steps.
-TINY = {
-    "reference": "tiny:llama",
-    "data": {"test_fraction": 0.25, "apply_chat_template": False},
-    "ensemble": {
-        "size": 2,
-        "backbone": "tiny:bert",
-        "epochs": 1,
-        "batch_size": 8,
-        "max_length": 64,
-        "cpus_per_worker": 0.5,
-    },
-    "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
-    "score": {"max_length": 64},
-    "distill": {"max_steps": 3, "batch_size": 4, "max_length": 64, "epochs": 1},
-    "evaluate": {"oracle": "builtin:vader", "prompts": "held_out", "num_prompts": 4, "max_new_tokens": 6},
-}
+# Screenshots of the dashboard test land here (CI keeps the folder as the test's artifacts).
+SCREENSHOTS = Path(os.environ.get("RMDISTILL_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The newcomer's spec made tiny: the test service's tiny models and steps, on the file the newcomer uploads.
+TINY = {key: value for key, value in tiny_spec("newcomer", max_steps=3).items() if key != "name"}
+TINY["data"] = {**TINY["data"], "source": "my-prefs.jsonl"}
 
 
 def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -157,3 +158,89 @@ def test_events_policies_and_exit_codes(server, newcomer):
     assert gone.exit_code == 1 and "error 404" in gone.stderr
     unreachable = cli_offline("--url", "http://127.0.0.1:9", "jobs")
     assert unreachable.exit_code == 3 and "cannot reach the service" in unreachable.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ dashboard
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (never Playwright's own browser download)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        message = "no chromium on PATH (Debian's chromium package; make test installs it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI runs the browser test, never skips it
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Playwright gives the browser a fresh, empty profile of its own.
+        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(server, newcomer, browser, ray_cluster):
+    """`ray_cluster`: the serving actors run on the session's local Ray. Ray reads its auth settings once per
+    process, and this one (with the session cluster's, auth off) cannot also join the embedded head, whose token
+    `rmdistill serve` sets before Ray is imported."""
+    job_id = newcomer["job_id"]
+    assert job_id, newcomer["submit"].output
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+
+    # Signed out, the page asks for the token; with it, the jobs list shows the finished job, every stage done.
+    page.goto(f"{server.url}/")
+    page.fill("#token", TOKEN)
+    page.click("#login-form button")
+    row = page.locator(f"tr[data-job={job_id}]")
+    row.wait_for(timeout=60_000)
+    assert row.locator(".badge").inner_text() == "succeeded"
+    assert row.locator(".stage-pill.finished").count() == 6
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-jobs.png"))
+
+    # The job page: its stage timeline, curves drawn from the distillation's metrics, the ensemble, the plots.
+    row.click()
+    loss = page.locator("[data-chart='Loss']")
+    loss.locator("canvas").first.wait_for(timeout=60_000)
+    page.wait_for_function("document.querySelector(\"[data-chart='Loss']\").dataset.points > 0")
+    assert int(loss.get_attribute("data-points")) == 3  # distill.max_steps points of one series
+    drawn = page.evaluate(
+        """() => {
+            const canvas = document.querySelector("[data-chart='Loss'] canvas");
+            const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            let inked = 0;
+            for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) inked++;
+            return inked;
+        }"""
+    )
+    assert drawn > 1000, "the loss chart's canvas is blank"
+    assert page.locator("[data-chart='Per-member loss (e-DPO)']").get_attribute("data-series") == "2"
+    assert page.locator("#members tr").count() == 1 + 2  # header + the two reward models
+    plots = page.locator("#plots img")
+    plots.first.wait_for(timeout=30_000)
+    page.wait_for_function("[...document.querySelectorAll('#plots img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert {plots.nth(i).get_attribute("alt") for i in range(plots.count())} >= {
+        "evaluate/training_curves.png",
+        "evaluate/lengths.png",
+        "evaluate/rewards.png",
+    }
+    assert "win rate vs π_ref" in page.locator("#evaluation").inner_text()
+    assert "job_finished" in page.locator("#events").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-job.png"), full_page=True)
+
+    # The playground: the policy and π_ref answer the same prompt, each streamed in several chunks.
+    page.click("text=open its policy in the playground")
+    page.locator("#run").wait_for()
+    assert page.locator("#policy").input_value() == job_id
+    page.fill("#max-tokens", "12")
+    page.click("#run")
+    for pane in ("#answer-policy", "#answer-reference"):
+        page.wait_for_selector(f"{pane}[data-done=true]", timeout=600_000)
+    for pane in ("#answer-policy", "#answer-reference"):
+        assert int(page.get_attribute(pane, "data-chunks")) > 1, page.locator(pane).inner_text()
+        assert page.locator(f"{pane} .text").inner_text().strip() and "error" not in page.locator(pane).inner_text()
+    assert page.locator("#answer-reference h3").inner_text() == "π_ref tiny:llama"
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-playground.png"), full_page=True)
+    assert problems == []

@@ -72,12 +72,14 @@ def materialise(name: str, build: Callable[[Path], None], cache: Path | None = N
     return target
 
 
-def resolve_model_path(ref: str | os.PathLike[str]) -> Path | str:
-    """Map a model reference to a local folder (Path), or return it unchanged (str) when it is a hub id."""
+def resolve_model_path(ref: str | os.PathLike[str], cache: Path | None = None) -> Path | str:
+    """Map a model reference to a local folder (Path), or return it unchanged (str) when it is a hub id.
+
+    `cache`: where built-in and tiny models are materialised (default `model_cache()`, this process's)."""
     text = os.fspath(ref)
     if text in _MATERIALISED:
         name, build = _MATERIALISED[text]
-        return materialise(name, build)
+        return materialise(name, build, cache)
     if text == "builtin:minilm-l6":
         return builtins.minilm_dir()
     if text in _NOT_A_MODEL:

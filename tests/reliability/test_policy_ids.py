@@ -57,6 +57,25 @@ def test_job_ids_are_reserved_for_the_policies_jobs_produce(server):
     }
 
 
+def test_a_reference_is_served_as_its_own_policy_and_its_id_is_reserved(server, tiny_llama):
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    assert register(server, ALICE, path="alice-model", id="tuned", base_model="tiny:llama").status_code == 201
+    first = httpx.post(f"{server.url}/v1/policies/tuned/reference", headers=alice, timeout=120)
+    assert first.status_code == 200, first.text
+    reference = first.json()
+    # The folder the job's driver used: the same model cache, the same materialised tiny model.
+    assert (reference["id"], reference["path"], reference["base_model"]) == ("ref-tuned", str(tiny_llama), "tiny:llama")
+    assert httpx.post(f"{server.url}/v1/policies/tuned/reference", headers=alice).json() == reference
+    bob = {"Authorization": f"Bearer {BOB}"}
+    assert httpx.post(f"{server.url}/v1/policies/tuned/reference", headers=bob).status_code == 404
+    squat = register(server, BOB, path="bob-model", id="ref-mine")
+    assert squat.status_code == 422 and squat.json()["error"]["fields"][0]["message"] == "reserved prefix"
+    for policy_id, base_model, why in [("bare", None, "records no reference"), ("hubbed", "org/model", "hub id")]:
+        assert register(server, ALICE, path="alice-model", id=policy_id, base_model=base_model).status_code == 201
+        refused = httpx.post(f"{server.url}/v1/policies/{policy_id}/reference", headers=alice, timeout=60)
+        assert refused.status_code == 409 and why in refused.json()["error"]["message"]
+
+
 def test_the_store_never_overwrites_and_a_resync_registers_a_job_once(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     try:
