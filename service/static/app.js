@@ -200,6 +200,8 @@ function chart(title, steps, series, yLabel) {
     box.append(h("div", { class: "empty" }, "no data yet"));
     return box;
   }
+  // Three significant digits: uPlot's default rounds a loss that moves by 1e-4 to a column of zeros.
+  const tick = (v) => (v == null ? "" : String(Number(v.toPrecision(3))));
   const palette = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#0c8599", "#c92a2a", "#5c940d", "#862e9c"];
   const options = {
     width: 560,
@@ -207,7 +209,7 @@ function chart(title, steps, series, yLabel) {
     legend: { live: true },
     scales: { x: { time: false } },
     // Steps are whole numbers: no tick at step 1.25.
-    axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, { label: yLabel || "", size: 60 }],
+    axes: [{ label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] }, { label: yLabel || "", size: 60, values: (u, ticks) => ticks.map(tick) }],
     series: [{ label: "step" }, ...live.map((s, i) => ({ label: s.label, stroke: palette[i % palette.length], width: 2, points: { show: steps.length < 40 } }))],
   };
   queueMicrotask(() => {
