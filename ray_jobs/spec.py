@@ -193,9 +193,9 @@ class DataSpec(_Strict):
     @field_validator("long_prompts")
     @classmethod
     def _needs_a_budget(cls, value: str, info: ValidationInfo) -> str:
-        # Only a change from the default is refused: a stored spec carries the default too and must read back.
-        if value != "truncate" and info.data.get("max_prompt_tokens") is None:
-            raise ValueError("has nothing to act on without data.max_prompt_tokens")
+        # The default (truncate) must pass: a dumped spec names every field, and it must validate again.
+        if value == "drop" and info.data.get("max_prompt_tokens") is None:
+            raise ValueError("drop has nothing to act on without data.max_prompt_tokens")
         return value
 
 

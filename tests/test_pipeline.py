@@ -66,6 +66,20 @@ def test_whole_pipeline_writes_the_designed_artifacts(finished_job):
     assert not (job_dir / ".partial").exists() or not any((job_dir / ".partial").iterdir())
 
 
+def test_the_policy_card_tells_how_the_policy_was_trained_and_how_it_did(finished_job):
+    spec, job_dir, summaries = finished_job
+    card = (JobLayout(job_dir).policy / "README.md").read_text()
+    win = json.loads(JobLayout(job_dir).report.read_text())["win_rate"]
+    manifest = json.loads(JobLayout(job_dir).manifest.read_text())
+    assert card.startswith("---\nbase_model: tiny:llama\nlibrary_name: transformers\n")
+    assert "**tiny:llama** with the loss **e-dpo**" in card and "family min" in card
+    assert f"{summaries['data']['train']} training and {summaries['data']['test']} held-out pairs" in card
+    assert f"| 1 | trained | tiny:bert | {manifest['accuracies'][1]:.4g} |" in card
+    assert f"{summaries['distill']['steps']} optimizer steps" in card
+    # Written again once the evaluation was done: its win rate, not "Not evaluated yet."
+    assert f"by builtin:vader: {win['rate']:.4g} (95% interval {win['lo']:.4g}–{win['hi']:.4g}, n = {win['n']})" in card
+
+
 def test_events_tell_the_story(finished_job):
     _, job_dir, _ = finished_job
     events = list(read_events(job_dir))

@@ -12,6 +12,13 @@ import pytest
 from ray_jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 
 
+def test_a_dumped_spec_validates_again():
+    """The driver and the service re-validate the full dump, where every option is named with its default."""
+    for data in ({}, {"data": {"source": "org/ds", "config": "c", "max_prompt_tokens": 8, "long_prompts": "drop"}}):
+        spec = parse_spec(data)
+        assert parse_spec(json.loads(json.dumps(spec.model_dump(mode="json")))) == spec
+
+
 def test_every_example_job_spec_is_valid():
     examples = Path(__file__).resolve().parents[1] / "examples"
     jobs = [path for path in sorted(examples.glob("*.yaml")) if path.name != "experiment.yaml"]
