@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
 
-from service.deps import EnginesDep, Owner, SettingsDep, StoreDep
+from service.deps import Owner, ServingDep, SettingsDep, StoreDep
 from service.engines import (
-    EngineManager,
+    Delta,
     EngineRequestError,
     EngineUnavailableError,
     GenerationResult,
@@ -29,6 +29,7 @@ from service.engines import (
 )
 from service.metrics import metrics_label
 from service.schemas import error_responses
+from service.serving_client import PolicyServing
 from service.serving_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -147,7 +148,7 @@ def _within_budget(settings: Settings, factors: dict[str, int], param: str) -> N
         )
 
 
-def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: bool) -> SamplingRequest:
+def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: int | None) -> SamplingRequest:
     return SamplingRequest(
         prompt=prompt,
         messages=messages,
@@ -171,11 +172,11 @@ def _record(policy_id: str, endpoint: str, start: float, results: list[Generatio
 
 
 async def _run(
-    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+    serving: PolicyServing, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
 ) -> list[GenerationResult]:
     start, results = time.perf_counter(), None
     try:
-        results = list(await asyncio.gather(*(engines.generate(policy.id, str(policy.path), r) for r in reqs)))
+        results = list(await asyncio.gather(*(serving.generate(policy.id, str(policy.path), r) for r in reqs)))
         return results
     finally:
         _record(policy.id, endpoint, start, results)
@@ -186,17 +187,17 @@ StreamItem = tuple[int, str] | list[GenerationResult]
 
 
 async def _stream(
-    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+    serving: PolicyServing, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
 ) -> AsyncIterator[StreamItem]:
     """Deltas of every choice (prompt p's sample k is choice p * n + k), prompts one after another."""
     start, results = time.perf_counter(), []
     try:
         for p, req in enumerate(reqs):
-            async for item in engines.stream(policy.id, str(policy.path), req):
+            async for item in serving.stream(policy.id, str(policy.path), req):
                 if isinstance(item, GenerationResult):
                     results.append(item)
-                else:
-                    yield p * req.n + item["index"], item["text"]
+                elif isinstance(item, Delta) and item.text:
+                    yield p * req.n + item.index, item.text
     except BaseException:
         _record(policy.id, endpoint, start, None)
         raise
@@ -248,13 +249,13 @@ async def list_models(owner: Owner, store: StoreDep) -> ModelList:
 
 @router.post("/v1/completions", response_model=Completion, responses={**STREAMED, **OPENAI_ERRORS})
 async def completions(
-    body: CompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    body: CompletionRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> Any:
     policy = _policy(store, body.model, owner)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or 16
     _within_budget(settings, {"prompts": len(prompts), "n": body.n, "max_tokens": max_tokens}, "max_tokens")
-    reqs = [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts]
+    reqs = [_sampling(body, p, None, max_tokens, body.logprobs) for p in prompts]
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -270,11 +271,11 @@ async def completions(
             return chunks
 
         return await _sse(
-            _stream(engines, policy, "completions", reqs),
+            _stream(serving, policy, "completions", reqs),
             lambda i, text: [_completion_chunk(ident, created, body.model, i, text, None)],
             on_end,
         )
-    results = await _run(engines, policy, "completions", reqs)
+    results = await _run(serving, policy, "completions", reqs)
     samples = [s for r in results for s in r.samples]
     choices = [
         CompletionChoice(
@@ -297,7 +298,7 @@ def _completion_chunk(ident: str, created: int, model: str, index: int, text: st
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**STREAMED, **OPENAI_ERRORS})
 async def chat_completions(
-    body: ChatCompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    body: ChatCompletionRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> Any:
     policy = _policy(store, body.model, owner)
     try:
@@ -307,11 +308,11 @@ async def chat_completions(
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     _within_budget(settings, {"n": body.n, param: max_tokens}, param)
-    req = _sampling(body, None, messages, max_tokens, body.logprobs)
+    req = _sampling(body, None, messages, max_tokens, 0 if body.logprobs else None)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return await _sse(_stream(engines, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
-    [result] = await _run(engines, policy, "chat", [req])
+        return await _sse(_stream(serving, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
+    [result] = await _run(serving, policy, "chat", [req])
     choices = [
         ChatChoice(
             index=i,
@@ -361,7 +362,7 @@ def _chat_chunk(ident: str, created: int, model: str, index: int, delta: dict, f
 # Unset fields stay out of the body: the log-prob fields of a sample appear only when return_logprobs asks.
 @router.post("/v1/policies/{policy_id}/generate", responses=OPENAI_ERRORS, response_model_exclude_unset=True)
 async def generate(
-    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> GenerateResponse:
     """n samples of one prompt, each optionally with its log-probability under the policy (total or per token)."""
     policy = _policy(store, policy_id, owner)
@@ -371,7 +372,8 @@ async def generate(
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
     want = body.return_logprobs != "none"
-    [result] = await _run(engines, policy, "generate", [_sampling(body, body.prompt, messages, body.max_tokens, want)])
+    req = _sampling(body, body.prompt, messages, body.max_tokens, 0 if want else None)
+    [result] = await _run(serving, policy, "generate", [req])
     samples = []
     for s in result.samples:
         sample = GeneratedSample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(s.token_ids))

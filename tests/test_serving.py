@@ -1,9 +1,9 @@
-"""OpenAI-compatible serving over a real uvicorn socket, engines in real Ray actors, the tiny Llama as the policy."""
+"""OpenAI-compatible serving over a real uvicorn socket, policies on a real Ray Serve deployment (transformers), the
+tiny Llama as the policy; vLLM's is in test_serving_vllm.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 
 import httpx
 import pytest
@@ -15,38 +15,34 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ALICE, BOB = "alice-token", "bob-token"
 
 
+SERVING = {"engine": "hf", "num_cpus": 0.5, "max_policies_per_replica": 2}
+POLICY_IDS = ("tiny", "tiny-b", "tiny-c")
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
-    """The real service app on uvicorn, attached to the session's Ray; max_loaded=1 so switching policies evicts.
+    """The real service app on uvicorn, serving on the session's Ray: one transformers replica holding two policies.
 
-    Alice registers the tiny Llama folder twice (two policy ids); Bob's token sees none of it.
+    Alice registers the tiny Llama folder three times (three policy ids); Bob's token sees none of it.
     """
     from service.background import BackgroundServer
-    from service.settings import Settings
+    from service.settings import ServingSettings, Settings
 
-    env = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "0.5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("serving-home"),
         data_roots=(tiny_llama.parent,),
         tokens=[ALICE, BOB],
         # No jobs are submitted here: the address only keeps the app from starting its own embedded head.
         ray_address=ray_cluster.get_runtime_context().gcs_address,
-        max_loaded_policies=1,
+        serving=ServingSettings(**SERVING),
     )
     server = BackgroundServer(settings).start(timeout_s=60)
     app, url = server.app, server.url
-    for pid in ("tiny", "tiny-b"):
+    for pid in POLICY_IDS:
         r = httpx.post(f"{url}/v1/policies", json={"path": str(tiny_llama), "id": pid}, headers=_auth(ALICE))
         assert r.status_code == 201, r.text
     yield app, url
     server.stop(60)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _auth(token: str = ALICE) -> dict[str, str]:
@@ -80,7 +76,7 @@ def _greedy(reference, ids: list[int], max_new_tokens: int) -> str:
 
 
 def test_openai_client_lists_completes_and_matches_local_greedy(client, reference):
-    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-b"}
+    assert {m.id for m in client.models.list().data} == set(POLICY_IDS)
     prompt = "the movie was"
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
     tok = reference[1]
@@ -261,46 +257,79 @@ def test_usage_metrics_on_the_metrics_endpoint_count_requests_and_tokens(server,
     assert 'policy="tiny"' not in httpx.get(f"{server[1]}/metrics", headers=_auth()).text
 
 
-def test_least_recently_used_policy_is_unloaded_and_a_dead_actor_is_replaced(server, client):
+def _replica(app) -> dict:
+    """What the transformers deployment's replica holds (there is one: max_replicas is 1)."""
+    from ray import serve
+
+    return serve.get_app_handle(app.state.serving.apps["hf"]).loaded.remote().result(timeout_s=60)
+
+
+def test_two_policies_share_one_replica_and_serve_unloads_the_least_recently_used(server, client):
     import ray
 
-    engines = server[0].state.engines
-    client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    first = engines.handle("tiny")
-    loads = engines.loads
-    b = client.completions.create(model="tiny-b", prompt="a", max_tokens=2, temperature=0)
-    assert engines.loaded() == ["tiny-b"] and engines.loads == loads + 1
-    a = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    assert engines.loaded() == ["tiny"] and engines.loads == loads + 2
-    assert engines.handle("tiny") != first and a.choices[0].text == b.choices[0].text
+    app = server[0]
+    texts = {p: client.completions.create(model=p, prompt="a", max_tokens=2, temperature=0) for p in POLICY_IDS[:2]}
+    held = _replica(app)
+    assert held["policies"][-2:] == ["tiny", "tiny-b"], held
+    loads = held["loads"]
 
-    ray.kill(engines.handle("tiny"), no_restart=True)
+    # A third policy on a replica that holds two: Serve unloads the least recently used one (tiny) to load it.
+    client.completions.create(model="tiny-c", prompt="a", max_tokens=2, temperature=0)
+    after = _replica(app)
+    assert after["replica"] == held["replica"]
+    assert after["policies"] == ["tiny-b", "tiny-c"] and after["loads"] == loads + 1
     again = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    assert again.choices[0].text == a.choices[0].text and engines.loads == loads + 3
+    assert _replica(app)["policies"] == ["tiny-c", "tiny"] and _replica(app)["loads"] == loads + 2
+    assert again.choices[0].text == texts["tiny"].choices[0].text == texts["tiny-b"].choices[0].text
+
+    # A replica that dies is replaced by Serve; the request that found it dead is sent again.
+    ray.kill(ray.get_actor(after["actor"], namespace="serve"), no_restart=True)
+    revived = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
+    assert revived.choices[0].text == again.choices[0].text
+    assert _replica(app)["replica"] != held["replica"]
 
 
-@pytest.mark.vllm
-def test_vllm_engine_serves_deterministic_greedy_samples(ray_cluster, tiny_llama):
-    pytest.importorskip("vllm")
-    from service.engines import EngineManager, SamplingRequest
+def test_a_restarted_or_second_api_process_finds_the_policies_loaded(server, tiny_llama, ray_cluster, tmp_path):
+    """The replicas belong to Serve, not to an API process: a new one (another data folder, the same serving
+    settings) serves a policy the first loaded without loading it again, and so does the next after a SIGKILL."""
+    from service.ray_backend import free_port
+    from tests.support.service import Service
 
-    async def run():
-        engines = EngineManager(max_loaded=1, engine="vllm", num_cpus=1, max_model_len=256)
+    app = server[0]
+    first = httpx.post(
+        f"{server[1]}/v1/completions",
+        json={"model": "tiny", "prompt": "restart", "max_tokens": 3, "temperature": 0},
+        headers=_auth(),
+        timeout=120,
+    ).json()["choices"][0]["text"]
+    before = _replica(app)
+    assert "tiny" in before["policies"]
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        # Job control answers 503 (nothing listens there); serving goes to the session's cluster.
+        "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
+        "RMDISTILL_SERVING_RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        "RMDISTILL_TOKENS": ALICE,
+        **{f"RMDISTILL_SERVING_{k.upper()}": str(v) for k, v in SERVING.items()},
+    }
+    for attempt in range(2):
+        home = tmp_path / f"api-{attempt}"
+        home.mkdir()
+        api = Service(home, "--data-root", str(tiny_llama.parent), env=env)
         try:
-            greedy = SamplingRequest(prompt="the movie was", max_tokens=8, temperature=0, logprobs=True)
-            first = await engines.generate("v", str(tiny_llama), greedy)
-            second = await engines.generate("v", str(tiny_llama), greedy)
-            sampled = await engines.generate("v", str(tiny_llama), SamplingRequest(prompt="hi", n=3, max_tokens=4))
-            return first, second, sampled
+            r = httpx.post(
+                f"{api.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth(), timeout=30
+            )
+            assert r.status_code == 201, r.text
+            body = {"model": "tiny", "prompt": "restart", "max_tokens": 3, "temperature": 0}
+            r = httpx.post(f"{api.url}/v1/completions", json=body, headers=_auth(), timeout=120)
+            assert r.status_code == 200, (r.text, api.log.read_text()[-3000:])
+            assert r.json()["choices"][0]["text"] == first
+            now = _replica(app)
+            assert (now["replica"], now["loads"]) == (before["replica"], before["loads"])
         finally:
-            await engines.shutdown()
-
-    first, second, sampled = asyncio.run(run())
-    assert first.engine == "vllm"
-    assert first.samples[0].text == second.samples[0].text
-    assert len(first.samples[0].token_logprobs) == len(first.samples[0].token_ids) >= 1
-    assert all(lp <= 0 for lp in first.samples[0].token_logprobs)
-    assert len(sampled.samples) == 3 and all(1 <= len(s.token_ids) <= 4 for s in sampled.samples)
+            api.process.kill()
+            api.process.wait(30)
 
 
 def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, reference):
@@ -309,7 +338,7 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
 
     from peft import LoraConfig, get_peft_model
 
-    from service.engines import _materialise
+    from service.engines import materialise
 
     base, tok = reference
     # Non-zero LoRA weights, so serving the bare base by mistake would change the logits.
@@ -319,8 +348,8 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
     peft_model.save_pretrained(adapter)
     (adapter / "rmdistill.json").write_text(json.dumps({"base_model": "tiny:llama", "loss": "dpo"}))
 
-    merged = _materialise(str(adapter))
-    assert merged != adapter and _materialise(str(adapter)) == merged
+    merged = materialise(str(adapter))
+    assert merged != adapter and materialise(str(adapter)) == merged
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()

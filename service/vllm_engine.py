@@ -1,0 +1,81 @@
+"""The vLLM engine: vLLM's async engine, which batches continuously (a request joins the running batch at its next
+step instead of waiting for it to end) and hands each request its tokens as they are sampled."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from service.engines import SampleEnd, SamplingRequest, Token, eos_ids
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, folder: Path, max_model_len: int, gpu_memory_utilization: float | None = None) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from ray_jobs.generate.vllm import clamp_max_model_len, make_async_engine
+
+        self.max_model_len = clamp_max_model_len(folder, max_model_len)
+        # vLLM's CPU build casts to bf16 by default, whose attention kernel dies of an illegal instruction in a Ray
+        # worker here; fp32 is what transformers serves too.
+        dtype = "auto" if torch.cuda.is_available() else "float32"
+        self.engine = make_async_engine(
+            folder, max_model_len=self.max_model_len, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization
+        )
+        # The policy's own tokenizer, as the transformers engine uses: prompts render and decode the same on both.
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.eos = eos_ids(self.tokenizer, getattr(self.engine.model_config, "hf_config", None))
+
+    async def tokens(self, ids: list[int], req: SamplingRequest) -> AsyncIterator[Token | SampleEnd]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=req.max_tokens,
+            stop=req.stop or None,
+            logprobs=req.logprobs,
+            seed=req.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
+            for c in out.outputs:
+                for j, token in enumerate(c.token_ids):
+                    if token in self.eos:  # reported by the SampleEnd, as the transformers engine does
+                        continue
+                    event = Token(c.index, token)
+                    if c.logprobs:
+                        at = c.logprobs[j]
+                        event.logprob = at[token].logprob
+                        if req.logprobs:
+                            event.top = {t: lp.logprob for t, lp in at.items() if (lp.rank or 0) <= req.logprobs}
+                    yield event
+                if c.finish_reason is not None:
+                    # "stop" without a stop string or stop id is the model's own end of sequence.
+                    yield SampleEnd(c.index, c.finish_reason == "stop" and c.stop_reason is None)
+
+    async def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=top)
+        final = None
+        async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
+            final = out
+        assert final is not None and final.prompt_logprobs is not None
+        scored: list[tuple[float, dict[int, float]] | None] = []
+        for token, at in zip(ids, final.prompt_logprobs, strict=True):
+            if at is None:
+                scored.append(None)
+                continue
+            alts = {t: lp.logprob for t, lp in at.items() if top and (lp.rank or 0) <= top}
+            scored.append((at[token].logprob, alts))
+        return scored
+
+    def close(self) -> None:
+        self.engine.shutdown()

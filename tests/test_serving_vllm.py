@@ -1,0 +1,90 @@
+"""vLLM's async engine behind the service: the real app on uvicorn, a Ray Serve replica on the session's cluster
+holding the tiny Llama on vLLM's CPU build, the `openai` client."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
+
+TOKEN = "vllm-token"
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_llama, tmp_path_factory):
+    pytest.importorskip("vllm")
+    from service.background import BackgroundServer
+    from service.settings import ServingSettings, Settings
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("serving-vllm"),
+        data_roots=(tiny_llama.parent,),
+        tokens=[TOKEN],
+        ray_address=ray_cluster.get_runtime_context().gcs_address,
+        serving=ServingSettings(engine="vllm", num_cpus=1, max_model_len=256),
+    )
+    running = BackgroundServer(settings).start(timeout_s=60)
+    r = httpx.post(f"{running.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth())
+    assert r.status_code == 201, r.text
+    yield running
+    running.stop(120)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0, timeout=600)
+
+
+def test_openai_client_streams_a_chat_completion_token_by_token(client):
+    messages = [{"role": "user", "content": "tell me about the film"}]
+    # Loads the policy first, so the stream below times generation, not the engine's start.
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    assert whole.usage.completion_tokens >= 8, "too short a greedy answer to see it stream"
+
+    arrivals, chunks = [], []
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        arrivals.append(time.perf_counter())
+        chunks.append(chunk)
+    text = [(t, c.choices[0].delta.content) for t, c in zip(arrivals, chunks, strict=True) if c.choices]
+    content = [(t, piece) for t, piece in text if piece]
+    assert "".join(piece for _, piece in content) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # Token by token: a chunk per token or so, arriving as each is sampled. vLLM's offline engine, which this
+    # replaced, sent a request's whole text when its batch ended: every chunk within a millisecond of the first.
+    assert len(content) >= whole.usage.completion_tokens // 2
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(content)]
+    assert sum(gap > 0.002 for gap in gaps) >= len(gaps) // 2, gaps
+    assert content[-1][0] - content[0][0] > 0.05
+
+
+def test_greedy_answers_are_the_same_streamed_or_not_and_say_their_engine(server, client):
+    plain = client.completions.create(model="tiny", prompt="the movie was", max_tokens=8, temperature=0)
+    streamed = client.completions.create(model="tiny", prompt="the movie was", max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+    body = {"prompt": "the movie was", "max_tokens": 8, "temperature": 0, "return_logprobs": "tokens"}
+    r = httpx.post(f"{server.url}/v1/policies/tiny/generate", json=body, headers=_auth(), timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["engine"] == "vllm"
+    [sample] = out["samples"]
+    assert sample["text"] == plain.choices[0].text
+    assert len(sample["token_logprobs"]) == len(sample["token_ids"]) == sample["num_tokens"] >= 1
+    assert all(lp <= 0 for lp in sample["token_logprobs"])
