@@ -39,6 +39,8 @@ class SamplingRequest:
     """One client request; ``prompt`` is sent as is, ``messages`` go through the policy's chat template."""
 
     prompt: str | None = None
+    # Token ids sent as the prompt, used as they are (OpenAI's token-array prompts; evaluation harnesses send them).
+    prompt_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     n: int = 1
     max_tokens: int = 16
@@ -65,10 +67,12 @@ class Token:
 
 @dataclass
 class SampleEnd:
-    """Sample ``index`` is complete; ``eos``: the model ended it (else the token cap did)."""
+    """Sample ``index`` is complete; ``eos``: the model ended it (else the token cap did), with ``token`` the end
+    token and its log-probs when the request asked for them."""
 
     index: int
     eos: bool
+    token: Token | None = None
 
 
 @dataclass
@@ -81,6 +85,9 @@ class Sample:
     # Per token, the most likely alternatives (piece -> log-prob); only when the request asked for k > 0.
     top_logprobs: list[dict[str, float]] | None
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    # The end-of-sequence token's log-prob and alternatives, when it ended the sample and log-probs were asked.
+    eos_logprob: float | None = None
+    eos_top_logprobs: dict[str, float] | None = None
 
 
 @dataclass
@@ -229,7 +236,7 @@ class _SampleState:
         self.decoded = ""
         self.emitted = 0
         self.stopped = False
-        self.eos = False
+        self.end: SampleEnd | None = None
 
     def push(self, token: Token) -> tuple[str, str] | None:
         """(text now safe to send, this token's piece), or None once a stop string has ended the sample."""
@@ -250,6 +257,11 @@ class _SampleState:
         return delta, piece
 
 
+async def _nothing(n: int) -> AsyncIterator[Token | SampleEnd]:
+    for k in range(n):
+        yield SampleEnd(k, eos=False)
+
+
 def _named_top(tokenizer: Any, top: dict[int, float] | None) -> dict[str, float] | None:
     return None if top is None else {tokenizer.decode([t]): lp for t, lp in top.items()}
 
@@ -266,7 +278,14 @@ class ServedPolicy:
 
     def prepare(self, req: SamplingRequest) -> tuple[str, list[int]]:
         tok = self.engine.tokenizer
-        if req.messages is not None:
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+            if ids and max(ids) >= len(tok):
+                raise EngineRequestError(
+                    f"prompt token id {max(ids)} is outside this policy's vocabulary of {len(tok)} tokens"
+                )
+            prompt = tok.decode(ids, skip_special_tokens=True)
+        elif req.messages is not None:
             if not getattr(tok, "chat_template", None):
                 raise EngineRequestError("this policy's tokenizer has no chat template: use /v1/completions")
             prompt = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
@@ -299,13 +318,18 @@ class ServedPolicy:
         """
         prompt, ids = self.prepare(req)
         echo = await self._echo(ids, req) if req.echo else None
+        if echo is not None:  # every choice's text starts with the prompt
+            for k in range(req.n):
+                yield Delta(k, "".join(echo.pieces), echo.pieces, echo.token_logprobs, echo.top_logprobs)
         tok = self.engine.tokenizer
         states = [_SampleState(tok, req.stop) for _ in range(req.n)]
         want_lp, want_top = req.logprobs is not None, bool(req.logprobs)
-        async for event in self.engine.tokens(ids, req):
+        # max_tokens 0 (echo only): the prompt's log-probs are the answer, nothing is generated.
+        events = self.engine.tokens(ids, req) if req.max_tokens else _nothing(req.n)
+        async for event in events:
             state = states[event.index]
             if isinstance(event, SampleEnd):
-                state.eos = event.eos
+                state.end = event
                 continue
             pushed = state.push(event)
             if pushed is None:
@@ -330,15 +354,18 @@ class ServedPolicy:
         pieces = incremental_pieces(tok, ids)
         lps = [t.logprob for t in state.tokens] if req.logprobs is not None else None
         tops = [_named_top(tok, t.top) or {} for t in state.tokens] if req.logprobs else None
-        reason = "stop" if state.eos else "length"
+        end = state.end.token if state.end is not None and state.end.eos else None
+        reason = "stop" if state.end is not None and state.end.eos else "length"
         cut = truncate_at_stop(pieces, req.stop)
         if cut is not None:
             keep, chars = cut
             pieces = pieces[: keep - 1] + [pieces[keep - 1][:chars]] if keep else []
-            ids, reason = ids[:keep], "stop"
+            ids, reason, end = ids[:keep], "stop", None
             lps = lps[:keep] if lps is not None else None
             tops = tops[:keep] if tops is not None else None
-        return Sample("".join(pieces), pieces, ids, lps, tops, reason)
+        eos_lp = end.logprob if end is not None and req.logprobs is not None else None
+        eos_top = _named_top(tok, end.top) if end is not None and req.logprobs else None
+        return Sample("".join(pieces), pieces, ids, lps, tops, reason, eos_lp, eos_top)
 
     async def _echo(self, ids: list[int], req: SamplingRequest) -> PromptEcho:
         tok = self.engine.tokenizer

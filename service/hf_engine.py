@@ -202,30 +202,31 @@ class _RowStreamer:
                 continue
             i, k, _ = self.rows[r]
             req = self.reqs[r]
-            if token in self.eos:
-                self._end(r, True)
-                continue
             event = Token(k, token)
             if step is not None and req.logprobs is not None:
                 event.logprob = float(step[r, token])
                 if req.logprobs:
                     ids, values = best.indices[r, : req.logprobs].tolist(), best.values[r, : req.logprobs].tolist()
                     event.top = dict(zip(ids, values, strict=True))
+            if token in self.eos:
+                self._end(r, event)
+                continue
             self.counts[r] += 1
             self.sink(i, event)
             if self.counts[r] >= req.max_tokens:
-                self._end(r, False)
+                self._end(r, None)
 
-    def _end(self, r: int, eos: bool) -> None:
-        self.ended[r] = eos
+    def _end(self, r: int, eos: Token | None) -> None:
+        """Row r is done: by its end token ``eos``, or (None) by its token cap."""
+        self.ended[r] = eos is not None
         i, k, _ = self.rows[r]
-        self.sink(i, SampleEnd(k, eos))
+        self.sink(i, SampleEnd(k, eos is not None, eos))
 
     def finish(self) -> None:
         """Rows generate stopped without an EOS or reaching their own cap (the batch's cap was theirs) end here."""
         for r, ended in enumerate(self.ended):
             if ended is None:
-                self._end(r, False)
+                self._end(r, None)
 
     def end(self) -> None:
         pass

@@ -46,19 +46,22 @@ class VLLMEngine:
         )
         async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=uuid.uuid4().hex):
             for c in out.outputs:
+                end = None
                 for j, token in enumerate(c.token_ids):
-                    if token in self.eos:  # reported by the SampleEnd, as the transformers engine does
-                        continue
                     event = Token(c.index, token)
                     if c.logprobs:
                         at = c.logprobs[j]
                         event.logprob = at[token].logprob
                         if req.logprobs:
                             event.top = {t: lp.logprob for t, lp in at.items() if (lp.rank or 0) <= req.logprobs}
+                    if token in self.eos:  # reported by the SampleEnd, as the transformers engine does
+                        end = event
+                        continue
                     yield event
                 if c.finish_reason is not None:
                     # "stop" without a stop string or stop id is the model's own end of sequence.
-                    yield SampleEnd(c.index, c.finish_reason == "stop" and c.stop_reason is None)
+                    eos = c.finish_reason == "stop" and c.stop_reason is None
+                    yield SampleEnd(c.index, eos, end if eos else None)
 
     async def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
         from vllm import SamplingParams

@@ -358,3 +358,131 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
         want, got, bare = peft_model(ids).logits, served(ids).logits, base(ids).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, bare, atol=1e-3)
     assert AutoTokenizer.from_pretrained(merged).chat_template == tok.chat_template
+
+
+# ------------------------------------------------------------------------------------------- the OpenAI surface
+def _teacher(reference, ids: list[int]) -> list[float]:
+    """Log-prob of each token after the ones before it, under the local copy of the policy."""
+    model, _ = reference
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_a_model_card_by_id_for_its_owner_only(client, server):
+    from openai import NotFoundError, OpenAI
+
+    card = client.models.retrieve("tiny-b")
+    assert (card.id, card.object) == ("tiny-b", "model")
+    with pytest.raises(NotFoundError):
+        OpenAI(base_url=f"{server[1]}/v1", api_key=BOB, max_retries=0).models.retrieve("tiny-b")
+
+
+def test_echo_returns_the_prompt_with_its_teacher_forced_logprobs(client, reference):
+    tok = reference[1]
+    prompt = "the movie was long"
+    ids = tok(prompt)["input_ids"]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    [choice] = out.choices
+    lp = choice.logprobs
+    generated = out.usage.completion_tokens
+    assert len(lp.tokens) >= len(ids) + generated
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(_teacher(reference, ids), abs=1e-4)
+    # The text is the prompt and the completion; each token sits at its offset in it.
+    assert choice.text.endswith(
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0).choices[0].text
+    )
+    assert all(choice.text[o : o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens, strict=True))
+    # Greedy: every generated token is its position's likeliest, with two alternatives listed.
+    for token_lp, top in zip(lp.token_logprobs[len(ids) :], lp.top_logprobs[len(ids) :], strict=True):
+        assert len(top) == 2 and max(top.values()) == token_lp
+
+    # What an evaluation harness sends: token ids, nothing to generate, the prompt's log-probs back.
+    scored = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-6)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+
+
+def test_stream_chunks_carry_the_logprobs_of_their_tokens(client):
+    kwargs = {"model": "tiny", "prompt": "a quiet", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices[0].logprobs]
+    assert len(chunks) >= 2
+    assert [t for c in chunks for t in c.logprobs.tokens] == whole.tokens[: len(whole.token_logprobs)]
+    streamed = [v for c in chunks for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.token_logprobs[: len(streamed)], abs=1e-6)
+
+    messages = [{"role": "user", "content": "tell me about the film"}]
+    chat = dict(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**chat).choices[0].logprobs.content
+    entries = [
+        e
+        for c in client.chat.completions.create(**chat, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 5)) for e in entries] == [(e.token, round(e.logprob, 5)) for e in plain]
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob for e in plain)
+
+
+def test_a_seed_fixes_the_samples_whatever_runs_beside_them(server, client):
+    body = {"model": "tiny", "prompt": "the plot", "max_tokens": 8, "temperature": 1.0, "n": 2}
+    alone = [c.text for c in client.completions.create(**body, seed=7).choices]
+    other = [c.text for c in client.completions.create(**body, seed=8).choices]
+
+    async def crowded() -> list[str]:
+        async with httpx.AsyncClient(base_url=server[1], headers=_auth(), timeout=120) as http:
+            noise = [http.post("/v1/completions", json={**body, "prompt": f"noise {k}"}) for k in range(4)]
+            seeded, *_ = await asyncio.gather(http.post("/v1/completions", json={**body, "seed": 7}), *noise)
+        return [c["text"] for c in seeded.json()["choices"]]
+
+    assert asyncio.run(crowded()) == alone
+    assert other != alone and alone[0] != alone[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tool_choice", "auto"),
+        ("/v1/completions", "logit_bias", {"50": 10}),
+        ("/v1/completions", "suffix", "end"),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "presence_penalty", 0.5),
+    ],
+)
+def test_an_unsupported_field_is_400_naming_it(server, path, field, value):
+    base = {"model": "tiny", "max_tokens": 2}
+    base |= {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}
+    r = httpx.post(f"{server[1]}{path}", json={**base, field: value}, headers=_auth(), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and "not supported" in r.json()["error"]["message"]
+    # The values clients send when they do not use the feature pass.
+    defaults = {"tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0, "best_of": 1}
+    if field in defaults:
+        ok = httpx.post(f"{server[1]}{path}", json={**base, field: defaults[field]}, headers=_auth(), timeout=120)
+        assert ok.status_code == 200, ok.text
+
+
+def test_time_to_first_token_inter_token_latency_and_queue_depth_on_metrics(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    label = httpx.get(f"{server[1]}/v1/policies/tiny", headers=_auth()).json()["metrics_label"]
+
+    def value(name: str) -> float:
+        text = httpx.get(f"{server[1]}/metrics", headers=_auth()).text
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        return sum(s.value for s in samples if s.name == name and s.labels.get("policy") == label)
+
+    ttft, itl = (
+        value("rmdistill_serving_time_to_first_token_seconds_count"),
+        value("rmdistill_serving_inter_token_latency_seconds_count"),
+    )
+    chunks = list(client.completions.create(model="tiny", prompt="count", max_tokens=6, temperature=0, stream=True))
+    texts = [c for c in chunks if c.choices and c.choices[0].text]
+    assert value("rmdistill_serving_time_to_first_token_seconds_count") == ttft + 1
+    assert value("rmdistill_serving_inter_token_latency_seconds_count") == itl + len(texts) - 1
+    assert value("rmdistill_serving_time_to_first_token_seconds_sum") > 0
+    assert value("rmdistill_serving_queue_depth") == 0

@@ -88,3 +88,24 @@ def test_greedy_answers_are_the_same_streamed_or_not_and_say_their_engine(server
     assert sample["text"] == plain.choices[0].text
     assert len(sample["token_logprobs"]) == len(sample["token_ids"]) == sample["num_tokens"] >= 1
     assert all(lp <= 0 for lp in sample["token_logprobs"])
+
+
+def test_echo_logprobs_and_seeds_on_vllm(client, tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = tok("the movie was long")["input_ids"]
+    scored = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    teacher = logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(teacher, abs=1e-3)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+
+    body = {"model": "tiny", "prompt": "the plot", "max_tokens": 8, "temperature": 1.0, "n": 2}
+    first = [c.text for c in client.completions.create(**body, seed=7).choices]
+    assert [c.text for c in client.completions.create(**body, seed=7).choices] == first
+    assert [c.text for c in client.completions.create(**body, seed=8).choices] != first
