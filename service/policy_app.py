@@ -7,7 +7,8 @@ Replicas are owned by Serve's controller, not by the API process: an API restart
 the policies still loaded.
 
 A policy's folder travels with each request (the replicas cannot read the service's store); a LoRA adapter is
-merged into its base before Serve's loader runs, so a slow or stalled merge holds up no other policy's load.
+merged into its base, in a Ray task of its own, before Serve's loader runs, so a slow or stalled merge holds up no
+other policy's load.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class _PolicyReplica:
         """The policy's loadable folder, prepared once per path however many requests wait for it."""
         task = self._folders.get(path)
         if task is None or (task.done() and task.exception() is not None):
-            task = self._folders[path] = asyncio.ensure_future(asyncio.to_thread(materialise, path))
+            task = self._folders[path] = asyncio.ensure_future(_prepare(path))
         try:
             # Shielded: a client that hangs up does not cancel the preparation the other waiters share.
             return await asyncio.wait_for(asyncio.shield(task), self.options.load_timeout_s)
@@ -195,6 +196,27 @@ class VLLMPolicies(_PolicyReplica):
         except Exception as exc:
             self._refused[folder] = f"vLLM could not run {folder}: {describe_failure(exc)}"
             raise VLLMRefusedError(self._refused[folder]) from exc
+
+
+@ray.remote(num_cpus=0)
+def _materialise_task(path: str) -> Path:
+    return materialise(path)
+
+
+async def _prepare(path: str) -> Path:
+    """``materialise(path)`` in a Ray task on this node, not in the replica: reading a checkpoint can block while
+    holding the GIL (safetensors opens files from Rust), and a merge that hangs on a stalled file system would then
+    freeze every policy the replica holds until Serve's health check replaced it. The task shares the node's model
+    cache, and takes no CPU from the reservations (a one-off merge, on a node whose CPUs replicas may all hold)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = _materialise_task.options(scheduling_strategy=here).remote(path)
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        ray.cancel(ref, force=True)
+        raise
 
 
 DEPLOYMENTS: dict[str, type[_PolicyReplica]] = {"vllm": VLLMPolicies, "hf": TransformersPolicies}

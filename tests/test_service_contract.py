@@ -51,6 +51,7 @@ SUCCESS = {
     ("post", "/v1/policies"): ("201", "PolicyView"),
     ("get", "/v1/policies/{policy_id}"): ("200", "PolicyView"),
     ("get", "/v1/models"): ("200", "ModelList"),
+    ("get", "/v1/models/{model_id}"): ("200", "ModelCard"),
     ("post", "/v1/completions"): ("200", "Completion"),
     ("post", "/v1/chat/completions"): ("200", "ChatCompletion"),
     ("post", "/v1/policies/{policy_id}/generate"): ("200", "GenerateResponse"),
