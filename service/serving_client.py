@@ -23,7 +23,6 @@ from service.engines import (
     SamplingRequest,
     VLLMRefusedError,
 )
-from service.policy_app import APP_PREFIX, PolicyCall, app_name, build, engines_for
 from service.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,12 @@ _PASSED_ON = (EngineRequestError, EngineUnavailableError)
 
 
 class PolicyServing:
+    # service.policy_app (and with it Ray) is imported only once serving starts: `rmdistill serve` imports this module
+    # before it sets the embedded head's auth variables, which Ray reads when it is first imported.
+
     def __init__(self, options: ServingSettings, ray_address: str | None = None) -> None:
+        from service.policy_app import app_name, engines_for
+
         self.options = options
         self.ray_address = options.ray_address or ray_address
         self.engines = engines_for(options)
@@ -62,6 +66,8 @@ class PolicyServing:
         self, policy_id: str, path: str, request: SamplingRequest, stream: bool
     ) -> AsyncIterator[Delta | GenerationResult]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+        from service.policy_app import PolicyCall
 
         handles = await self._deployments()
         call = PolicyCall(policy_id, path, request)
@@ -103,6 +109,8 @@ class PolicyServing:
         """Connect, and deploy each engine's application unless one with these settings already runs."""
         import ray
         from ray import serve
+
+        from service.policy_app import APP_PREFIX, build
 
         if not ray.is_initialized():
             if (self.ray_address or "").startswith(("http://", "https://")):

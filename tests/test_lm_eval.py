@@ -15,6 +15,8 @@ import httpx
 import pytest
 import torch
 
+from tests.support.serving import serving_service
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TOKEN = "eval-token"
@@ -30,21 +32,11 @@ GEN_PROMPTS = ["Review:", "The ending", "My verdict on the film", "One word:"]
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
     pytest.importorskip("lm_eval")
-    from service.background import BackgroundServer
-    from service.settings import ServingSettings, Settings
+    from service.settings import ServingSettings
 
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("lm-eval-home"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[TOKEN],
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        serving=ServingSettings(engine="hf", num_cpus=0.5),
-    )
-    running = BackgroundServer(settings).start(timeout_s=60)
-    r = httpx.post(f"{running.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth())
-    assert r.status_code == 201, r.text
-    yield running
-    running.stop(60)
+    serving = ServingSettings(engine="hf", num_cpus=0.5)
+    with serving_service(ray_cluster, tmp_path_factory.mktemp("lm-eval-home"), tiny_llama, [TOKEN], serving) as running:
+        yield running
 
 
 def _auth() -> dict[str, str]:

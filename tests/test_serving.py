@@ -9,6 +9,8 @@ import httpx
 import pytest
 import torch
 
+from tests.support.serving import serving_service
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -25,24 +27,12 @@ def server(ray_cluster, tiny_llama, tmp_path_factory):
 
     Alice registers the tiny Llama folder three times (three policy ids); Bob's token sees none of it.
     """
-    from service.background import BackgroundServer
-    from service.settings import ServingSettings, Settings
+    from service.settings import ServingSettings
 
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("serving-home"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[ALICE, BOB],
-        # No jobs are submitted here: the address only keeps the app from starting its own embedded head.
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        serving=ServingSettings(**SERVING),
-    )
-    server = BackgroundServer(settings).start(timeout_s=60)
-    app, url = server.app, server.url
-    for pid in POLICY_IDS:
-        r = httpx.post(f"{url}/v1/policies", json={"path": str(tiny_llama), "id": pid}, headers=_auth(ALICE))
-        assert r.status_code == 201, r.text
-    yield app, url
-    server.stop(60)
+    home = tmp_path_factory.mktemp("serving-home")
+    serving = ServingSettings(**SERVING)
+    with serving_service(ray_cluster, home, tiny_llama, [ALICE, BOB], serving, POLICY_IDS) as running:
+        yield running.app, running.url
 
 
 def _auth(token: str = ALICE) -> dict[str, str]:

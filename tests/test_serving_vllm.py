@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.support.serving import serving_service
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
 
 TOKEN = "vllm-token"
@@ -17,21 +19,11 @@ TOKEN = "vllm-token"
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
     pytest.importorskip("vllm")
-    from service.background import BackgroundServer
-    from service.settings import ServingSettings, Settings
+    from service.settings import ServingSettings
 
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("serving-vllm"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[TOKEN],
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        serving=ServingSettings(engine="vllm", num_cpus=1, max_model_len=256),
-    )
-    running = BackgroundServer(settings).start(timeout_s=60)
-    r = httpx.post(f"{running.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth())
-    assert r.status_code == 201, r.text
-    yield running
-    running.stop(120)
+    serving = ServingSettings(engine="vllm", num_cpus=1, max_model_len=256)
+    with serving_service(ray_cluster, tmp_path_factory.mktemp("serving-vllm"), tiny_llama, [TOKEN], serving) as running:
+        yield running
 
 
 def _auth() -> dict[str, str]:

@@ -27,6 +27,7 @@ import pytest
 from service.engines import EngineUnavailableError, SamplingRequest
 from service.serving_client import PolicyServing
 from service.settings import ServingSettings
+from tests.support.serving import serving_service
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,24 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
-    from service.background import BackgroundServer
-    from service.settings import Settings
-
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("serving-limits"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[ALICE],
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        max_request_tokens=BUDGET,
-        serving=ServingSettings(engine="hf", num_cpus=0.25),
-    )
-    running = BackgroundServer(settings).start(timeout_s=60)
-    r = httpx.post(
-        f"{running.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth(), timeout=30
-    )
-    assert r.status_code == 201, r.text
-    yield running
-    running.stop(60)
+    home = tmp_path_factory.mktemp("serving-limits")
+    serving = ServingSettings(engine="hf", num_cpus=0.25)
+    with serving_service(ray_cluster, home, tiny_llama, [ALICE], serving, max_request_tokens=BUDGET) as running:
+        yield running
 
 
 def _auth() -> dict[str, str]:
