@@ -3,6 +3,7 @@ is touched) and responses."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -13,14 +14,14 @@ MAX_TOKENS_LIMIT = int(os.environ.get("RMDISTILL_SERVING_MAX_TOKENS", "2048"))
 MAX_STOP = 4
 
 
-# The values clients send by default for fields they do not use; any other value of an unsupported field is refused.
-_UNSET = (None, 0, 1, {}, [], False, "none", {"type": "text"})
-
-
-def _unsupported(accepted: str = "") -> Any:
-    """A field OpenAI defines that this server does not implement: refused (400 naming it) rather than ignored."""
-    description = f"Not supported: a request that sets it is refused with 400. {accepted}".strip()
-    return Field(None, description=description, json_schema_extra={"x-unsupported": True})
+def _unsupported(*accepted: Any) -> Any:
+    """A field OpenAI defines that this server does not implement: refused (400 naming it) rather than ignored,
+    unless null or one of the ``accepted`` values, which clients send when they do not use the feature."""
+    shown = f" ({', '.join(json.dumps(a) for a in accepted)} accepted)" if accepted else ""
+    extra = {"x-unsupported": True, "x-accepted": list(accepted)}
+    return Field(
+        None, description=f"Not supported: a request that sets it is refused with 400{shown}.", json_schema_extra=extra
+    )
 
 
 class _Sampling(BaseModel):
@@ -38,9 +39,9 @@ class _Sampling(BaseModel):
     seed: int | None = Field(
         None, description="Same seed, same request: same samples, on either engine and whatever else is running."
     )
-    logit_bias: Any = _unsupported()
-    presence_penalty: float | None = _unsupported("0 is accepted.")
-    frequency_penalty: float | None = _unsupported("0 is accepted.")
+    logit_bias: Any = _unsupported({})
+    presence_penalty: float | None = _unsupported(0.0)
+    frequency_penalty: float | None = _unsupported(0.0)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -61,7 +62,9 @@ class _Sampling(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, value: Any, info) -> Any:
         extra = cls.model_fields[info.field_name].json_schema_extra
-        if isinstance(extra, dict) and extra.get("x-unsupported") and value not in _UNSET:
+        unsupported = isinstance(extra, dict) and extra.get("x-unsupported") and value is not None
+        # Compared with their types: 1 == True, and a bool accepted must not let a number through.
+        if unsupported and not any(value == a and type(value) is type(a) for a in extra["x-accepted"]):
             raise ValueError("not supported by this server")
         return value
 
@@ -88,7 +91,7 @@ class CompletionRequest(_Sampling):
     )
     echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs if asked).")
     suffix: str | None = _unsupported()
-    best_of: int | None = _unsupported("1 is accepted.")
+    best_of: int | None = _unsupported(1)
 
     @field_validator("prompt")
     @classmethod
@@ -133,12 +136,12 @@ class ChatCompletionRequest(_Sampling):
     stream_options: StreamOptions | None = None
     logprobs: bool = Field(False, description="Each generated token's log-prob under the policy.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many likeliest alternatives.")
-    tools: Any = _unsupported()
-    tool_choice: Any = _unsupported('"none" is accepted.')
-    functions: Any = _unsupported()
-    function_call: Any = _unsupported()
-    parallel_tool_calls: Any = _unsupported()
-    response_format: Any = _unsupported('{"type": "text"} is accepted.')
+    tools: Any = _unsupported([])
+    tool_choice: Any = _unsupported("none")
+    functions: Any = _unsupported([])
+    function_call: Any = _unsupported("none")
+    parallel_tool_calls: Any = _unsupported(True, False)
+    response_format: Any = _unsupported({"type": "text"})
     audio: Any = _unsupported()
     prediction: Any = _unsupported()
 

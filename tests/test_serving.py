@@ -440,7 +440,7 @@ def test_a_seed_fixes_the_samples_whatever_runs_beside_them(server, client):
         ("/v1/completions", "logit_bias", {"50": 10}),
         ("/v1/completions", "suffix", "end"),
         ("/v1/completions", "best_of", 3),
-        ("/v1/completions", "presence_penalty", 0.5),
+        ("/v1/completions", "presence_penalty", 1),
     ],
 )
 def test_an_unsupported_field_is_400_naming_it(server, path, field, value):
