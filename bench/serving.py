@@ -37,6 +37,8 @@ PROMPTS = [
     "How should a documentary open?",
 ]
 TOKEN = "bench-token"
+# Nothing here may start a Ray of its own after the service's cluster is shut down (read when Ray is imported).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 
 @contextmanager
@@ -64,6 +66,9 @@ def _service(model_path: Path, cpus: int, max_model_len: int) -> Iterator[tuple[
         yield f"{server.url}/v1/completions", "bench", headers
     finally:
         server.stop()
+        from ray import serve
+
+        serve.shutdown()  # ends this process's handles too, which would otherwise go on calling Ray
         ray.shutdown()
 
 
@@ -83,8 +88,10 @@ def _vllm_serve(model_path: Path, cpus: int, max_model_len: int) -> Iterator[tup
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(cpus),
     }
-    vllm = Path(sys.executable).with_name("vllm")
-    command = [str(vllm), "serve", str(model_path), "--port", str(port), "--dtype", dtype, "--enforce-eager"]
+    # The server `vllm serve` starts, run as its module: the `vllm` command reads the version of a distribution
+    # named vllm, and the CPU build installs as vllm-cpu (PackageNotFoundError before anything starts).
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
+    command = [*server, "--port", str(port), "--dtype", dtype, "--enforce-eager"]
     command += ["--max-model-len", str(max_model_len), "--served-model-name", "bench", "--disable-log-stats"]
     log = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
     with log.open("wb") as out:
@@ -183,7 +190,7 @@ def _measure(server: Callable, name: str, args: argparse.Namespace, model_path: 
         for c in args.concurrency:
             row = asyncio.run(_level(url, model, headers, c, max(args.requests, c), args.max_tokens))
             rows.append({"server": name, **row})
-            print(f"{name}, {c} streams: {row['requests_s']:.2f} req/s", file=sys.stderr, flush=True)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept should a later server fail
     return rows
 
 

@@ -34,6 +34,14 @@ class VLLMRefusedError(EngineUnavailableError):
     """vLLM cannot load this policy (missing, or a model its build rejects): engine auto serves it with transformers."""
 
 
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A policy kept as a LoRA adapter, applied per request on its base model's engine (vLLM's multi-LoRA)."""
+
+    name: str
+    path: str
+
+
 @dataclass
 class SamplingRequest:
     """One client request; ``prompt`` is sent as is, ``messages`` go through the policy's chat template."""
@@ -52,6 +60,8 @@ class SamplingRequest:
     seed: int | None = None
     # Also return the prompt's tokens with their log-probs (OpenAI's completions `echo`).
     echo: bool = False
+    # The adapter to apply, when the policy is one served on its base model's engine.
+    lora: LoraAdapter | None = None
 
 
 @dataclass
@@ -135,7 +145,9 @@ class Engine(Protocol):
         """The request's tokens as they are generated, every sample ending with a SampleEnd (EOS not included)."""
         ...
 
-    async def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+    async def prompt_logprobs(
+        self, ids: list[int], top: int, lora: LoraAdapter | None
+    ) -> list[tuple[float, dict[int, float]] | None]:
         """Per prompt token, its log-prob given the tokens before it and the ``top`` most likely there."""
         ...
 
@@ -174,6 +186,15 @@ def materialise(path: str) -> Path:
     except OSError:  # another loader won the race; its folder is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return merged
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a LoRA adapter folder applies to (its rmdistill.json, else its adapter_config.json), or None
+    when the folder is not an adapter."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    return _adapter_base(folder)
 
 
 def _adapter_base(folder: Path) -> str:
@@ -372,7 +393,7 @@ class ServedPolicy:
         pieces = incremental_pieces(tok, ids)
         if req.logprobs is None:
             return PromptEcho(pieces, [None] * len(ids), None)
-        scored = await self.engine.prompt_logprobs(ids, req.logprobs)
+        scored = await self.engine.prompt_logprobs(ids, req.logprobs, req.lora)
         lps = [s[0] if s else None for s in scored]
         tops = [_named_top(tok, s[1]) if s else None for s in scored] if req.logprobs else None
         return PromptEcho(pieces, lps, tops)

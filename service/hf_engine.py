@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.engines import SampleEnd, SamplingRequest, Token, eos_ids
+from service.engines import LoraAdapter, SampleEnd, SamplingRequest, Token, eos_ids
 
 # Called from the generating thread for each new token of (request index in the batch, sample index).
 TokenSink = Callable[[int, Token], None]
@@ -66,7 +66,10 @@ class HFEngine:
             for job in jobs:
                 job.events.put_nowait(None)
 
-    async def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float, dict[int, float]] | None]:
+    async def prompt_logprobs(
+        self, ids: list[int], top: int, lora: LoraAdapter | None = None
+    ) -> list[tuple[float, dict[int, float]] | None]:
+        # Never given an adapter: transformers serves an adapter policy merged into its base, as a policy of its own.
         return await asyncio.to_thread(self.backend.prompt_logprobs, ids, top)
 
     def close(self) -> None:

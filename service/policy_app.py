@@ -37,6 +37,8 @@ from service.engines import (
 from service.settings import ServingSettings
 
 APP_PREFIX = "rmdistill-policies"
+# The multiplexed id of a base model whose engine serves LoRA adapter policies (vLLM), followed by the base's reference.
+LORA_BASE = "lora-base:"
 # Concurrent requests for one policy that the transformers deployment gathers into one batch, and how long the
 # first of them waits for others.
 HF_BATCH_REQUESTS = 32
@@ -129,7 +131,7 @@ class _PolicyReplica:
     async def _load(self, policy_id: str) -> ServedPolicy:
         folder = await self._folder(policy_id, self._paths[policy_id])
         # In a thread: loading takes seconds, and the replica goes on serving the policies it holds meanwhile.
-        build = asyncio.ensure_future(asyncio.to_thread(self._build, folder))
+        build = asyncio.ensure_future(asyncio.to_thread(self._build, policy_id, folder))
         try:
             engine = await asyncio.wait_for(build, self.options.load_timeout_s)
         except TimeoutError as exc:
@@ -146,7 +148,7 @@ class _PolicyReplica:
         self.resident[policy_id] = policy = _Resident(engine, lambda: self.resident.pop(policy_id, None))
         return policy
 
-    def _build(self, folder: Path) -> Any:
+    def _build(self, policy_id: str, folder: Path) -> Any:
         raise NotImplementedError
 
 
@@ -155,7 +157,7 @@ class TransformersPolicies(_PolicyReplica):
 
     engine_name = "hf"
 
-    def _build(self, folder: Path) -> Any:
+    def _build(self, policy_id: str, folder: Path) -> Any:
         from service.hf_engine import HFEngine
 
         return HFEngine(folder, self.options.max_model_len, submit=self._batch)
@@ -182,7 +184,7 @@ class VLLMPolicies(_PolicyReplica):
         super().__init__(options, gpus)
         self._refused: dict[Path, str] = {}
 
-    def _build(self, folder: Path) -> Any:
+    def _build(self, policy_id: str, folder: Path) -> Any:
         if not vllm_installed():
             raise VLLMRefusedError("vLLM is not installed (pip install 'rmdistill[vllm]')")
         if folder in self._refused:
@@ -191,8 +193,10 @@ class VLLMPolicies(_PolicyReplica):
 
         # The replica's GPU share, split among the engines it may hold at once, with vLLM's usual 10% headroom.
         share = 0.9 * self.gpus / self.options.max_policies_per_replica if self.gpus else None
+        # A base model loaded for adapter policies serves them all, applying each request's own adapter.
+        rank = self.options.max_lora_rank if policy_id.startswith(LORA_BASE) else None
         try:
-            return VLLMEngine(folder, self.options.max_model_len, gpu_memory_utilization=share)
+            return VLLMEngine(folder, self.options.max_model_len, gpu_memory_utilization=share, lora_rank=rank)
         except Exception as exc:
             self._refused[folder] = f"vLLM could not run {folder}: {describe_failure(exc)}"
             raise VLLMRefusedError(self._refused[folder]) from exc
@@ -200,7 +204,10 @@ class VLLMPolicies(_PolicyReplica):
 
 @ray.remote(num_cpus=0)
 def _materialise_task(path: str) -> Path:
-    return materialise(path)
+    from ray_jobs.models.registry import resolve_model_path
+
+    # A policy is a folder; the base model of adapter policies may be any model reference (tiny:llama, a hub id...).
+    return materialise(str(resolve_model_path(path)))
 
 
 async def _prepare(path: str) -> Path:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from service.engines import (
@@ -20,8 +22,10 @@ from service.engines import (
     EngineRequestError,
     EngineUnavailableError,
     GenerationResult,
+    LoraAdapter,
     SamplingRequest,
     VLLMRefusedError,
+    adapter_base,
 )
 from service.settings import ServingSettings
 
@@ -36,6 +40,9 @@ class PolicyServing:
     # before it sets the embedded head's auth variables, which Ray reads when it is first imported.
 
     def __init__(self, options: ServingSettings, ray_address: str | None = None) -> None:
+        # Serve's handles run threads that call Ray; after this process disconnects they must not start a Ray
+        # instance of their own (Ray connects on first use unless told not to, and reads this when imported).
+        os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
         from service.policy_app import app_name, engines_for
 
         self.options = options
@@ -45,6 +52,7 @@ class PolicyServing:
         self._handles: dict[str, Any] = {}
         self._ready = asyncio.Lock()
         self._engine_of: dict[str, str] = {}  # policies vLLM refused: served by transformers
+        self._bases: dict[str, str | None] = {}  # adapter policies served on their base model's engine
         self._own_ray = False  # whether this object made the process a Ray driver (and so disconnects it)
 
     async def generate(self, policy_id: str, path: str, request: SamplingRequest) -> GenerationResult:
@@ -67,13 +75,11 @@ class PolicyServing:
     ) -> AsyncIterator[Delta | GenerationResult]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-        from service.policy_app import PolicyCall
-
         handles = await self._deployments()
-        call = PolicyCall(policy_id, path, request)
         for attempt in range(2):
             engine = self._engine_of.get(policy_id, self.engines[0])
-            handle = handles[engine].options(multiplexed_model_id=policy_id, stream=stream)
+            model_id, call = self._route(engine, policy_id, path, request)
+            handle = handles[engine].options(multiplexed_model_id=model_id, stream=stream)
             started = False
             try:
                 if stream:
@@ -88,6 +94,7 @@ class PolicyServing:
                 if isinstance(cause, VLLMRefusedError) and engine == "vllm" and "hf" in self.engines:
                     log.warning("%s; serving %s with transformers", cause, policy_id)
                     self._engine_of[policy_id] = "hf"
+                    self._bases.pop(policy_id, None)
                     continue
                 # Re-raised bare so callers see the replica's message, not a remote traceback.
                 if isinstance(cause, _PASSED_ON):
@@ -98,6 +105,20 @@ class PolicyServing:
                 if attempt or started:
                     raise EngineUnavailableError(f"the replica serving {policy_id!r} died: {exc}") from exc
                 log.warning("the replica serving %s died (%s); sending the request again", policy_id, exc)
+
+    def _route(self, engine: str, policy_id: str, path: str, request: SamplingRequest) -> tuple[str, Any]:
+        """The multiplexed id and call for a policy on an engine: its own, or, for a LoRA adapter on vLLM, its base
+        model's, with the adapter riding on the request (every adapter of a base shares one engine)."""
+        from service.policy_app import LORA_BASE, PolicyCall
+
+        if policy_id not in self._bases:
+            use_lora = engine == "vllm" and self.options.max_lora_rank
+            self._bases[policy_id] = adapter_base(path) if use_lora else None
+        base = self._bases[policy_id]
+        if base is None:
+            return policy_id, PolicyCall(policy_id, path, request)
+        model_id = LORA_BASE + base
+        return model_id, PolicyCall(model_id, base, replace(request, lora=LoraAdapter(policy_id, path)))
 
     async def _deployments(self) -> dict[str, Any]:
         async with self._ready:

@@ -11,7 +11,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -66,6 +66,12 @@ class ServingSettings(BaseModel):
         gt=0,
         description="Policies one replica holds at once (Serve model multiplexing); loading one more unloads the "
         "replica's least recently used policy first.",
+    )
+    max_lora_rank: Literal[0, 8, 16, 32, 64, 128, 256, 512] = Field(
+        64,
+        description="vLLM: a policy kept as a LoRA adapter is applied per request on its base model's engine, which "
+        "then serves every adapter of that base (up to this rank) as one policy slot; 0 = merge each adapter into a "
+        "policy of its own, as transformers always does.",
     )
     min_replicas: int = Field(1, ge=0, description="Replicas each deployment keeps even when idle (0: scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Most replicas each deployment scales up to.")

@@ -101,3 +101,47 @@ def test_echo_logprobs_and_seeds_on_vllm(client, tiny_llama):
     first = [c.text for c in client.completions.create(**body, seed=7).choices]
     assert [c.text for c in client.completions.create(**body, seed=7).choices] == first
     assert [c.text for c in client.completions.create(**body, seed=8).choices] != first
+
+
+def test_lora_policies_share_their_base_models_engine(server, client, tiny_llama):
+    """Two policies kept as LoRA adapters of the tiny Llama: one base engine serves both (vLLM's multi-LoRA), each
+    request with its own adapter, each answer that adapter's own numbers."""
+    import copy
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_llama)("the movie was long")["input_ids"]
+    app = server.app.state.serving.apps["vllm"]
+    # Deployed by the first serving request: this test may be the module's first.
+    loads = (
+        serve.get_app_handle(app).loaded.remote().result(timeout_s=60)["loads"]
+        if app in serve.status().applications
+        else 0
+    )
+    expected = []
+    for k in range(2):
+        torch.manual_seed(k)
+        # Non-zero LoRA weights, so the base model's numbers, or the other adapter's, would be wrong.
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        adapted = get_peft_model(copy.deepcopy(base), lora).eval()
+        folder = server.settings.data_dir / "datasets" / f"adapter-{k}"
+        adapted.save_pretrained(folder)
+        (folder / "rmdistill.json").write_text(json.dumps({"base_model": str(tiny_llama)}))
+        r = httpx.post(f"{server.url}/v1/policies", json={"path": str(folder), "id": f"lora-{k}"}, headers=_auth())
+        assert r.status_code == 201, r.text
+        with torch.no_grad():
+            logp = torch.log_softmax(adapted(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        expected.append(logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist())
+    assert expected[0] != pytest.approx(expected[1], abs=1e-2)
+
+    for k in (0, 1, 0):
+        scored = client.completions.create(model=f"lora-{k}", prompt=[ids], max_tokens=0, echo=True, logprobs=0)
+        assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected[k], abs=1e-3)
+    held = serve.get_app_handle(app).loaded.remote().result(timeout_s=60)
+    assert held["loads"] == loads + 1  # one base engine for both adapters
+    assert f"lora-base:{tiny_llama}" in held["policies"] and not {"lora-0", "lora-1"} & set(held["policies"])

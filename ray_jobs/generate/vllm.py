@@ -67,13 +67,19 @@ def make_llm(model: str | Path, *, max_model_len: int, seed: int = 0, dtype: str
 
 
 def make_async_engine(
-    model: str | Path, *, max_model_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None
+    model: str | Path,
+    *,
+    max_model_len: int,
+    dtype: str = "auto",
+    gpu_memory_utilization: float | None = None,
+    **options: Any,
 ):
     """A vLLM `AsyncLLM`: continuous batching, each request's tokens streamed as they are sampled.
 
     Its engine core always runs in a child process (the async engine has no in-process mode); it ends with
     `shutdown()`, or on its own when this process dies. ``gpu_memory_utilization`` is the share of the GPU this
-    engine may take (several engines may share one GPU); None keeps vLLM's default.
+    engine may take (several engines may share one GPU); None keeps vLLM's default. ``options``: more engine
+    arguments (LoRA's, for one).
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -81,7 +87,7 @@ def make_async_engine(
     args = _engine_args(model, max_model_len=max_model_len, seed=0, dtype=dtype, bind_threads=False)
     if gpu_memory_utilization is not None:
         args["gpu_memory_utilization"] = gpu_memory_utilization
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args, **options))
 
 
 def shutdown_llm(llm: Any) -> None:
