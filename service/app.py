@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import artifacts_api, dashboard, datasets_api, experiments_api, jobs_api, ops_api, policies_api, serving
-from service.engines import EngineManager
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
 from service.launch import Launcher
 from service.metrics import LatencyMiddleware
 from service.ray_backend import RayBackend, RayUnavailable
+from service.serving_client import PolicyServing
 from service.settings import Settings
 from service.store import Store
 
@@ -89,10 +89,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     follower = JobFollower(store, backend, settings.poll_interval_s, Launcher(store, backend, settings))
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
-    # Serving actors live on the same cluster as the jobs: the embedded head's GCS, else whatever
+    # Policies are served on the same cluster as the jobs: the embedded head's GCS, else whatever
     # RMDISTILL_SERVING_RAY_ADDRESS names (a dashboard URL, which RAY_ADDRESS is here, cannot take a driver).
     serving_address = backend.head.gcs_address if backend.embedded and backend.head else None
-    engines = app.state.engines = EngineManager(max_loaded=settings.max_loaded_policies, ray_address=serving_address)
+    serving = app.state.serving = PolicyServing(settings.serving, ray_address=serving_address)
     try:
         yield
     finally:
@@ -100,7 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await engines.shutdown()
+        # Policies stay loaded in Serve for the next service, unless the cluster itself is to stop.
+        await serving.shutdown(delete=app.state.stop_cluster)
         if backend.embedded and app.state.stop_cluster:
             await asyncio.to_thread(backend.stop)
             _mark_orphaned(store)
@@ -115,9 +116,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None, stop_cluster: bool = True) -> FastAPI:
-    """The app; `stop_cluster`: whether its shutdown stops the embedded Ray head (failing the jobs on it) or leaves
-    it running for the next service on the data folder. Embedders (tests, benchmarks) stop theirs by default;
-    `rmdistill serve` leaves it unless told --stop-cluster."""
+    """The app; `stop_cluster`: whether its shutdown stops the embedded Ray head (failing the jobs on it) and deletes
+    the serving applications, or leaves both running (policies loaded) for the next service. Embedders (tests,
+    benchmarks) stop theirs by default; `rmdistill serve` leaves them unless told --stop-cluster."""
     settings = settings or Settings.from_env()
     app = FastAPI(
         title="rmdistill",

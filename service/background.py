@@ -17,10 +17,10 @@ from service.settings import Settings
 
 
 class BackgroundServer:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, stop_cluster: bool = True):
         self.settings = settings
         self.port = free_port()
-        self.app = create_app(settings)
+        self.app = create_app(settings, stop_cluster=stop_cluster)
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",

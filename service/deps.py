@@ -1,5 +1,5 @@
 """What the routes share, declared once as `Annotated` dependencies: the caller's owner id, the settings, and the
-objects the app's lifespan keeps on `app.state` (the store, the Ray backend, the policy engines).
+objects the app's lifespan keeps on `app.state` (the store, the Ray backend, the policy serving client).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.auth import current_owner
-from service.engines import EngineManager
 from service.ray_backend import RayBackend
+from service.serving_client import PolicyServing
 from service.settings import Settings
 from service.store import Store
 
@@ -27,8 +27,8 @@ def get_backend(request: Request) -> RayBackend:
     return request.app.state.backend
 
 
-def get_engines(request: Request) -> EngineManager:
-    return request.app.state.engines
+def get_serving(request: Request) -> PolicyServing:
+    return request.app.state.serving
 
 
 # None when auth is off; a missing or unknown token is answered with 401 before the route runs.
@@ -36,4 +36,4 @@ Owner = Annotated[str | None, Depends(current_owner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 BackendDep = Annotated[RayBackend, Depends(get_backend)]
-EnginesDep = Annotated[EngineManager, Depends(get_engines)]
+ServingDep = Annotated[PolicyServing, Depends(get_serving)]

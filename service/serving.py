@@ -17,27 +17,33 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from service.deps import EnginesDep, Owner, SettingsDep, StoreDep
+from service.deps import Owner, ServingDep, SettingsDep, StoreDep
 from service.engines import (
-    EngineManager,
+    Delta,
     EngineRequestError,
     EngineUnavailableError,
     GenerationResult,
     SamplingRequest,
 )
 from service.metrics import metrics_label
+from service.openai_logprobs import (
+    chat_logprobs,
+    choice_tokens,
+    completion_logprobs,
+    delta_chat_logprobs,
+    delta_completion_logprobs,
+)
 from service.schemas import error_responses
+from service.serving_client import PolicyServing
 from service.serving_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatLogprobs,
     Completion,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     GeneratedSample,
     GenerateRequest,
@@ -45,7 +51,6 @@ from service.serving_schemas import (
     ModelCard,
     ModelList,
     OpenAIErrorBody,
-    TokenLogprob,
     Usage,
 )
 from service.settings import Settings
@@ -61,6 +66,23 @@ LATENCY = Histogram(
     "Time to a full response",
     ["policy", "endpoint"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "rmdistill_serving_time_to_first_token_seconds",
+    "Streamed requests: time from arrival to the first text sent",
+    ["policy"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "rmdistill_serving_inter_token_latency_seconds",
+    "Streamed requests: time between successive chunks of one choice",
+    ["policy"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUE_DEPTH = Gauge(
+    "rmdistill_serving_queue_depth",
+    "Requests this API process has accepted and not yet answered: waiting for a replica or generating",
+    ["policy"],
 )
 
 
@@ -147,9 +169,12 @@ def _within_budget(settings: Settings, factors: dict[str, int], param: str) -> N
         )
 
 
-def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: bool) -> SamplingRequest:
+def _sampling(
+    body, prompt: str | list[int] | None, messages, max_tokens: int, logprobs: int | None, echo: bool = False
+) -> SamplingRequest:
     return SamplingRequest(
-        prompt=prompt,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_ids=prompt if isinstance(prompt, list) else None,
         messages=messages,
         n=body.n,
         max_tokens=max_tokens,
@@ -158,6 +183,7 @@ def _sampling(body, prompt: str | None, messages, max_tokens: int, logprobs: boo
         stop=body.stop,
         logprobs=logprobs,
         seed=body.seed,
+        echo=echo,
     )
 
 
@@ -171,42 +197,59 @@ def _record(policy_id: str, endpoint: str, start: float, results: list[Generatio
 
 
 async def _run(
-    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+    serving: PolicyServing, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
 ) -> list[GenerationResult]:
     start, results = time.perf_counter(), None
+    depth = QUEUE_DEPTH.labels(metrics_label(policy.id))
+    depth.inc()
     try:
-        results = list(await asyncio.gather(*(engines.generate(policy.id, str(policy.path), r) for r in reqs)))
+        results = list(await asyncio.gather(*(serving.generate(policy.id, str(policy.path), r) for r in reqs)))
         return results
     finally:
+        depth.dec()
         _record(policy.id, endpoint, start, results)
 
 
-# A stream item: (choice index, text delta), or, last, every prompt's GenerationResult.
-StreamItem = tuple[int, str] | list[GenerationResult]
+# A stream item: (choice index, delta), or, last, every prompt's GenerationResult.
+StreamItem = tuple[int, Delta] | list[GenerationResult]
 
 
 async def _stream(
-    engines: EngineManager, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
+    serving: PolicyServing, policy: Policy, endpoint: str, reqs: list[SamplingRequest]
 ) -> AsyncIterator[StreamItem]:
-    """Deltas of every choice (prompt p's sample k is choice p * n + k), prompts one after another."""
+    """Deltas of every choice (prompt p's sample k is choice p * n + k), prompts one after another; times the first
+    text and the gaps between a choice's chunks."""
+    label = metrics_label(policy.id)
     start, results = time.perf_counter(), []
+    last: dict[int, float] = {}
+    depth = QUEUE_DEPTH.labels(label)
+    depth.inc()
     try:
         for p, req in enumerate(reqs):
-            async for item in engines.stream(policy.id, str(policy.path), req):
+            async for item in serving.stream(policy.id, str(policy.path), req):
                 if isinstance(item, GenerationResult):
                     results.append(item)
-                else:
-                    yield p * req.n + item["index"], item["text"]
+                    continue
+                choice, now = p * req.n + item.index, time.perf_counter()
+                if item.text:
+                    if not last:
+                        TIME_TO_FIRST_TOKEN.labels(label).observe(now - start)
+                    elif choice in last:
+                        INTER_TOKEN_LATENCY.labels(label).observe(now - last[choice])
+                    last[choice] = now
+                yield choice, item
     except BaseException:
         _record(policy.id, endpoint, start, None)
         raise
+    finally:
+        depth.dec()
     _record(policy.id, endpoint, start, results)
     yield results
 
 
 async def _sse(
     items: AsyncIterator[StreamItem],
-    on_delta: Callable[[int, str], list[dict]],
+    on_delta: Callable[[int, Delta], list[dict]],
     on_end: Callable[[list[GenerationResult]], list[dict]],
 ) -> StreamingResponse:
     """Server-sent events in OpenAI's framing. The first item is awaited here, so a request the engine refuses
@@ -241,84 +284,93 @@ def _usage(results: list[GenerationResult]) -> Usage:
 @router.get("/v1/models")
 async def list_models(owner: Owner, store: StoreDep) -> ModelList:
     policies = store.list_policies(owner)
-    return ModelList(
-        data=[ModelCard(id=p.id, created=_created(p), owned_by=owner or "rmdistill") for p in policies],
-    )
+    return ModelList(data=[_card(p, owner) for p in policies])
+
+
+@router.get("/v1/models/{model_id}", responses=OPENAI_ERRORS)
+async def get_model(model_id: str, owner: Owner, store: StoreDep) -> ModelCard:
+    return _card(_policy(store, model_id, owner), owner)
+
+
+def _card(policy: Policy, owner: str | None) -> ModelCard:
+    return ModelCard(id=policy.id, created=_created(policy), owned_by=owner or "rmdistill")
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**STREAMED, **OPENAI_ERRORS})
 async def completions(
-    body: CompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    body: CompletionRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> Any:
     policy = _policy(store, body.model, owner)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    max_tokens = body.max_tokens or 16
+    prompts = body.prompts()
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise OpenAIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens", code="invalid_value")
     _within_budget(settings, {"prompts": len(prompts), "n": body.n, "max_tokens": max_tokens}, "max_tokens")
-    reqs = [_sampling(body, p, None, max_tokens, body.logprobs is not None) for p in prompts]
+    reqs = [_sampling(body, p, None, max_tokens, body.logprobs, body.echo) for p in prompts]
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def on_end(results: list[GenerationResult]) -> list[dict]:
-            samples = [s for r in results for s in r.samples]
-            chunks = [
-                _completion_chunk(ident, created, body.model, i, "", s.finish_reason) for i, s in enumerate(samples)
-            ]
-            if usage:
-                chunks.append({**_completion_chunk(ident, created, body.model, 0, "", None), "choices": []})
-                chunks[-1]["usage"] = _usage(results).model_dump()
-            return chunks
-
-        return await _sse(
-            _stream(engines, policy, "completions", reqs),
-            lambda i, text: [_completion_chunk(ident, created, body.model, i, text, None)],
-            on_end,
-        )
-    results = await _run(engines, policy, "completions", reqs)
-    samples = [s for r in results for s in r.samples]
-    choices = [
-        CompletionChoice(
-            text=s.text,
-            index=i,
-            logprobs=CompletionLogprobs(tokens=s.pieces, token_logprobs=s.token_logprobs)
-            if body.logprobs is not None
-            else None,
-            finish_reason=s.finish_reason,
-        )
-        for i, s in enumerate(samples)
-    ]
+        return await _sse(_stream(serving, policy, "completions", reqs), *_completion_renderers(ident, created, body))
+    results = await _run(serving, policy, "completions", reqs)
+    choices = []
+    for result in results:
+        for sample in result.samples:
+            text, pieces, lps, tops = choice_tokens(result, sample, body.echo)
+            logprobs = completion_logprobs(pieces, lps, tops) if body.logprobs is not None else None
+            choices.append(
+                CompletionChoice(text=text, index=len(choices), logprobs=logprobs, finish_reason=sample.finish_reason)
+            )
     return Completion(id=ident, created=created, model=body.model, choices=choices, usage=_usage(results))
 
 
-def _completion_chunk(ident: str, created: int, model: str, index: int, text: str, finish: str | None) -> dict:
-    choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-    return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+def _completion_renderers(ident: str, created: int, body: CompletionRequest):
+    """Chunk builders for a completions stream: text (and log-probs) as it comes, then each choice's reason."""
+    sent: dict[int, int] = {}  # characters of each choice's text sent so far, where its next offsets start
+
+    def chunk(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
+
+    def on_delta(i: int, delta: Delta) -> list[dict]:
+        start = sent.get(i, 0)
+        sent[i] = start + len(delta.text)
+        if not delta.text and delta.token_logprobs is None:  # held-back text, and no log-probs to send
+            return []
+        return [chunk(i, delta.text, delta_completion_logprobs(delta, start), None)]
+
+    def on_end(results: list[GenerationResult]) -> list[dict]:
+        samples = [s for r in results for s in r.samples]
+        chunks = [chunk(i, "", None, s.finish_reason) for i, s in enumerate(samples)]
+        if body.stream_options is not None and body.stream_options.include_usage:
+            chunks.append({**chunk(0, "", None, None), "choices": [], "usage": _usage(results).model_dump()})
+        return chunks
+
+    return on_delta, on_end
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**STREAMED, **OPENAI_ERRORS})
 async def chat_completions(
-    body: ChatCompletionRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    body: ChatCompletionRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> Any:
     policy = _policy(store, body.model, owner)
     try:
         messages = [m.as_template_message() for m in body.messages]
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
+    if body.top_logprobs and not body.logprobs:
+        raise OpenAIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     _within_budget(settings, {"n": body.n, param: max_tokens}, param)
-    req = _sampling(body, None, messages, max_tokens, body.logprobs)
+    req = _sampling(body, None, messages, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return await _sse(_stream(engines, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
-    [result] = await _run(engines, policy, "chat", [req])
+        return await _sse(_stream(serving, policy, "chat", [req]), *_chat_stream_renderers(ident, created, body))
+    [result] = await _run(serving, policy, "chat", [req])
     choices = [
         ChatChoice(
             index=i,
             message=AssistantMessage(content=s.text),
-            logprobs=ChatLogprobs(
-                content=[TokenLogprob(token=p, logprob=lp) for p, lp in zip(s.pieces, s.token_logprobs, strict=True)]
-            )
+            logprobs=chat_logprobs(s.pieces, s.token_logprobs, s.top_logprobs)
             if body.logprobs and s.token_logprobs is not None
             else None,
             finish_reason=s.finish_reason,
@@ -332,36 +384,42 @@ def _chat_stream_renderers(ident: str, created: int, body: ChatCompletionRequest
     """Chunk builders for a chat stream: each choice opens with the assistant role and closes with its reason."""
     opened: set[int] = set()
 
+    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": [choice],
+        }
+
     def open_choice(i: int) -> list[dict]:
         if i in opened:
             return []
         opened.add(i)
-        return [_chat_chunk(ident, created, body.model, i, {"role": "assistant", "content": ""}, None)]
+        return [chunk(i, {"role": "assistant", "content": ""}, None)]
 
-    def on_delta(i: int, text: str) -> list[dict]:
-        return [*open_choice(i), _chat_chunk(ident, created, body.model, i, {"content": text}, None)]
+    def on_delta(i: int, delta: Delta) -> list[dict]:
+        if not delta.text and delta.token_logprobs is None:  # held-back text, and no log-probs to send
+            return []
+        return [*open_choice(i), chunk(i, {"content": delta.text}, None, delta_chat_logprobs(delta))]
 
     def on_end(results: list[GenerationResult]) -> list[dict]:
         chunks = []
         for i, sample in enumerate(results[0].samples):
-            chunks += [*open_choice(i), _chat_chunk(ident, created, body.model, i, {}, sample.finish_reason)]
+            chunks += [*open_choice(i), chunk(i, {}, sample.finish_reason)]
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = _usage(results).model_dump()
-            chunks.append({**_chat_chunk(ident, created, body.model, 0, {}, None), "choices": [], "usage": usage})
+            chunks.append({**chunk(0, {}, None), "choices": [], "usage": _usage(results).model_dump()})
         return chunks
 
     return on_delta, on_end
 
 
-def _chat_chunk(ident: str, created: int, model: str, index: int, delta: dict, finish: str | None) -> dict:
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-
-
 # Unset fields stay out of the body: the log-prob fields of a sample appear only when return_logprobs asks.
 @router.post("/v1/policies/{policy_id}/generate", responses=OPENAI_ERRORS, response_model_exclude_unset=True)
 async def generate(
-    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, engines: EnginesDep, settings: SettingsDep
+    policy_id: str, body: GenerateRequest, owner: Owner, store: StoreDep, serving: ServingDep, settings: SettingsDep
 ) -> GenerateResponse:
     """n samples of one prompt, each optionally with its log-probability under the policy (total or per token)."""
     policy = _policy(store, policy_id, owner)
@@ -371,7 +429,8 @@ async def generate(
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="messages") from exc
     want = body.return_logprobs != "none"
-    [result] = await _run(engines, policy, "generate", [_sampling(body, body.prompt, messages, body.max_tokens, want)])
+    req = _sampling(body, body.prompt, messages, body.max_tokens, 0 if want else None)
+    [result] = await _run(serving, policy, "generate", [req])
     samples = []
     for s in result.samples:
         sample = GeneratedSample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(s.token_ids))

@@ -3,6 +3,7 @@ is touched) and responses."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -13,16 +14,34 @@ MAX_TOKENS_LIMIT = int(os.environ.get("RMDISTILL_SERVING_MAX_TOKENS", "2048"))
 MAX_STOP = 4
 
 
+def _unsupported(*accepted: Any) -> Any:
+    """A field OpenAI defines that this server does not implement: refused (400 naming it) rather than ignored,
+    unless null or one of the ``accepted`` values, which clients send when they do not use the feature."""
+    shown = f" ({', '.join(json.dumps(a) for a in accepted)} accepted)" if accepted else ""
+    extra = {"x-unsupported": True, "x-accepted": list(accepted)}
+    return Field(
+        None, description=f"Not supported: a request that sets it is refused with 400{shown}.", json_schema_extra=extra
+    )
+
+
 class _Sampling(BaseModel):
-    # OpenAI clients send fields this server ignores (user, presence_penalty...); refusing them would break clients.
+    # OpenAI clients send fields that change nothing here (user, metadata...); refusing them would break clients.
+    # Fields that would change the answer and are not implemented are declared below and refused instead.
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description="Most tokens to generate per choice.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, le=16, description="Choices per prompt.")
+    stop: str | list[str] | None = Field(
+        None, validate_default=True, description=f"Up to {MAX_STOP} strings; the text ends before the first."
+    )
+    seed: int | None = Field(
+        None, description="Same seed, same request: same samples, on either engine and whatever else is running."
+    )
+    logit_bias: Any = _unsupported({})
+    presence_penalty: float | None = _unsupported(0.0)
+    frequency_penalty: float | None = _unsupported(0.0)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -39,25 +58,56 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("*")
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info) -> Any:
+        extra = cls.model_fields[info.field_name].json_schema_extra
+        unsupported = isinstance(extra, dict) and extra.get("x-unsupported") and value is not None
+        # Compared with their types: 1 == True, and a bool accepted must not let a number through.
+        if unsupported and not any(value == a and type(value) is type(a) for a in extra["x-accepted"]):
+            raise ValueError("not supported by this server")
+        return value
+
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="End the stream with a chunk holding the request's usage.")
+
+
+MAX_PROMPTS = 16
 
 
 class CompletionRequest(_Sampling):
     model: str
-    prompt: str | list[str] = Field(..., description="one prompt, or up to 16")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description=f"One prompt, or up to {MAX_PROMPTS}; each a string or a list of token ids."
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOKENS_LIMIT, description="Most tokens per choice (default 16); 0 only with echo."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the sampled token's log-prob")
-    echo: Literal[False] = False
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Each token's log-prob under the policy, and this many most likely alternatives."
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its log-probs if asked).")
+    suffix: str | None = _unsupported()
+    best_of: int | None = _unsupported(1)
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not 1 <= len(value) <= 16:
-            raise ValueError(f"prompt must be a string or a list of 1 to 16 strings, got {len(value)}")
+    def _prompts(cls, value: Any) -> Any:
+        prompts = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompt must be one prompt or a list of 1 to {MAX_PROMPTS}, got {len(prompts)}")
+        if any(isinstance(p, list) and (not p or min(p) < 0) for p in prompts):
+            raise ValueError("a token-id prompt must be a non-empty list of non-negative ids")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list, each a string or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class ChatMessage(BaseModel):
@@ -79,10 +129,21 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_LIMIT, description="Most tokens per choice; wins over max_tokens (default 256)."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool = False
+    logprobs: bool = Field(False, description="Each generated token's log-prob under the policy.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many likeliest alternatives.")
+    tools: Any = _unsupported([])
+    tool_choice: Any = _unsupported("none")
+    functions: Any = _unsupported([])
+    function_call: Any = _unsupported("none")
+    parallel_tool_calls: Any = _unsupported(True, False)
+    response_format: Any = _unsupported({"type": "text"})
+    audio: Any = _unsupported()
+    prediction: Any = _unsupported()
 
 
 class GenerateRequest(_Sampling):
@@ -126,9 +187,11 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float] | None
-    top_logprobs: None = None
-    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(description="None for the prompt's first token (echo).")
+    top_logprobs: list[dict[str, float] | None] | None = Field(
+        None, description="Per token, its likeliest alternatives (when logprobs >= 1)."
+    )
+    text_offset: list[int] = Field(default_factory=list, description="Where each token starts in `text`.")
 
 
 class CompletionChoice(BaseModel):
@@ -152,9 +215,14 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatLogprobs(BaseModel):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_jobs.layout import JOBS_DIR
+from ray_jobs.names import Engine
 
 # Uploads live outside every shared data root, one folder per owner, so no spec reaches another owner's files.
 UPLOADS_DIR = "uploads"
@@ -39,6 +41,77 @@ def _split(value: str | None, sep: str) -> list[str]:
     return [part.strip() for part in (value or "").split(sep) if part.strip()]
 
 
+class ServingSettings(BaseModel):
+    """How policies are served: the Ray Serve deployments' engines, resources and bounds (`service/policy_app.py`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    engine: Engine = Field(
+        "auto",
+        description="`vllm`: vLLM's async engine only; `hf`: transformers only; `auto`: vLLM, and a transformers "
+        "deployment (scaled from zero replicas) for the policies vLLM cannot load.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="GCS address (`host:port`) of the cluster serving runs on when it is not the embedded head; "
+        "None = the embedded head, or a private local Ray when there is none.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves (fractions share a CPU).")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of one GPU each replica reserves (0.25: four replicas share a GPU; a 135M policy needs "
+        "far less than one). None = 0.25 where the cluster has GPUs, else 0. A vLLM replica divides its share "
+        "among the policies it holds.",
+    )
+    max_policies_per_replica: int = Field(
+        2,
+        gt=0,
+        description="Policies one replica holds at once (Serve model multiplexing); loading one more unloads the "
+        "replica's least recently used policy first.",
+    )
+    max_lora_rank: Literal[0, 8, 16, 32, 64, 128, 256, 512] = Field(
+        64,
+        description="vLLM: a policy kept as a LoRA adapter is applied per request on its base model's engine, which "
+        "then serves every adapter of that base (up to this rank) as one policy slot; 0 = merge each adapter into a "
+        "policy of its own, as transformers always does.",
+    )
+    min_replicas: int = Field(1, ge=0, description="Replicas each deployment keeps even when idle (0: scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas each deployment scales up to.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica that Serve's autoscaler aims for, between the bounds."
+    )
+    max_ongoing_requests: int = Field(
+        256, gt=0, description="Requests one replica takes at once; more wait in Serve's queue for a free replica."
+    )
+    max_model_len: int = Field(
+        2048,
+        gt=0,
+        description="Context (prompt + completion tokens) of a served policy, "
+        "capped by the model's own position limit.",
+    )
+    load_timeout_s: float = Field(
+        600, gt=0, description="Seconds a policy's load may take before its requests get 503 (and the load is dropped)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
+        """From RMDISTILL_SERVING_* (each field's name, upper case); unset variables keep the defaults."""
+        values = {
+            name: env[f"RMDISTILL_SERVING_{name.upper()}"]
+            for name in cls.model_fields
+            if env.get(f"RMDISTILL_SERVING_{name.upper()}")
+        }
+        return cls.model_validate(values)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -58,7 +131,7 @@ class Settings(BaseModel):
     ray_num_cpus: int | None = Field(
         None, ge=0, description="CPUs of the embedded head; None = all of them, 0 = a head that runs no job."
     )
-    max_loaded_policies: int = Field(2, gt=0)
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="Policy serving on Ray Serve.")
     poll_interval_s: float = Field(1.0, gt=0)
     max_active_jobs: int = Field(
         10, gt=0, description="Jobs one token may have pending or running at once; more are refused with 429."
@@ -144,7 +217,7 @@ class Settings(BaseModel):
             "max_upload_bytes": int(env.get("RMDISTILL_MAX_UPLOAD_BYTES", str(256 << 20))),
             "ray_address": env.get("RAY_ADDRESS") or None,
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
-            "max_loaded_policies": int(env.get("RMDISTILL_MAX_LOADED_POLICIES", "2")),
+            "serving": ServingSettings.from_env(env),
             "max_active_jobs": int(env.get("RMDISTILL_MAX_ACTIVE_JOBS", "10")),
             "max_running_jobs": int(env.get("RMDISTILL_MAX_RUNNING_JOBS", "4")),
             "max_queued_jobs": int(env.get("RMDISTILL_MAX_QUEUED_JOBS", "200")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,12 @@ from service import store as store_module
 from service.admission import check_cluster
 from service.app import create_app
 from service.auth import owner_of
-from service.engines import EngineUnavailableError, _load_backend
+from service.engines import VLLMRefusedError
 from service.errors import ApiError, error_body
 from service.follower import register_job_policy
+from service.policy_app import VLLMPolicies
 from service.ray_backend import RayBackend, free_port
-from service.settings import Settings, hash_token
+from service.settings import ServingSettings, Settings, hash_token
 from service.store import Store
 
 TOKEN = "token-carol"
@@ -51,6 +53,7 @@ SUCCESS = {
     ("post", "/v1/policies"): ("201", "PolicyView"),
     ("get", "/v1/policies/{policy_id}"): ("200", "PolicyView"),
     ("get", "/v1/models"): ("200", "ModelList"),
+    ("get", "/v1/models/{model_id}"): ("200", "ModelCard"),
     ("post", "/v1/completions"): ("200", "Completion"),
     ("post", "/v1/chat/completions"): ("200", "ChatCompletion"),
     ("post", "/v1/policies/{policy_id}/generate"): ("200", "GenerateResponse"),
@@ -187,15 +190,22 @@ def test_refusals_are_409_naming_the_field() -> None:
 # ------------------------------------------------------------------------------------------------------ engines
 @pytest.mark.vllm
 def test_engine_vllm_that_cannot_load_the_policy_is_unavailable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """engine "vllm" never falls back to transformers: the service answers 503 with vLLM's reason."""
+    """vLLM's replica refuses a policy it cannot load with the reason (engine "vllm" answers it as a 503; auto sends
+    the policy to transformers), and refuses it again at once."""
     pytest.importorskip("vllm")
     # make_llm sets these for the process; restored after the test so later tests see the environment they had.
     for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(EngineUnavailableError, match="vLLM could not run"):
-        _load_backend(tmp_path, "vllm", max_model_len=64)  # an empty folder: no config.json
+    replica = VLLMPolicies(ServingSettings(engine="vllm", max_model_len=64), gpus=0)
+    with pytest.raises(VLLMRefusedError, match="vLLM could not run") as first:
+        replica._build("p", tmp_path)  # an empty folder: no config.json
+    # Remembered: asked again, even once the folder would load, it answers the same at once without trying.
+    shutil.copytree(tiny_llama, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(VLLMRefusedError) as again:
+        replica._build("p", tmp_path)
+    assert str(again.value) == str(first.value)
 
 
 # ------------------------------------------------------------------------------------------------------- bodies

@@ -1,13 +1,15 @@
-"""OpenAI-compatible serving over a real uvicorn socket, engines in real Ray actors, the tiny Llama as the policy."""
+"""OpenAI-compatible serving over a real uvicorn socket, policies on a real Ray Serve deployment (transformers), the
+tiny Llama as the policy; vLLM's is in test_serving_vllm.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 
 import httpx
 import pytest
 import torch
+
+from tests.support.serving import serving_service
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -15,38 +17,22 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ALICE, BOB = "alice-token", "bob-token"
 
 
+SERVING = {"engine": "hf", "num_cpus": 0.5, "max_policies_per_replica": 2}
+POLICY_IDS = ("tiny", "tiny-b", "tiny-c")
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
-    """The real service app on uvicorn, attached to the session's Ray; max_loaded=1 so switching policies evicts.
+    """The real service app on uvicorn, serving on the session's Ray: one transformers replica holding two policies.
 
-    Alice registers the tiny Llama folder twice (two policy ids); Bob's token sees none of it.
+    Alice registers the tiny Llama folder three times (three policy ids); Bob's token sees none of it.
     """
-    from service.background import BackgroundServer
-    from service.settings import Settings
+    from service.settings import ServingSettings
 
-    env = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "0.5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("serving-home"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[ALICE, BOB],
-        # No jobs are submitted here: the address only keeps the app from starting its own embedded head.
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        max_loaded_policies=1,
-    )
-    server = BackgroundServer(settings).start(timeout_s=60)
-    app, url = server.app, server.url
-    for pid in ("tiny", "tiny-b"):
-        r = httpx.post(f"{url}/v1/policies", json={"path": str(tiny_llama), "id": pid}, headers=_auth(ALICE))
-        assert r.status_code == 201, r.text
-    yield app, url
-    server.stop(60)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    home = tmp_path_factory.mktemp("serving-home")
+    serving = ServingSettings(**SERVING)
+    with serving_service(ray_cluster, home, tiny_llama, [ALICE, BOB], serving, POLICY_IDS) as running:
+        yield running.app, running.url
 
 
 def _auth(token: str = ALICE) -> dict[str, str]:
@@ -80,7 +66,7 @@ def _greedy(reference, ids: list[int], max_new_tokens: int) -> str:
 
 
 def test_openai_client_lists_completes_and_matches_local_greedy(client, reference):
-    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-b"}
+    assert {m.id for m in client.models.list().data} == set(POLICY_IDS)
     prompt = "the movie was"
     out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
     tok = reference[1]
@@ -261,46 +247,79 @@ def test_usage_metrics_on_the_metrics_endpoint_count_requests_and_tokens(server,
     assert 'policy="tiny"' not in httpx.get(f"{server[1]}/metrics", headers=_auth()).text
 
 
-def test_least_recently_used_policy_is_unloaded_and_a_dead_actor_is_replaced(server, client):
+def _replica(app) -> dict:
+    """What the transformers deployment's replica holds (there is one: max_replicas is 1)."""
+    from ray import serve
+
+    return serve.get_app_handle(app.state.serving.apps["hf"]).loaded.remote().result(timeout_s=60)
+
+
+def test_two_policies_share_one_replica_and_serve_unloads_the_least_recently_used(server, client):
     import ray
 
-    engines = server[0].state.engines
-    client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    first = engines.handle("tiny")
-    loads = engines.loads
-    b = client.completions.create(model="tiny-b", prompt="a", max_tokens=2, temperature=0)
-    assert engines.loaded() == ["tiny-b"] and engines.loads == loads + 1
-    a = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    assert engines.loaded() == ["tiny"] and engines.loads == loads + 2
-    assert engines.handle("tiny") != first and a.choices[0].text == b.choices[0].text
+    app = server[0]
+    texts = {p: client.completions.create(model=p, prompt="a", max_tokens=2, temperature=0) for p in POLICY_IDS[:2]}
+    held = _replica(app)
+    assert held["policies"][-2:] == ["tiny", "tiny-b"], held
+    loads = held["loads"]
 
-    ray.kill(engines.handle("tiny"), no_restart=True)
+    # A third policy on a replica that holds two: Serve unloads the least recently used one (tiny) to load it.
+    client.completions.create(model="tiny-c", prompt="a", max_tokens=2, temperature=0)
+    after = _replica(app)
+    assert after["replica"] == held["replica"]
+    assert after["policies"] == ["tiny-b", "tiny-c"] and after["loads"] == loads + 1
     again = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
-    assert again.choices[0].text == a.choices[0].text and engines.loads == loads + 3
+    assert _replica(app)["policies"] == ["tiny-c", "tiny"] and _replica(app)["loads"] == loads + 2
+    assert again.choices[0].text == texts["tiny"].choices[0].text == texts["tiny-b"].choices[0].text
+
+    # A replica that dies is replaced by Serve; the request that found it dead is sent again.
+    ray.kill(ray.get_actor(after["actor"], namespace="serve"), no_restart=True)
+    revived = client.completions.create(model="tiny", prompt="a", max_tokens=2, temperature=0)
+    assert revived.choices[0].text == again.choices[0].text
+    assert _replica(app)["replica"] != held["replica"]
 
 
-@pytest.mark.vllm
-def test_vllm_engine_serves_deterministic_greedy_samples(ray_cluster, tiny_llama):
-    pytest.importorskip("vllm")
-    from service.engines import EngineManager, SamplingRequest
+def test_a_restarted_or_second_api_process_finds_the_policies_loaded(server, tiny_llama, ray_cluster, tmp_path):
+    """The replicas belong to Serve, not to an API process: a new one (another data folder, the same serving
+    settings) serves a policy the first loaded without loading it again, and so does the next after a SIGKILL."""
+    from service.ray_backend import free_port
+    from tests.support.service import Service
 
-    async def run():
-        engines = EngineManager(max_loaded=1, engine="vllm", num_cpus=1, max_model_len=256)
+    app = server[0]
+    first = httpx.post(
+        f"{server[1]}/v1/completions",
+        json={"model": "tiny", "prompt": "restart", "max_tokens": 3, "temperature": 0},
+        headers=_auth(),
+        timeout=120,
+    ).json()["choices"][0]["text"]
+    before = _replica(app)
+    assert "tiny" in before["policies"]
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        # Job control answers 503 (nothing listens there); serving goes to the session's cluster.
+        "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
+        "RMDISTILL_SERVING_RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        "RMDISTILL_TOKENS": ALICE,
+        **{f"RMDISTILL_SERVING_{k.upper()}": str(v) for k, v in SERVING.items()},
+    }
+    for attempt in range(2):
+        home = tmp_path / f"api-{attempt}"
+        home.mkdir()
+        api = Service(home, "--data-root", str(tiny_llama.parent), env=env)
         try:
-            greedy = SamplingRequest(prompt="the movie was", max_tokens=8, temperature=0, logprobs=True)
-            first = await engines.generate("v", str(tiny_llama), greedy)
-            second = await engines.generate("v", str(tiny_llama), greedy)
-            sampled = await engines.generate("v", str(tiny_llama), SamplingRequest(prompt="hi", n=3, max_tokens=4))
-            return first, second, sampled
+            r = httpx.post(
+                f"{api.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth(), timeout=30
+            )
+            assert r.status_code == 201, r.text
+            body = {"model": "tiny", "prompt": "restart", "max_tokens": 3, "temperature": 0}
+            r = httpx.post(f"{api.url}/v1/completions", json=body, headers=_auth(), timeout=120)
+            assert r.status_code == 200, (r.text, api.log.read_text()[-3000:])
+            assert r.json()["choices"][0]["text"] == first
+            now = _replica(app)
+            assert (now["replica"], now["loads"]) == (before["replica"], before["loads"])
         finally:
-            await engines.shutdown()
-
-    first, second, sampled = asyncio.run(run())
-    assert first.engine == "vllm"
-    assert first.samples[0].text == second.samples[0].text
-    assert len(first.samples[0].token_logprobs) == len(first.samples[0].token_ids) >= 1
-    assert all(lp <= 0 for lp in first.samples[0].token_logprobs)
-    assert len(sampled.samples) == 3 and all(1 <= len(s.token_ids) <= 4 for s in sampled.samples)
+            api.process.kill()
+            api.process.wait(30)
 
 
 def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, reference):
@@ -309,7 +328,7 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
 
     from peft import LoraConfig, get_peft_model
 
-    from service.engines import _materialise
+    from service.engines import materialise
 
     base, tok = reference
     # Non-zero LoRA weights, so serving the bare base by mistake would change the logits.
@@ -319,8 +338,8 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
     peft_model.save_pretrained(adapter)
     (adapter / "rmdistill.json").write_text(json.dumps({"base_model": "tiny:llama", "loss": "dpo"}))
 
-    merged = _materialise(str(adapter))
-    assert merged != adapter and _materialise(str(adapter)) == merged
+    merged = materialise(str(adapter))
+    assert merged != adapter and materialise(str(adapter)) == merged
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     served = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -329,3 +348,131 @@ def test_lora_adapter_policy_is_merged_into_its_base_once(tiny_llama, tmp_path, 
         want, got, bare = peft_model(ids).logits, served(ids).logits, base(ids).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, bare, atol=1e-3)
     assert AutoTokenizer.from_pretrained(merged).chat_template == tok.chat_template
+
+
+# ------------------------------------------------------------------------------------------- the OpenAI surface
+def _teacher(reference, ids: list[int]) -> list[float]:
+    """Log-prob of each token after the ones before it, under the local copy of the policy."""
+    model, _ = reference
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_a_model_card_by_id_for_its_owner_only(client, server):
+    from openai import NotFoundError, OpenAI
+
+    card = client.models.retrieve("tiny-b")
+    assert (card.id, card.object) == ("tiny-b", "model")
+    with pytest.raises(NotFoundError):
+        OpenAI(base_url=f"{server[1]}/v1", api_key=BOB, max_retries=0).models.retrieve("tiny-b")
+
+
+def test_echo_returns_the_prompt_with_its_teacher_forced_logprobs(client, reference):
+    tok = reference[1]
+    prompt = "the movie was long"
+    ids = tok(prompt)["input_ids"]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    [choice] = out.choices
+    lp = choice.logprobs
+    generated = out.usage.completion_tokens
+    assert len(lp.tokens) >= len(ids) + generated
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(_teacher(reference, ids), abs=1e-4)
+    # The text is the prompt and the completion; each token sits at its offset in it.
+    assert choice.text.endswith(
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0).choices[0].text
+    )
+    assert all(choice.text[o : o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens, strict=True))
+    # Greedy: every generated token is its position's likeliest, with two alternatives listed.
+    for token_lp, top in zip(lp.token_logprobs[len(ids) :], lp.top_logprobs[len(ids) :], strict=True):
+        assert len(top) == 2 and max(top.values()) == token_lp
+
+    # What an evaluation harness sends: token ids, nothing to generate, the prompt's log-probs back.
+    scored = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-6)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+
+
+def test_stream_chunks_carry_the_logprobs_of_their_tokens(client):
+    kwargs = {"model": "tiny", "prompt": "a quiet", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices[0].logprobs]
+    assert len(chunks) >= 2
+    assert [t for c in chunks for t in c.logprobs.tokens] == whole.tokens[: len(whole.token_logprobs)]
+    streamed = [v for c in chunks for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.token_logprobs[: len(streamed)], abs=1e-6)
+
+    messages = [{"role": "user", "content": "tell me about the film"}]
+    chat = dict(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**chat).choices[0].logprobs.content
+    entries = [
+        e
+        for c in client.chat.completions.create(**chat, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 5)) for e in entries] == [(e.token, round(e.logprob, 5)) for e in plain]
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob for e in plain)
+
+
+def test_a_seed_fixes_the_samples_whatever_runs_beside_them(server, client):
+    body = {"model": "tiny", "prompt": "the plot", "max_tokens": 8, "temperature": 1.0, "n": 2}
+    alone = [c.text for c in client.completions.create(**body, seed=7).choices]
+    other = [c.text for c in client.completions.create(**body, seed=8).choices]
+
+    async def crowded() -> list[str]:
+        async with httpx.AsyncClient(base_url=server[1], headers=_auth(), timeout=120) as http:
+            noise = [http.post("/v1/completions", json={**body, "prompt": f"noise {k}"}) for k in range(4)]
+            seeded, *_ = await asyncio.gather(http.post("/v1/completions", json={**body, "seed": 7}), *noise)
+        return [c["text"] for c in seeded.json()["choices"]]
+
+    assert asyncio.run(crowded()) == alone
+    assert other != alone and alone[0] != alone[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tool_choice", "auto"),
+        ("/v1/completions", "logit_bias", {"50": 10}),
+        ("/v1/completions", "suffix", "end"),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "presence_penalty", 1),
+    ],
+)
+def test_an_unsupported_field_is_400_naming_it(server, path, field, value):
+    base = {"model": "tiny", "max_tokens": 2}
+    base |= {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}
+    r = httpx.post(f"{server[1]}{path}", json={**base, field: value}, headers=_auth(), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and "not supported" in r.json()["error"]["message"]
+    # The values clients send when they do not use the feature pass.
+    defaults = {"tool_choice": "none", "response_format": {"type": "text"}, "presence_penalty": 0, "best_of": 1}
+    if field in defaults:
+        ok = httpx.post(f"{server[1]}{path}", json={**base, field: defaults[field]}, headers=_auth(), timeout=120)
+        assert ok.status_code == 200, ok.text
+
+
+def test_time_to_first_token_inter_token_latency_and_queue_depth_on_metrics(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    label = httpx.get(f"{server[1]}/v1/policies/tiny", headers=_auth()).json()["metrics_label"]
+
+    def value(name: str) -> float:
+        text = httpx.get(f"{server[1]}/metrics", headers=_auth()).text
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        return sum(s.value for s in samples if s.name == name and s.labels.get("policy") == label)
+
+    ttft, itl = (
+        value("rmdistill_serving_time_to_first_token_seconds_count"),
+        value("rmdistill_serving_inter_token_latency_seconds_count"),
+    )
+    chunks = list(client.completions.create(model="tiny", prompt="count", max_tokens=6, temperature=0, stream=True))
+    texts = [c for c in chunks if c.choices and c.choices[0].text]
+    assert value("rmdistill_serving_time_to_first_token_seconds_count") == ttft + 1
+    assert value("rmdistill_serving_inter_token_latency_seconds_count") == itl + len(texts) - 1
+    assert value("rmdistill_serving_time_to_first_token_seconds_sum") > 0
+    assert value("rmdistill_serving_queue_depth") == 0

@@ -36,27 +36,58 @@ def clamp_max_model_len(model: str | Path, requested: int) -> int:
     return min(requested, int(limit)) if limit else requested
 
 
-def make_llm(model: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "auto", bind_threads: bool = True):
-    """A `vllm.LLM` in this process, eager (no compile: engines start in seconds, not a minute)."""
+def _engine_args(model: str | Path, *, max_model_len: int, seed: int, dtype: str, bind_threads: bool) -> dict[str, Any]:
+    """How every vLLM engine is built here: eager (no compile: engines start in seconds, not a minute), one worker
+    inside the engine's own process, no periodic stats logging."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
     if not bind_threads:
         # vLLM's CPU auto-binding pins every engine on a node to the same cores; with several engines per node,
         # leave placement to the OS and the thread count to Ray (OMP_NUM_THREADS = the actor's CPUs).
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return {
+        "model": str(model),
+        "dtype": dtype,
+        "seed": seed,
+        "max_model_len": clamp_max_model_len(model, max_model_len),
+        "enforce_eager": True,
+        "distributed_executor_backend": "uni",
+        "disable_log_stats": True,
+    }
+
+
+def make_llm(model: str | Path, *, max_model_len: int, seed: int = 0, dtype: str = "auto", bind_threads: bool = True):
+    """A `vllm.LLM` in this process, for offline batches."""
+    args = _engine_args(model, max_model_len=max_model_len, seed=seed, dtype=dtype, bind_threads=bind_threads)
     # Engines run in dedicated actors: keeping the engine core and its worker in the actor saves two process
     # spawns (each re-imports vLLM) and leaves no grandchildren to outlive a killed actor.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
 
-    return vllm.LLM(
-        model=str(model),
-        dtype=dtype,
-        seed=seed,
-        max_model_len=clamp_max_model_len(model, max_model_len),
-        enforce_eager=True,
-        distributed_executor_backend="uni",
-        disable_log_stats=True,
-    )
+    return vllm.LLM(**args)
+
+
+def make_async_engine(
+    model: str | Path,
+    *,
+    max_model_len: int,
+    dtype: str = "auto",
+    gpu_memory_utilization: float | None = None,
+    **options: Any,
+):
+    """A vLLM `AsyncLLM`: continuous batching, each request's tokens streamed as they are sampled.
+
+    Its engine core always runs in a child process (the async engine has no in-process mode); it ends with
+    `shutdown()`, or on its own when this process dies. ``gpu_memory_utilization`` is the share of the GPU this
+    engine may take (several engines may share one GPU); None keeps vLLM's default. ``options``: more engine
+    arguments (LoRA's, for one).
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = _engine_args(model, max_model_len=max_model_len, seed=0, dtype=dtype, bind_threads=False)
+    if gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = gpu_memory_utilization
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args, **options))
 
 
 def shutdown_llm(llm: Any) -> None:

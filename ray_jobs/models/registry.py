@@ -111,13 +111,14 @@ def _merge_adapter(folder: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = resolve_model_path(_adapter_base(folder))
+    base = resolve_model_path(adapter_base(folder))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).merge_and_unload()
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").is_file() else base).save_pretrained(out)
 
 
-def _adapter_base(folder: Path) -> str:
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder applies to: its rmdistill.json's, else its adapter_config.json's."""
     info = folder / POLICY_INFO_FILE
     if info.is_file():
         recorded = json.loads(info.read_text())

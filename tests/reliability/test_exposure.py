@@ -53,3 +53,13 @@ def test_serve_gives_its_process_a_fresh_embedded_token_before_ray_is_imported(t
     assert len(token) == 64 and int(token, 16) >= 0 and token_file.stat().st_mode & 0o077 == 0
     subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
     assert token_file.read_text() != token  # fresh per start
+
+
+def test_the_service_imports_no_ray_until_it_starts():
+    """What `rmdistill serve` imports before it sets the embedded head's auth variables must not import Ray: a Ray
+    imported earlier reads no token, and the serving driver is refused by the head (the first request was a 500)."""
+    import subprocess
+    import sys
+
+    code = "import sys, clients.cli, service.app; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -1,8 +1,9 @@
 """Serving under abuse and load: a request's compute is capped before any model runs, log-probs hold one step of the
-vocabulary at a time, one policy's stalled or broken load holds up no other policy, the least recently used policy
-serves until its replacement has loaded, and 200 concurrent generations all succeed.
+vocabulary at a time, one policy's stalled or broken load holds up no other policy and unloads nothing, and 200
+concurrent generations all succeed.
 
-Everything is real: uvicorn on a socket, the session's Ray cluster, engines in Ray actors on the tiny random Llama.
+Everything is real: uvicorn on a socket, the session's Ray cluster, policies on a Ray Serve deployment (transformers)
+on the tiny random Llama.
 The stalled checkpoint is a LoRA adapter whose weights file is a FIFO: the loader's open() blocks, as on a hung
 network file system, until the test writes garbage into it, which the loader then fails to read as a checkpoint.
 """
@@ -23,7 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.engines import EngineManager, EngineUnavailableError, SamplingRequest
+from service.engines import EngineUnavailableError, SamplingRequest
+from service.serving_client import PolicyServing
+from service.settings import ServingSettings
+from tests.support.serving import serving_service
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,31 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_llama, tmp_path_factory):
-    from service.background import BackgroundServer
-    from service.settings import Settings
-
-    env = {"RMDISTILL_SERVING_ENGINE": "hf", "RMDISTILL_SERVING_NUM_CPUS": "0.25"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("serving-limits"),
-        data_roots=(tiny_llama.parent,),
-        tokens=[ALICE],
-        ray_address=ray_cluster.get_runtime_context().gcs_address,
-        max_request_tokens=BUDGET,
-    )
-    running = BackgroundServer(settings).start(timeout_s=60)
-    r = httpx.post(
-        f"{running.url}/v1/policies", json={"path": str(tiny_llama), "id": "tiny"}, headers=_auth(), timeout=30
-    )
-    assert r.status_code == 201, r.text
-    yield running
-    running.stop(60)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    home = tmp_path_factory.mktemp("serving-limits")
+    serving = ServingSettings(engine="hf", num_cpus=0.25)
+    with serving_service(ray_cluster, home, tiny_llama, [ALICE], serving, max_request_tokens=BUDGET) as running:
+        yield running
 
 
 def _auth() -> dict[str, str]:
@@ -66,7 +49,9 @@ def _auth() -> dict[str, str]:
 
 
 def test_a_request_over_the_token_budget_is_400_naming_the_parameter_before_any_model_runs(server):
-    url, engines = server.url, server.app.state.engines
+    from ray import serve
+
+    url, app = server.url, server.app.state.serving.apps["hf"]
     over = [
         ("/v1/completions", {"model": "tiny", "prompt": ["a", "b", "c", "d"], "n": 4, "max_tokens": 8}, "max_tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": "a", "n": 9, "max_tokens": 8, "stream": True}, "max_tokens"),
@@ -88,13 +73,14 @@ def test_a_request_over_the_token_budget_is_400_naming_the_parameter_before_any_
         assert f"more than the {BUDGET} one request may ask for" in error["message"], error
         messages.append(error["message"])
     assert messages[0].startswith("max_tokens: prompts (4) × n (4) × max_tokens (8) = 128 tokens")
-    # Refused before any model ran: nothing was loaded for them.
-    assert engines.loads == 0 and engines.loaded() == []
+    # Refused before any model ran: the serving application was not even deployed for them.
+    assert app not in serve.status().applications
 
     at_budget = {"model": "tiny", "prompt": ["a", "b", "c", "d"], "n": 2, "max_tokens": 8, "temperature": 0}
     r = httpx.post(f"{url}/v1/completions", json=at_budget, headers=_auth(), timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 8
+    assert serve.status().applications[app].status == "RUNNING"
 
 
 # Run in a fresh interpreter so its peak resident memory (ru_maxrss) measures this generation and nothing before it.
@@ -103,7 +89,8 @@ import json, resource, sys
 from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from service.engines import SamplingRequest, _HFBackend
+from service.engines import SamplingRequest, Token
+from service.hf_engine import HFBackend
 
 source, folder = Path(sys.argv[1]), Path(sys.argv[2])
 # The tiny Llama with a 65,536-token vocabulary: the output layer is what logits scale with.
@@ -112,24 +99,30 @@ config.vocab_size = 65536
 torch.manual_seed(0)
 LlamaForCausalLM(config).save_pretrained(folder)
 AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-backend = _HFBackend(folder, max_model_len=1024)
+backend = HFBackend(folder, max_model_len=1024)
 ids = backend.tokenizer("the movie was")["input_ids"]
-request = SamplingRequest(n=16, max_tokens=2, logprobs=True)
-backend.run([(ids, request)])
+
+def generate(request):
+    samples = [[] for _ in range(request.n)]
+    backend.run([(ids, request)], lambda i, e: samples[e.index].append(e) if isinstance(e, Token) else None)
+    return samples
+
+request = SamplingRequest(n=16, max_tokens=2, logprobs=0)
+generate(request)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 request.max_tokens = 64
-[raws] = backend.run([(ids, request)])
+samples = generate(request)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 teacher = []
-for raw in raws[:3]:
-    full = torch.tensor([ids + raw.token_ids])
+for sample in samples[:3]:
+    full = torch.tensor([ids + [t.token_id for t in sample]])
     with torch.no_grad():
         logp = torch.log_softmax(backend.model(full).logits[0, :-1].float(), -1)
     teacher.append(logp[len(ids) - 1 :].gather(-1, full[0, len(ids) :, None])[:, 0].tolist())
 print(json.dumps({
     "growth_mb": (after - before) / 1024,
-    "lengths": [len(r.token_ids) for r in raws],
-    "logprobs": [r.logprobs for r in raws[:3]],
+    "lengths": [len(s) for s in samples],
+    "logprobs": [[t.logprob for t in s] for s in samples[:3]],
     "teacher": teacher,
 }))
 """
@@ -240,64 +233,68 @@ async def _break_once_stalled(folder: Path, load: asyncio.Task, timeout_s: float
 GREEDY = SamplingRequest(prompt="the movie was", max_tokens=4, temperature=0)
 
 
+async def _held(serving: PolicyServing) -> dict:
+    [replica] = await serving.replicas()
+    return replica
+
+
 def test_a_stalled_load_holds_up_no_other_policy(ray_cluster, tiny_llama, stalled_policy):
     async def scenario() -> None:
-        engines = EngineManager(max_loaded=3, engine="hf", num_cpus=0.25)
+        serving = PolicyServing(ServingSettings(engine="hf", num_cpus=0.25, max_policies_per_replica=3))
         try:
-            first = await engines.generate("b", str(tiny_llama), GREEDY)
-            stalled = asyncio.create_task(engines.generate("a", str(stalled_policy), GREEDY))
+            first = await serving.generate("b", str(tiny_llama), GREEDY)
+            stalled = asyncio.create_task(serving.generate("a", str(stalled_policy), GREEDY))
             await asyncio.sleep(1)
-            # Loaded b answers, and c loads, while a's load hangs; c's two requests share one load.
+            # Loaded b answers, and c loads on the same replica, while a's load hangs; c's two requests share a load.
             b, c1, c2 = await asyncio.wait_for(
                 asyncio.gather(
-                    engines.generate("b", str(tiny_llama), GREEDY),
-                    engines.generate("c", str(tiny_llama), GREEDY),
-                    engines.generate("c", str(tiny_llama), GREEDY),
+                    serving.generate("b", str(tiny_llama), GREEDY),
+                    serving.generate("c", str(tiny_llama), GREEDY),
+                    serving.generate("c", str(tiny_llama), GREEDY),
                 ),
                 timeout=180,
             )
             assert not stalled.done()
             assert b.samples[0].text == c1.samples[0].text == c2.samples[0].text == first.samples[0].text
-            assert engines.loads == 2 and sorted(engines.loaded()) == ["b", "c"]
+            held = await _held(serving)
+            assert held["loads"] == 2 and sorted(held["policies"]) == ["b", "c"]
             await _break_once_stalled(stalled_policy, stalled)
             with pytest.raises(EngineUnavailableError, match="could not load policy 'a'"):
                 await stalled
-            assert engines.loads == 2 and sorted(engines.loaded()) == ["b", "c"]
+            held = await _held(serving)
+            assert held["loads"] == 2 and sorted(held["policies"]) == ["b", "c"]
         finally:
-            await engines.shutdown()
+            await serving.shutdown(delete=True)
 
     asyncio.run(scenario())
 
 
-def test_the_least_recently_used_policy_serves_until_its_replacement_has_loaded(
-    ray_cluster, tiny_llama, stalled_policy
-):
+def test_a_stalled_or_failed_replacement_unloads_nothing(ray_cluster, tiny_llama, stalled_policy):
+    """With room for one policy, the held one serves while its replacement's folder is stalled, and stays when
+    that load fails. (Serve unloads the least recently used policy once a load itself starts, not after it ends.)"""
+
     async def scenario() -> None:
-        engines = EngineManager(max_loaded=1, engine="hf", num_cpus=0.25)
+        serving = PolicyServing(ServingSettings(engine="hf", num_cpus=0.25, max_policies_per_replica=1))
         try:
-            first = await engines.generate("old", str(tiny_llama), GREEDY)
-            actor = engines.handle("old")
-            stalled = asyncio.create_task(engines.generate("new", str(stalled_policy), GREEDY))
+            first = await serving.generate("old", str(tiny_llama), GREEDY)
+            replica = (await _held(serving))["replica"]
+            stalled = asyncio.create_task(serving.generate("new", str(stalled_policy), GREEDY))
             await asyncio.sleep(1)
-            assert engines.loaded() == ["old"]
-            during = await asyncio.wait_for(engines.generate("old", str(tiny_llama), GREEDY), timeout=60)
-            assert during.samples[0].text == first.samples[0].text and engines.handle("old") is actor
+            during = await asyncio.wait_for(serving.generate("old", str(tiny_llama), GREEDY), timeout=60)
+            assert during.samples[0].text == first.samples[0].text
+            held = await _held(serving)
+            assert (held["replica"], held["policies"], held["loads"]) == (replica, ["old"], 1)
             await _break_once_stalled(stalled_policy, stalled)
             with pytest.raises(EngineUnavailableError):
                 await stalled
-            # The failed replacement evicted nothing.
-            assert engines.loaded() == ["old"] and engines.handle("old") is actor and engines.loads == 1
+            held = await _held(serving)
+            assert (held["replica"], held["policies"], held["loads"]) == (replica, ["old"], 1)
 
-            replacement = asyncio.create_task(engines.generate("other", str(tiny_llama), GREEDY))
-            polls = 0
-            while "other" not in engines.loaded():
-                assert engines.loaded() == ["old"] and not replacement.done()
-                polls += 1
-                await asyncio.sleep(0.05)
-            assert polls > 10  # the load took a while, and "old" was loaded all along
-            assert (await replacement).samples[0].text == first.samples[0].text
-            assert engines.loaded() == ["other"] and engines.loads == 2
+            replacement = await serving.generate("other", str(tiny_llama), GREEDY)
+            assert replacement.samples[0].text == first.samples[0].text
+            held = await _held(serving)
+            assert (held["policies"], held["loads"]) == (["other"], 2)
         finally:
-            await engines.shutdown()
+            await serving.shutdown(delete=True)
 
     asyncio.run(scenario())
