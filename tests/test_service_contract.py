@@ -150,11 +150,11 @@ def test_engine_vllm_that_cannot_load_the_policy_is_unavailable(
         monkeypatch.delenv(name, raising=False)
     replica = VLLMPolicies(ServingSettings(engine="vllm", max_model_len=64), gpus=0)
     with pytest.raises(VLLMRefusedError, match="vLLM could not run") as first:
-        replica._build(tmp_path)  # an empty folder: no config.json
+        replica._build("p", tmp_path)  # an empty folder: no config.json
     # Remembered: asked again, even once the folder would load, it answers the same at once without trying.
     shutil.copytree(tiny_llama, tmp_path, dirs_exist_ok=True)
     with pytest.raises(VLLMRefusedError) as again:
-        replica._build(tmp_path)
+        replica._build("p", tmp_path)
     assert str(again.value) == str(first.value)
 
 
