@@ -3,7 +3,8 @@
 
     python bench/serving.py --model builtin:smollm2-135m --concurrency 1 8 32 --requests 32 --max-tokens 64
 
-Each client streams `/v1/completions` (temperature 0, the same prompts to both) and times its request: time to first
+Each client streams `/v1/chat/completions` (temperature 0, the same prompts to both, rendered by the policy's own
+chat template) and times its request: time to first
 token (the first chunk with text), inter-token latency (the mean gap between its chunks with text) and the whole
 request. The two servers run one after the other, never together, each with the same CPU threads (`--cpus`; a GPU
 when there is one). Prints a Markdown table; --json writes the rows too. Speed claims live here, not in tests.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -43,7 +45,7 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 @contextmanager
 def _service(model_path: Path, cpus: int, max_model_len: int) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """The service on uvicorn, its vLLM deployment on a local Ray; yields (completions URL, model name, headers)."""
+    """The service on uvicorn, its vLLM deployment on a local Ray; yields (chat URL, model name, headers)."""
     import ray
 
     from service.background import BackgroundServer
@@ -63,7 +65,7 @@ def _service(model_path: Path, cpus: int, max_model_len: int) -> Iterator[tuple[
     try:
         r = httpx.post(f"{server.url}/v1/policies", json={"path": str(model_path), "id": "bench"}, headers=headers)
         r.raise_for_status()
-        yield f"{server.url}/v1/completions", "bench", headers
+        yield f"{server.url}/v1/chat/completions", "bench", headers
     finally:
         server.stop()
         from ray import serve
@@ -110,7 +112,7 @@ def _vllm_serve(model_path: Path, cpus: int, max_model_len: int) -> Iterator[tup
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(1)
-        yield f"{url}/v1/completions", "bench", {}
+        yield f"{url}/v1/chat/completions", "bench", {}
     finally:
         process.terminate()
         try:
@@ -132,7 +134,7 @@ async def _stream(http: httpx.AsyncClient, url: str, body: dict) -> dict[str, fl
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 arrivals.append(time.perf_counter())
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     return {
@@ -154,7 +156,7 @@ async def _level(url: str, model: str, headers: dict, concurrency: int, total: i
             nonlocal errors
             body = {
                 "model": model,
-                "prompt": PROMPTS[i % len(PROMPTS)],
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "stream": True,
@@ -169,14 +171,19 @@ async def _level(url: str, model: str, headers: dict, concurrency: int, total: i
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(total)))
         wall = time.perf_counter() - start
+    # A request whose answer had no text (an immediate end of sequence) has no first token; one with a single
+    # chunk has no gap. They count in the rates, not in these times.
+    ttfts = [r["ttft_s"] for r in results if not math.isnan(r["ttft_s"])]
+    gaps = [r["itl_s"] for r in results if not math.isnan(r["itl_s"])]
     return {
         "concurrency": concurrency,
         "requests": total,
         "errors": errors,
+        "without_text": len(results) - len(ttfts),
         "requests_s": len(results) / wall,
         "tokens_s": sum(r["tokens"] for r in results) / wall,
-        "ttft_p50_s": statistics.median(r["ttft_s"] for r in results),
-        "itl_mean_s": statistics.mean(r["itl_s"] for r in results if r["itl_s"] == r["itl_s"]),
+        "ttft_p50_s": statistics.median(ttfts) if ttfts else math.nan,
+        "itl_mean_s": statistics.mean(gaps) if gaps else math.nan,
         "wall_s": wall,
     }
 
@@ -185,7 +192,7 @@ def _measure(server: Callable, name: str, args: argparse.Namespace, model_path: 
     rows = []
     with server(model_path, args.cpus, args.max_model_len) as (url, model, headers):
         # The first request starts the engine (the service loads the policy on first use): not part of the figures.
-        warm = {"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0}
+        warm = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0}
         httpx.post(url, json=warm, headers=headers, timeout=900).raise_for_status()
         for c in args.concurrency:
             row = asyncio.run(_level(url, model, headers, c, max(args.requests, c), args.max_tokens))
