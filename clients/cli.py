@@ -523,8 +523,11 @@ def _start_service(url: str, log: Path, timeout_s: float = 300) -> subprocess.Po
 def demo(
     ctx: typer.Context,
     spec: Path | None = typer.Option(None, help="Job spec (default: the quickstart shipped with rmdistill)."),
-    wait: bool = typer.Option(
-        True, "--wait/--no-wait", help="Keep a service the demo started running for the dashboard until Ctrl+C."
+    wait: bool | None = typer.Option(
+        None,
+        "--wait/--no-wait",
+        help="Keep a service the demo started running for the dashboard until Ctrl+C. Default: only when run from "
+        "a terminal, so a script or CI running the demo gets its exit status instead of waiting forever.",
     ),
 ) -> None:
     """The quickstart end to end: start a local service if none answers at --url, submit, follow, print the
@@ -552,6 +555,8 @@ def demo(
         answer = client.chat(job["id"], DEMO_PROMPT, max_tokens=96, temperature=0.7)
         console.print(f"\n{DEMO_PROMPT}\npolicy {job['id']} says: {answer['choices'][0]['message']['content']}")
         console.print(f"\nthe dashboard: [bold]{_dashboard(ctx)}[/bold] (jobs, curves, plots and a playground)")
+        if wait is None:
+            wait = sys.stdin.isatty()
         if child is not None and wait:
             console.print("the service keeps running for it; Ctrl+C stops it")
             with contextlib.suppress(KeyboardInterrupt):
