@@ -20,4 +20,4 @@ lint: install
 # collected) fails like any other error.
 test: lint
 	bash scripts/test-services.sh
-	$(VENV)/bin/python -m pytest -q --timeout=900
+	$(VENV)/bin/python -m pytest -q --timeout=900 --durations=30
