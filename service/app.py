@@ -23,7 +23,7 @@ from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
 from service.launch import Launcher
 from service.metrics import LatencyMiddleware
-from service.ray_backend import RayBackend, RayUnavailable
+from service.ray_backend import RayBackend, RayUnavailable, gcs_address_of
 from service.serving_client import PolicyServing
 from service.settings import Settings
 from service.store import Store
@@ -89,9 +89,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     follower = JobFollower(store, backend, settings.poll_interval_s, Launcher(store, backend, settings))
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
-    # Policies are served on the same cluster as the jobs: the embedded head's GCS, else whatever
-    # RMDISTILL_SERVING_RAY_ADDRESS names (a dashboard URL, which RAY_ADDRESS is here, cannot take a driver).
-    serving_address = backend.head.gcs_address if backend.embedded and backend.head else None
+    # Policies are served on the same cluster as the jobs: the embedded head's GCS, else RAY_ADDRESS's (a dashboard
+    # URL cannot take a driver: its host at Ray's default GCS port). RMDISTILL_SERVING_RAY_ADDRESS overrides both.
+    embedded_gcs = backend.head.gcs_address if backend.embedded and backend.head else None
+    serving_address = embedded_gcs or gcs_address_of(settings.ray_address)
     serving = app.state.serving = PolicyServing(settings.serving, ray_address=serving_address)
     try:
         yield

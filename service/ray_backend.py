@@ -417,6 +417,25 @@ class RayJobInfo:
     exit_code: int | None
 
 
+# Ray's default GCS port: where `ray start --head` (and KubeRay's head) listens unless told otherwise.
+DEFAULT_GCS_PORT = 6379
+
+
+def gcs_address_of(address: str | None) -> str | None:
+    """The address a driver joins the cluster at, from the one jobs are submitted to, so one setting serves both:
+    a GCS `host:port` as it is, a dashboard URL's host at Ray's default GCS port. None stays None."""
+    if not address:
+        return None
+    if "://" not in address:
+        return address
+    from urllib.parse import urlparse
+
+    host = urlparse(address).hostname
+    if host is None:
+        return None
+    return f"[{host}]:{DEFAULT_GCS_PORT}" if ":" in host else f"{host}:{DEFAULT_GCS_PORT}"
+
+
 def submission_id_for(job_id: str) -> str:
     """The Ray submission id of a job: fixed before submitting, so it is on record while the submission is in flight
     (a cancel then knows what to stop, and the follower what to ask Ray about)."""

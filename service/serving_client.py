@@ -2,7 +2,8 @@
 sends each request to its policy through Serve deployment handles.
 
 Used from the API process's event loop. If that process is not yet a Ray driver, the first request connects it to
-the serving cluster (`ServingSettings.ray_address`, else the embedded head's GCS; None starts a private local Ray).
+the serving cluster (`ServingSettings.ray_address`, else the embedded head's GCS or RAY_ADDRESS's; None starts a
+private local Ray).
 Under engine auto a policy goes to the vLLM deployment first; one vLLM refuses goes to the transformers deployment
 from then on. A request whose replica died before it streamed anything is sent once more (Serve replaces the
 replica and routes around the dead one).

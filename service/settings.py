@@ -53,8 +53,9 @@ class ServingSettings(BaseModel):
     )
     ray_address: str | None = Field(
         None,
-        description="GCS address (`host:port`) of the cluster serving runs on when it is not the embedded head; "
-        "None = the embedded head, or a private local Ray when there is none.",
+        description="GCS address (`host:port`) of the cluster serving runs on, when it is not the one RAY_ADDRESS "
+        "names. None = the embedded head's, else RAY_ADDRESS's (a dashboard URL's host at Ray's default GCS port "
+        "6379), else a private local Ray.",
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves (fractions share a CPU).")
     num_gpus: float | None = Field(

@@ -96,3 +96,29 @@ def test_the_store_never_overwrites_and_a_resync_registers_a_job_once(tmp_path):
         assert policy.summary["eval"] == {"win_rate": {"rate": 0.5}}
     finally:
         store.close()
+
+
+def test_one_address_serves_job_submission_and_serving(tmp_path):
+    """RAY_ADDRESS alone points serving at the jobs' cluster: a dashboard URL's host at Ray's default GCS port (a
+    dashboard cannot take a driver), a GCS address as it is; RMDISTILL_SERVING_RAY_ADDRESS still overrides it."""
+    from service.ray_backend import gcs_address_of
+    from service.settings import ServingSettings
+
+    assert gcs_address_of("http://ray-head.example:8265") == "ray-head.example:6379"
+    assert gcs_address_of("http://[fd00::5]:8265") == "[fd00::5]:6379"
+    assert gcs_address_of("10.0.0.7:6380") == "10.0.0.7:6380"
+    assert gcs_address_of(None) is None
+    port = free_port()
+    running = BackgroundServer(Settings(data_dir=tmp_path, ray_address=f"http://127.0.0.1:{port}")).start(timeout_s=120)
+    try:
+        assert running.app.state.serving.ray_address == "127.0.0.1:6379"
+    finally:
+        running.stop()
+    override = Settings(
+        data_dir=tmp_path, ray_address=f"http://127.0.0.1:{port}", serving=ServingSettings(ray_address="h:7000")
+    )
+    running = BackgroundServer(override).start(timeout_s=120)
+    try:
+        assert running.app.state.serving.ray_address == "h:7000"
+    finally:
+        running.stop()
