@@ -33,6 +33,7 @@ from support.ray_nodes import RAY, free_ports, node_ports, stop
 from clients.sdk import Client
 from ray_jobs.events import read_events
 from service.ray_backend import _alive_nodes
+from tests.test_service import tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
@@ -41,25 +42,10 @@ TOKEN = "token-multihost"
 
 
 def spec() -> dict[str, Any]:
-    """Two reward models of 0.5 CPU (plus 0.1 for each Tune trial) and two distillation workers of 1 CPU: on workers
-    of one CPU each, neither pair fits on one host."""
-    return {
-        "name": "multihost",
-        "reference": "tiny:llama",
-        "data": {"source": "prefs.jsonl", "test_fraction": 0.25, "apply_chat_template": False},
-        "ensemble": {
-            "size": 2,
-            "backbone": "tiny:bert",
-            "epochs": 1,
-            "batch_size": 8,
-            "max_length": 64,
-            "cpus_per_worker": 0.5,
-        },
-        "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
-        "score": {"max_length": 64},
-        "distill": {"loss": "e-dpo", "max_steps": 2, "batch_size": 4, "max_length": 64, "num_workers": 2},
-        "evaluate": {"oracle": "builtin:vader", "num_prompts": 4, "max_new_tokens": 6},
-    }
+    """The service tests' tiny job with two distillation workers: its two reward models of 0.5 CPU (plus 0.1 for
+    each Tune trial) and the two workers of 1 CPU cannot share one of the 1-CPU worker hosts."""
+    base = tiny_spec("multihost")
+    return base | {"distill": {**base["distill"], "num_workers": 2}}
 
 
 @contextmanager
