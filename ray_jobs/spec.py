@@ -484,7 +484,9 @@ class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(
         None,
         description="Where runs go: a tracking server URL or a local store such as sqlite:////path/mlflow.db. "
-        "None: the SQLite file mlflow.db in the data home (RMDISTILL_HOME), a local store that needs no server.",
+        "None: the SQLite file mlflow.db in the data home (RMDISTILL_HOME), a local store that needs no server. "
+        "Through the service a SQLite file must lie in the data roots (a relative path: in your data area) and no "
+        "other local store is taken.",
     )
     experiment: str = Field(
         "rmdistill", min_length=1, max_length=256, description="MLflow experiment the runs are filed under."

@@ -96,6 +96,36 @@ def confine_path(field: str, value: str, roots: tuple[Path, ...]) -> str:
     return confined
 
 
+# MLflow stores a job may log to besides a local SQLite file: servers and databases the operator's network reaches.
+REMOTE_TRACKING = ("http://", "https://", "databricks", "postgresql://", "postgresql+", "mysql://", "mysql+", "mssql")
+
+
+def confine_tracking_uri(uri: str, roots: tuple[Path, ...]) -> str:
+    """A remote MLflow store as it is, or a SQLite store's file confined to the data roots, as an absolute URI.
+
+    A relative SQLite path lies in the first root (the owner's data area). Any other local store could make a job
+    write wherever the service may, so it is refused.
+    """
+    field = "tracking.mlflow.tracking_uri"
+    if uri.startswith(REMOTE_TRACKING):
+        return uri
+    if not uri.startswith("sqlite:///") or "\x00" in uri:
+        raise ApiError(
+            422,
+            f"{field}: {uri!r} is neither a tracking server or database URL nor a SQLite store (sqlite:///PATH)",
+            [{"field": field, "message": "unsupported tracking URI"}],
+        )
+    raw = Path(uri.removeprefix("sqlite:///")).expanduser()
+    resolved = (raw if raw.is_absolute() else roots[0] / raw).resolve()
+    if not _inside(resolved, roots):
+        raise ApiError(
+            403,
+            f"{field}: {uri!r} resolves outside the data roots ({', '.join(str(r) for r in roots)})",
+            [{"field": field, "message": "path outside the data roots"}],
+        )
+    return f"sqlite:///{resolved}"
+
+
 def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[str], str | None]) -> JobSpec:
     """Rewrite every local path of the spec to its absolute location inside a data root, or refuse the spec.
 
@@ -116,6 +146,9 @@ def confine_spec(spec: JobSpec, roots: tuple[Path, ...], job_dir_of: Callable[[s
         value = getattr(spec.reuse, name)
         if value is not None:
             data["reuse"][name] = job_dir_of(value) or confine_path(f"reuse.{name}", value, roots)
+    mlflow = spec.tracking.mlflow
+    if mlflow is not None and mlflow.tracking_uri is not None:
+        data["tracking"]["mlflow"]["tracking_uri"] = confine_tracking_uri(mlflow.tracking_uri, roots)
     return JobSpec.model_validate(data)
 
 

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support.mlflow_runs import mlflow_run, series
 from support.pairs import PROMPTS, write_pairs, write_test_data
+from support.wandb_records import offline_run
 
 from ray_jobs.distill.loop import distill_task, train_policy
 from ray_jobs.evaluate.stage import (
@@ -90,6 +92,32 @@ def test_samples_are_kept_by_key_and_reference_samples_are_shared(trained_job, t
     assert reports[0]["win_rate"]["rate"] == pytest.approx(wins / 6)
     # The training pairs prefer "a warm film": a finite log-ratio, computed on them.
     assert math.isfinite(reports[0]["chosen_logratio"])
+
+
+def test_evaluation_results_reach_the_trackers(trained_job, tmp_path):
+    spec, job = trained_job
+    other = tmp_path / "job-eval01"
+    shutil.copytree(job, other, ignore=shutil.ignore_patterns("evaluate", ".partial", "tensorboard"))
+    tracking = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "eval"}, "wandb": {}}
+    tracked = JobSpec.model_validate({**spec.model_dump(), "tracking": tracking})
+    run_evaluation(tracked, other, EventLog(other))
+    report = json.loads(JobLayout(other).report.read_text())
+    want = {
+        "win_rate": report["win_rate"]["rate"],
+        "kl": report["kl"]["estimate"],
+        "reward_policy_mean": report["reward"]["policy_mean"],
+        "policy_mean_tokens": report["lengths"]["policy"]["mean_tokens"],
+        "reference_capped": report["lengths"]["reference"]["capped"],
+    }
+    client, run = mlflow_run(tmp_path / "mlflow.db", "eval", "job-eval01", "evaluate")
+    for key, value in want.items():
+        assert series(client, run, key) == [(0, pytest.approx(value))], key
+    assert run.data.params["oracle"] == "builtin:vader"  # the evaluate section is the run's parameters
+    (run_dir,) = (other / "wandb" / "wandb").glob("offline-run-*")
+    info, history = offline_run(run_dir)
+    assert info["tags"] == ["job-eval01", "evaluate"]
+    assert {key: history[0][key] for key in want} == pytest.approx(want)
+    assert list((other / "tensorboard" / "evaluate").glob("events.out.tfevents.*"))
 
 
 def test_chosen_logratio_of_the_reference_itself_is_zero(tiny_llama, tmp_path):

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from clients.sdk import Client, RmdistillError
+from service.admission import confine_tracking_uri
 from service.background import BackgroundServer
 from service.ray_backend import free_port
 from service.settings import Settings
@@ -151,6 +152,14 @@ def completed(embedded: Server) -> dict[str, Any]:
     }
 
 
+def test_a_local_mlflow_store_lies_in_the_owners_area_or_a_data_root(tmp_path: Path) -> None:
+    area, shared = tmp_path / "uploads" / "alice", tmp_path / "datasets"
+    roots = (area, shared)
+    assert confine_tracking_uri("sqlite:///runs/mlflow.db", roots) == f"sqlite:///{area}/runs/mlflow.db"
+    assert confine_tracking_uri(f"sqlite:///{shared}/m.db", roots) == f"sqlite:///{shared}/m.db"
+    assert confine_tracking_uri("https://mlflow.example.com", roots) == "https://mlflow.example.com"
+
+
 class TestEmbedded:
     def test_health_is_open_and_metrics_need_a_token(self, embedded: Server) -> None:
         health = httpx.get(f"{embedded.url}/healthz").json()
@@ -215,6 +224,17 @@ class TestEmbedded:
                 with pytest.raises(RmdistillError) as err:
                     client.submit(spec)
                 assert (err.value.status, err.value.fields[0]["field"]) == (status, field), source
+            for uri, status in [
+                ("sqlite:////etc/mlflow.db", 403),
+                ("sqlite:///../../mlflow.db", 403),
+                ("file:///tmp/mlruns", 422),
+                ("/tmp/mlruns", 422),
+            ]:
+                spec = tiny_spec("tracking")
+                spec["tracking"] = {"mlflow": {"tracking_uri": uri}}
+                with pytest.raises(RmdistillError) as err:
+                    client.submit(spec)
+                assert (err.value.status, err.value.fields[0]["field"]) == (status, "tracking.mlflow.tracking_uri"), uri
             with pytest.raises(RmdistillError) as err:
                 client.register_policy("/etc")
             assert err.value.status == 403 and err.value.fields[0]["field"] == "path"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from support.data import write_job_data
+from support.mlflow_runs import mlflow_run, series
 from support.pairs import write_pairs
 from support.wandb_records import offline_run
 
@@ -14,27 +15,10 @@ from ray_jobs.distill.loop import distill_task, train_policy
 from ray_jobs.ensemble.stage import run as run_ensemble
 from ray_jobs.events import EventLog, read_events
 from ray_jobs.spec import SpecError, parse_spec
-from ray_jobs.tracking import JOB_TAG, STAGE_TAG
 
 
 def _tracking(tmp_path: Path) -> dict:
     return {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "byo"}, "wandb": {}}
-
-
-def _mlflow_run(tmp_path: Path, job_id: str, stage: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("byo")
-    runs = client.search_runs(
-        [experiment.experiment_id], f"tags.`{JOB_TAG}` = '{job_id}' and tags.`{STAGE_TAG}` = '{stage}'"
-    )
-    assert len(runs) == 1, runs
-    return client, runs[0]
-
-
-def _series(client, run, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 
 def _same_series(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
@@ -60,9 +44,9 @@ def test_distillation_metrics_reach_tensorboard_mlflow_and_wandb(tmp_path, tiny_
     logged = [(e["step"], e["values"]["loss"]) for e in read_events(job) if e["kind"] == "metrics"]
     assert [step for step, _ in logged] == [1, 2, 3]
 
-    client, run = _mlflow_run(tmp_path, "job-distill01", "distill")
+    client, run = mlflow_run(tmp_path / "mlflow.db", "byo", "job-distill01", "distill")
     assert run.info.run_name == "job-distill01/distill"
-    _same_series(_series(client, run, "loss"), logged)
+    _same_series(series(client, run, "loss"), logged)
     assert run.data.params["loss"] == "dpo"  # the distill section is the run's parameters
 
     (run_dir,) = _wandb_runs(job)
@@ -95,9 +79,9 @@ def test_ensemble_members_are_tracked_through_tunes_logger_callbacks(ray_cluster
     epochs = [e["values"]["accuracy"] for e in read_events(job) if e.get("event") == "epoch_done"]
     assert len(epochs) == 2
 
-    client, run = _mlflow_run(tmp_path, "job-ensemble01", "ensemble")
+    client, run = mlflow_run(tmp_path / "mlflow.db", "byo", "job-ensemble01", "ensemble")
     # One result per epoch as the member trains, then the trial's final summary (its chosen epoch: the last).
-    assert [value for _, value in _series(client, run, "accuracy")] == pytest.approx([*epochs, epochs[-1]])
+    assert [value for _, value in series(client, run, "accuracy")] == pytest.approx([*epochs, epochs[-1]])
 
     (run_dir,) = _wandb_runs(job)
     info, history = offline_run(run_dir)

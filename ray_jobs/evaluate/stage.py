@@ -30,6 +30,7 @@ from ray_jobs.generate.engines import SamplingEngines, kl_sampling
 from ray_jobs.layout import JobLayout
 from ray_jobs.names import Precision
 from ray_jobs.spec import GenerationSpec, JobSpec
+from ray_jobs.tracking import StageTracker, flatten_scalars
 
 STAGE = "evaluate"
 Z95 = 1.959963984540054
@@ -212,6 +213,23 @@ def _length_stats(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
     }
 
 
+def report_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """The report's headline numbers under flat names, as experiment trackers take them (absent ones left out)."""
+    rate = report["win_rate"] or {}
+    return flatten_scalars(
+        {
+            "win_rate": rate.get("rate"),
+            "win_rate_lo": rate.get("lo"),
+            "win_rate_hi": rate.get("hi"),
+            "kl": report["kl"]["estimate"],
+            "kl_stderr": report["kl"]["stderr"],
+            "chosen_logratio": report["chosen_logratio"],
+            **{f"reward_{k}": v for k, v in (report["reward"] or {}).items()},
+            **{f"{side}_{k}": v for side, stats in report["lengths"].items() for k, v in stats.items()},
+        }
+    )
+
+
 def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     """Compare the policy with π_ref on held-out prompts; writes ``evaluate/report.json`` and PNG plots."""
     from ray_jobs.evaluate.plots import write_plots
@@ -290,6 +308,12 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         report["plots"] = write_plots(out, layout.root, scores, lengths)
         (out / layout.report.name).write_text(json.dumps(report, indent=2), encoding="utf-8")
     write_policy_card(layout, policy)  # the card now tells how the policy did
+    # The job's tracker runs end with its result, next to the training curves that led there.
+    tracker = StageTracker(spec.tracking, job_dir, STAGE, config=spec.evaluate.model_dump(mode="json"))
+    try:
+        tracker.log(0, report_scalars(report))
+    finally:
+        tracker.close()
     summary = {k: report[k] for k in ("num_prompts", "win_rate", "reward", "kl", "lengths", "chosen_logratio")}
     events.metrics(STAGE, 0, {"win_rate": (report["win_rate"] or {}).get("rate"), "kl": kl})
     return summary
