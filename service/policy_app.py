@@ -270,6 +270,12 @@ def build(options: ServingSettings, engine: str, cluster_gpus: float) -> Any:
             "min_replicas": 0 if fallback else options.min_replicas,
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests,
+            # Serve averages the load over its look-back window before it may scale down: an idle time shorter
+            # than the default 30 s window must shorten the window too.
+            "downscale_delay_s": options.idle_s,
+            "downscale_to_zero_delay_s": options.idle_s,
+            "look_back_period_s": min(30.0, options.idle_s),
+            "metrics_interval_s": min(10.0, options.idle_s / 2),
         },
         max_ongoing_requests=options.max_ongoing_requests,
     )

@@ -80,6 +80,13 @@ class ServingSettings(BaseModel):
     )
     min_replicas: int = Field(1, ge=0, description="Replicas each deployment keeps even when idle (0: scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Most replicas each deployment scales up to.")
+    idle_s: float = Field(
+        600,
+        gt=0,
+        description="Seconds without requests after which Serve's autoscaler removes a replica above min_replicas; "
+        "with min_replicas 0 the last replica goes too, unloading every policy it held until the next request "
+        "loads them again.",
+    )
     target_ongoing_requests: float = Field(
         16, gt=0, description="Requests in flight per replica that Serve's autoscaler aims for, between the bounds."
     )

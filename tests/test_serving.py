@@ -476,3 +476,33 @@ def test_time_to_first_token_inter_token_latency_and_queue_depth_on_metrics(serv
     assert value("rmdistill_serving_inter_token_latency_seconds_count") == itl + len(texts) - 1
     assert value("rmdistill_serving_time_to_first_token_seconds_sum") > 0
     assert value("rmdistill_serving_queue_depth") == 0
+
+
+def test_an_idle_deployment_scales_to_zero_and_the_next_request_loads_the_policy_again(
+    ray_cluster, tiny_llama, tmp_path
+):
+    """min_replicas 0: after `idle_s` without a request Serve removes the last replica, and every policy with it."""
+    from ray import serve
+
+    from service.settings import ServingSettings
+    from tests.test_service import wait_for
+
+    serving = ServingSettings(engine="hf", num_cpus=0.25, min_replicas=0, idle_s=2)
+    with serving_service(ray_cluster, tmp_path, tiny_llama, [ALICE], serving) as running:
+        name = running.app.state.serving.apps["hf"]
+
+        def replicas() -> int:
+            (deployment,) = serve.status().applications[name].deployments.values()
+            return sum(n for state, n in deployment.replica_states.items() if state in ("STARTING", "RUNNING"))
+
+        def complete() -> str:
+            body = {"model": "tiny", "prompt": "idle", "max_tokens": 4, "temperature": 0}
+            response = httpx.post(f"{running.url}/v1/completions", json=body, headers=_auth(), timeout=300)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        first = complete()
+        assert replicas() == 1
+        wait_for(lambda: replicas() == 0, 120, "the idle deployment to scale to zero")
+        assert complete() == first  # a fresh replica loaded the policy again
+        assert replicas() == 1

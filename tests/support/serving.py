@@ -23,9 +23,9 @@ def serving_service(
     policy_ids: Sequence[str] = ("tiny",),
     **settings: Any,
 ) -> Iterator[BackgroundServer]:
-    """The service on ``home``, ``policy`` registered under each of ``policy_ids`` by the first token; stopped (its
-    serving applications deleted) on exit. No jobs are submitted: the Ray address only keeps the app from starting
-    an embedded head of its own."""
+    """The service on ``home``, ``policy`` registered under each of ``policy_ids`` by the first token; stopped, and
+    its serving applications deleted, on exit. No jobs are submitted: the Ray address only keeps the app from
+    starting an embedded head of its own."""
     running = BackgroundServer(
         Settings(
             data_dir=home,
@@ -47,4 +47,12 @@ def serving_service(
             assert r.status_code == 201, r.text
         yield running
     finally:
+        apps = list(running.app.state.serving.apps.values())
         running.stop(120)
+        # A service on a cluster it does not own leaves its applications loaded for the next API process; the
+        # session's cluster must not carry a module's replicas (a vLLM engine's memory) into every later test.
+        from ray import serve
+
+        for name in apps:
+            if name in serve.status().applications:
+                serve.delete(name)
