@@ -148,7 +148,7 @@ def serve(
     import uvicorn
 
     from service.app import SHUTDOWN_GRACE_S, create_app
-    from service.ray_backend import NO_RAY_SIGNAL_HANDLER
+    from service.ray_backend import NO_RAY_AUTO_CONNECT, NO_RAY_SIGNAL_HANDLER
 
     settings = _settings(
         host=host,
@@ -170,6 +170,7 @@ def serve(
     # Once the serving driver joins the cluster, Ray's C++ crash handler would take SIGTERM too and abort the
     # process (exit -6, no shutdown). The head does not inherit this.
     os.environ.setdefault(NO_RAY_SIGNAL_HANDLER, "1")
+    os.environ.setdefault(NO_RAY_AUTO_CONNECT, "0")
     config = uvicorn.Config(
         create_app(settings, stop_cluster=stop_cluster),
         host=settings.host,

@@ -101,9 +101,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        # Policies stay loaded in Serve for the next service, unless the cluster itself is to stop.
-        await serving.shutdown(delete=app.state.stop_cluster)
-        if backend.embedded and app.state.stop_cluster:
+        # Policies stay loaded in Serve for the next service unless this one is told to stop; an embedded head about
+        # to stop takes its applications with it, without Serve's graceful drain of each replica (many seconds).
+        stop_head = backend.embedded and app.state.stop_cluster
+        await serving.shutdown(delete=app.state.stop_cluster and not stop_head)
+        if stop_head:
             await asyncio.to_thread(backend.stop)
             _mark_orphaned(store)
         elif backend.head is not None:

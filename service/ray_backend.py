@@ -62,6 +62,9 @@ PASSTHROUGH_ENV = (
 HEAD_RECORD = "ray-head.json"
 # Set in `rmdistill serve`'s own process (see there); Ray's processes keep their crash handlers.
 NO_RAY_SIGNAL_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+# Also set there: the service always joins its cluster explicitly. With Ray's auto-connect on, Serve's metrics thread,
+# still running after the service disconnects at shutdown, would start a whole new local Ray instance to report to.
+NO_RAY_AUTO_CONNECT = "RAY_ENABLE_AUTO_CONNECT"
 # Ray's unix socket paths must stay under 107 bytes: <temp-dir>/session_<40 chars>/sockets/plasma_store.
 MAX_TEMP_DIR_LEN = 40
 
@@ -285,10 +288,19 @@ class LocalRayHead:
             *(f"--{name}={port}" for name, port in ports.items()),
         ]
         self._write_token()
-        env = {**os.environ, **self.env, **self.auth_env, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {
+            **os.environ,
+            **self.env,
+            **self.auth_env,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # On SIGTERM a Ray node first drains (30 s by default) so other nodes' Serve proxies can route around it.
+            # The embedded head is the whole cluster and stops with everything on it: there is nothing to drain for.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's own token file
         env.pop(NO_RAY_SIGNAL_HANDLER, None)
+        env.pop(NO_RAY_AUTO_CONNECT, None)
         with self.log_path.open("ab") as out:
             # cwd is where job drivers start (no working_dir is uploaded): the data folder, not the caller's cwd.
             # Its own session: the head must not get the signals meant for the service, which it outlives.

@@ -1,8 +1,12 @@
-"""The user's surface end to end, on one real service (uvicorn, SQLite, its own Ray head) and one tiny job:
+"""The user's surface end to end, on the service a newcomer's `rmdistill demo` starts (uvicorn, SQLite, its own
+Ray head, in a child process) and two tiny jobs:
 
+- the demo itself: a job end to end, its evaluation, the policy's answer, the dashboard's address, and Ctrl+C
+  stopping the service it started;
 - the CLI as a newcomer uses it: init → validate → upload → submit --follow → report → download, with output and
   exit codes checked;
-- the dashboard in a real browser (Playwright driving Debian's Chromium, headless) on the job the CLI made.
+- the dashboard in a real browser (Playwright driving Debian's Chromium, headless) on the job the CLI made, its
+  jobs list live.
 """
 
 from __future__ import annotations
@@ -11,18 +15,23 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from clients.cli import app
-from service.background import BackgroundServer
-from service.settings import Settings
+from clients.sdk import Client
+from service.ray_backend import free_port
 from tests.support.data import write_prefs
 from tests.test_service import tiny_spec
 
@@ -53,20 +62,57 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class DemoRun:
+    """`rmdistill demo --wait` in a child process, as a newcomer runs it: it starts the service (with its own Ray
+    head), runs a job end to end, asks the policy, then keeps the service up for the dashboard until Ctrl+C."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path, home: Path):
+        self.url, self.process, self.log, self.home = url, process, log, home
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def interrupt(self) -> int:
+        """Ctrl+C: the demo stops the service it started; returns the demo's exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=180)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    home = tmp_path_factory.mktemp("surface")
-    with pytest.MonkeyPatch.context() as env:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    home, work = tmp_path_factory.mktemp("surface"), tmp_path_factory.mktemp("demo")
+    write_prefs(home / "datasets" / "prefs.jsonl", n=24)
+    (work / "demo.yaml").write_text(yaml.safe_dump(tiny_spec("demo", max_steps=2)))
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # the demo starts a Ray head of its own
+        "RMDISTILL_HOME": str(home),
+        "RMDISTILL_TOKENS": TOKEN,
+        "RMDISTILL_RAY_NUM_CPUS": "2",
         # Policies are served by transformers in a half-CPU actor: no engine start to wait for on 2 cores.
-        env.setenv("RMDISTILL_SERVING_ENGINE", "hf")
-        env.setenv("RMDISTILL_SERVING_NUM_CPUS", "0.5")
-        server = BackgroundServer(Settings(data_dir=home, tokens=[TOKEN], ray_num_cpus=2, poll_interval_s=0.5))
-        server.start()
-        yield server
-        server.stop()
+        "RMDISTILL_SERVING_ENGINE": "hf",
+        "RMDISTILL_SERVING_NUM_CPUS": "0.5",
+        "COLUMNS": "200",
+    }
+    command = [sys.executable, "-m", "clients.cli", "--url", url, "--token", TOKEN, "demo", "--spec", "demo.yaml"]
+    with (work / "demo.log").open("wb") as log:
+        process = subprocess.Popen(
+            [*command, "--wait"], cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    demo = DemoRun(url, process, work / "demo.log", home)
+    try:
+        deadline = time.monotonic() + 1200
+        while "Ctrl+C stops it" not in demo.output():
+            assert process.poll() is None, f"the demo exited with {process.returncode}:\n{demo.output()}"
+            assert time.monotonic() < deadline, f"the demo did not finish:\n{demo.output()}"
+            time.sleep(1)
+        yield demo
+    finally:
+        demo.interrupt()
 
 
-def cli(server: BackgroundServer, *args: str, cwd: Path) -> Any:
+def cli(server: DemoRun, *args: str, cwd: Path) -> Any:
     """The real CLI in this process, against the real server; COLUMNS keeps rich from wrapping."""
     runner = CliRunner()
     with pytest.MonkeyPatch.context() as env:
@@ -75,7 +121,7 @@ def cli(server: BackgroundServer, *args: str, cwd: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def newcomer(server: BackgroundServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def newcomer(server: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every step a newcomer takes, in order; each step's result is kept for the tests to check."""
     work = tmp_path_factory.mktemp("newcomer")
     steps: dict[str, Any] = {"work": work}
@@ -94,6 +140,16 @@ def newcomer(server: BackgroundServer, tmp_path_factory: pytest.TempPathFactory)
     steps["report_json"] = cli(server, "--json", "report", job_id, cwd=work)
     steps["download"] = cli(server, "download", job_id, "-o", "out", cwd=work)
     return steps
+
+
+def test_the_demo_runs_a_job_end_to_end_and_asks_its_policy(server):
+    text = server.output()
+    job_id = re.search(r"submitted (job-[0-9a-f]+)", text).group(1)
+    assert f"the dashboard shows it live: {server.url}/#/jobs/{job_id}" in text
+    assert f"job {job_id}: succeeded" in text and "evaluation on 4 prompts" in text
+    answer = re.search(rf"policy {job_id} says: (.*)", text)
+    assert answer and answer.group(1).strip(), text
+    assert f"the dashboard: {server.url}/ " in text
 
 
 def test_init_writes_a_commented_spec_that_validates(newcomer):
@@ -179,10 +235,7 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(server, newcomer, browser, ray_cluster):
-    """`ray_cluster`: the serving actors run on the session's local Ray. Ray reads its auth settings once per
-    process, and this one (with the session cluster's, auth off) cannot also join the embedded head, whose token
-    `rmdistill serve` sets before Ray is imported."""
+def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(server, newcomer, browser):
     job_id = newcomer["job_id"]
     assert job_id, newcomer["submit"].output
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -199,6 +252,14 @@ def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(
     assert row.locator(".badge").inner_text() == "succeeded"
     assert row.locator(".stage-pill.finished").count() == 6
     page.screenshot(path=str(SCREENSHOTS / "dashboard-jobs.png"))
+
+    # The list is live though every job on it has ended: a job submitted from elsewhere appears, then its
+    # cancellation shows, without a reload.
+    with Client(server.url, TOKEN) as client:
+        other = client.submit({"name": "live", **TINY})["id"]
+        page.locator(f"tr[data-job={other}]").wait_for(timeout=30_000)
+        client.cancel(other)
+    page.wait_for_selector(f"tr[data-job={other}] .badge:text-is('cancelled')", timeout=60_000)
 
     # The job page: its stage timeline, curves drawn from the distillation's metrics, the ensemble, the plots.
     row.click()
@@ -244,3 +305,13 @@ def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(
     assert page.locator("#answer-reference h3").inner_text() == "π_ref tiny:llama"
     page.screenshot(path=str(SCREENSHOTS / "dashboard-playground.png"), full_page=True)
     assert problems == []
+
+
+def test_ctrl_c_stops_the_demo_and_the_service_it_started(server):
+    assert server.interrupt() == 0, server.output()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz", timeout=5)
+    # The embedded head is the whole cluster: it stops at once instead of draining for other nodes' sake, and the
+    # service, once disconnected, starts no Ray instance of its own on the way out.
+    assert "Draining" not in (server.home / "ray-head.log").read_text(errors="replace")
+    assert "Started a local Ray instance" not in (server.home / "demo-service.log").read_text(errors="replace")

@@ -6,6 +6,7 @@
 const STAGES = ["data", "generate", "ensemble", "score", "distill", "evaluate"];
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 2500;
+const IDLE_POLL_MS = 5000;
 const TOKEN_KEY = "rmdistill-token";
 const view = document.getElementById("view");
 let timer = null;
@@ -155,7 +156,8 @@ async function jobsPage() {
         : h("p", { class: "muted" }, "No jobs yet: ", h("code", {}, "rmdistill submit spec.yaml"), " or ", h("code", {}, "rmdistill demo"), "."),
     ),
   );
-  if (page.items.some((job) => !FINAL.has(job.state))) timer = setTimeout(route, POLL_MS);
+  // The list stays live even when every job shown has ended: a job submitted from the CLI must appear by itself.
+  timer = setTimeout(route, page.items.some((job) => !FINAL.has(job.state)) ? POLL_MS : IDLE_POLL_MS);
 }
 
 // ---------------------------------------------------------------------------------------------------- job page
