@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from support.data import write_job_data
-from support.ray_nodes import RAY, free_ports, node_ports, stop
+from support.ray_nodes import NO_DRAIN, RAY, free_ports, node_ports, stop
 
 from ray_jobs.ensemble.stage import FAIL_ONCE_ENV, EnsembleError, load_members, member_tasks
 from ray_jobs.ensemble.stage import run as run_ensemble
@@ -322,7 +322,7 @@ NODES_PROBE = (
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ray-logs")
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **NO_DRAIN}
     port, client_port = free_ports(2)
     address = f"127.0.0.1:{port}"
     # Short root: Ray's unix socket paths live under it and must stay below ~107 characters.

@@ -28,7 +28,7 @@ import pytest
 from support.data import write_prefs
 from support.hosts import Host, can_make_hosts, private_hosts
 from support.postgres import bin_dir, postgres_server
-from support.ray_nodes import RAY, free_ports, node_ports, stop
+from support.ray_nodes import NO_DRAIN, RAY, free_ports, node_ports, stop
 
 from clients.sdk import Client
 from ray_jobs.events import read_events
@@ -84,6 +84,7 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
+        **NO_DRAIN,
     }
     procs: list[subprocess.Popen] = []
 

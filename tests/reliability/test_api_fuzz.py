@@ -19,7 +19,7 @@ from service.background import BackgroundServer
 from service.settings import Settings
 
 TOKEN = "token-fuzz"
-FUZZ_SECONDS = 75
+FUZZ_SECONDS = 45
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
 

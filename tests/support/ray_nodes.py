@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
+# A test's cluster stops whole: no node needs Ray's 30 s drain on SIGTERM, which lets other nodes' Serve proxies
+# route around it.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def free_ports(n: int) -> list[int]:
