@@ -290,6 +290,19 @@ def schema(
     typer.echo(json.dumps(model.model_json_schema(), indent=2))
 
 
+@app.command("serving-config")
+def serving_config() -> None:
+    """The Serve config of the serving applications for this environment's RMDISTILL_SERVING_* settings, as a
+    RayService's serveConfigV2 or `serve deploy` takes it; an API with the same settings and
+    RMDISTILL_SERVING_DEPLOY=false serves through them."""
+    import yaml
+
+    from service.policy_app import serve_config
+    from service.settings import ServingSettings
+
+    typer.echo(yaml.safe_dump(serve_config(ServingSettings.from_env()), sort_keys=False), nl=False)
+
+
 # -------------------------------------------------------------------------------------------------------------- jobs
 def _follow(client: Client, job_id: str) -> str:
     """Show the job's stages as progress bars until it ends; returns the final state."""

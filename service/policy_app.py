@@ -250,11 +250,37 @@ def engines_for(options: ServingSettings) -> list[str]:
     return {"auto": ["vllm", "hf"], "vllm": ["vllm"], "hf": ["hf"]}[options.engine]
 
 
+# How a process reaches and manages the applications, not what they serve: left out of their names and configs.
+NOT_SERVED = {"ray_address", "deploy"}
+
+
 def app_name(options: ServingSettings, engine: str) -> str:
     """One application per engine, named by a digest of the settings: an API process with the same settings finds
-    and reuses it, one with other settings deploys its own. How a process reaches the cluster is not part of it."""
-    digest = hashlib.sha256(options.model_dump_json(exclude={"ray_address"}).encode()).hexdigest()[:10]
+    and reuses it, one with other settings deploys its own."""
+    digest = hashlib.sha256(options.model_dump_json(exclude=NOT_SERVED).encode()).hexdigest()[:10]
     return f"{APP_PREFIX}-{engine}-{digest}"
+
+
+def serve_config(options: ServingSettings) -> dict[str, Any]:
+    """The Serve config (`serve deploy`, a RayService's ``serveConfigV2``) of the applications that an API process
+    with these settings finds instead of deploying its own. No HTTP route: the API reaches them through handles."""
+    return {
+        "applications": [
+            {
+                "name": app_name(options, engine),
+                "import_path": f"{__name__}:application",
+                "route_prefix": None,
+                "args": {"engine": engine, "settings": options.model_dump(mode="json", exclude=NOT_SERVED)},
+            }
+            for engine in engines_for(options)
+        ]
+    }
+
+
+def application(args: dict[str, Any]) -> Any:
+    """Serve's application builder for `serve_config`'s import path, run by Serve where the config is deployed."""
+    options = ServingSettings.model_validate(args["settings"])
+    return build(options, args["engine"], ray.cluster_resources().get("GPU", 0))
 
 
 def build(options: ServingSettings, engine: str, cluster_gpus: float) -> Any:

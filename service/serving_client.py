@@ -143,6 +143,8 @@ class PolicyServing:
                 )
             ray.init(address=self.ray_address or "local", namespace="rmdistill", log_to_driver=False)
             self._own_ray = True
+        if not self.options.deploy:
+            return self._attach()
         # Handles only: no HTTP proxy, whose port would clash with the service's.
         serve.start(proxy_location="Disabled")
         running = serve.status().applications
@@ -158,10 +160,28 @@ class PolicyServing:
                 serve.delete(name, _blocking=False)
         return {engine: serve.get_app_handle(name) for engine, name in self.apps.items()}
 
+    def _attach(self) -> dict[str, Any]:
+        """Handles to applications deployed by someone else (a RayService), or 503 naming the first one missing."""
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            running = serve.status().applications
+        except RayServeException:
+            running = {}
+        for name in self.apps.values():
+            if name not in running or running[name].status != "RUNNING":
+                state = running[name].status if name in running else "not deployed"
+                raise EngineUnavailableError(
+                    f"serving application {name} is {state} on the cluster; with RMDISTILL_SERVING_DEPLOY=false it "
+                    "comes from a RayService or `serve deploy` (`rmdistill serving-config` prints its config)"
+                )
+        return {engine: serve.get_app_handle(name) for engine, name in self.apps.items()}
+
     async def shutdown(self, delete: bool) -> None:
         """Disconnect; ``delete``: also delete the applications, unloading every policy (else they stay loaded
         for the next API process)."""
-        if self._handles and delete:
+        if self._handles and delete and self.options.deploy:
             from ray import serve
 
             for name in self.apps.values():

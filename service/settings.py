@@ -51,6 +51,12 @@ class ServingSettings(BaseModel):
         description="`vllm`: vLLM's async engine only; `hf`: transformers only; `auto`: vLLM, and a transformers "
         "deployment (scaled from zero replicas) for the policies vLLM cannot load.",
     )
+    deploy: bool = Field(
+        True,
+        description="Deploy the serving applications this API needs when the cluster lacks them. False: they come "
+        "from elsewhere (a KubeRay RayService, `serve deploy`; `rmdistill serving-config` prints their config) and "
+        "this API only attaches, answering 503 while one is missing, and never deletes them.",
+    )
     ray_address: str | None = Field(
         None,
         description="GCS address (`host:port`) of the cluster serving runs on, when it is not the one RAY_ADDRESS "

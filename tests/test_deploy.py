@@ -21,6 +21,7 @@ from ray_jobs.spec import parse_spec
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "deploy" / "kuberay"
 K8S_VERSION = kubernetes_validate.latest_version()
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -28,7 +29,9 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 
 
 def _manifests() -> list[dict[str, Any]]:
-    return [d for p in sorted(KUBERAY.glob("*.yaml")) if p.name != "kustomization.yaml" for d in _documents(p)]
+    """Every whole object under deploy/kuberay, overlays included (not kustomizations, not patches)."""
+    files = sorted(p for p in KUBERAY.rglob("*.yaml") if p.name != "kustomization.yaml" and ".patch." not in p.name)
+    return [d for p in files for d in _documents(p)]
 
 
 def _by_kind(kind: str) -> list[dict[str, Any]]:
@@ -39,7 +42,9 @@ def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {})
     if doc["kind"] == "RayJob":
         spec = spec["rayClusterSpec"]
-    if doc["kind"] in ("RayCluster", "RayJob"):
+    if doc["kind"] == "RayService":
+        spec = spec["rayClusterConfig"]
+    if doc["kind"] in RAY_KINDS:
         return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
     if doc["kind"] in ("Deployment", "StatefulSet"):
         return [spec["template"]]
@@ -74,6 +79,7 @@ def test_every_kubernetes_object_validates_strictly_against_kubernetes_schemas()
         "PersistentVolumeClaim",
         "RayCluster",
         "RayJob",
+        "RayService",
         "Secret",
         "Service",
         "StatefulSet",
@@ -118,7 +124,7 @@ def test_the_service_reaches_the_head_postgres_and_ray_with_the_same_token() -> 
     assert env["RAY_ADDRESS"]["value"] == f"http://{head}:{head_ports['dashboard']}"
     assert env["RMDISTILL_SERVING_RAY_ADDRESS"]["value"] == f"{head}:{head_ports['gcs']}"
     # Every Ray process and the service share one token, so the cluster admits the service and no one else.
-    for container in [api, *(c for d in _manifests() if d["kind"] in ("RayCluster", "RayJob") for c in _containers(d))]:
+    for container in [api, *(c for d in _manifests() if d["kind"] in RAY_KINDS for c in _containers(d))]:
         names = {e["name"]: e for e in container["env"]}
         assert names["RAY_AUTH_MODE"]["value"] == "token"
         assert names["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "ray-token"
@@ -134,9 +140,10 @@ def test_the_service_reaches_the_head_postgres_and_ray_with_the_same_token() -> 
 
 def test_ray_pods_run_the_pinned_ray_and_gpu_pods_the_cuda_image() -> None:
     for doc in _manifests():
-        if doc["kind"] not in ("RayCluster", "RayJob"):
+        if doc["kind"] not in RAY_KINDS:
             continue
-        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        spec = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}.get(doc["kind"])
+        spec = doc["spec"][spec] if spec else doc["spec"]
         assert spec["rayVersion"] == _pinned("ray")
         for group in spec["workerGroupSpecs"]:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -145,6 +152,41 @@ def test_ray_pods_run_the_pinned_ray_and_gpu_pods_the_cuda_image() -> None:
             assert container["image"] == ("rmdistill:cuda" if wants_gpu else "rmdistill:cpu"), group["groupName"]
     (cluster,) = _by_kind("RayCluster")
     assert {g["groupName"]: g["minReplicas"] for g in cluster["spec"]["workerGroupSpecs"]} == {"cpu": 1, "gpu": 0}
+
+
+def test_the_rayservice_deploys_exactly_the_applications_the_patched_api_attaches_to() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.policy_app import serve_config
+    from service.settings import ServingSettings
+
+    overlay = KUBERAY / "serving"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "rayservice.yaml"]
+    (patch_path,) = [p["path"] for p in kustomization["patches"]]
+    patch = yaml.safe_load((overlay / patch_path).read_text())
+    (base,) = _by_kind("Deployment")
+    assert (patch["kind"], patch["metadata"]["name"]) == (base["kind"], base["metadata"]["name"])
+    (patched_api,) = patch["spec"]["template"]["spec"]["containers"]
+    (api,) = [c for c in _containers(base) if c["name"] == patched_api["name"]]
+    # Strategic merge: env entries merge by name, the patch's winning; the result must still be a valid Deployment.
+    env = {e["name"]: e for e in api["env"]} | {e["name"]: e for e in patched_api["env"]}
+    merged = yaml.safe_load(yaml.safe_dump(base))
+    merged["spec"]["replicas"] = patch["spec"]["replicas"]
+    merged["spec"]["template"]["spec"]["containers"][0]["env"] = list(env.values())
+    kubernetes_validate.validate(merged, K8S_VERSION, strict=True)
+
+    (service,) = _by_kind("RayService")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    gcs = {p["name"]: p["containerPort"] for p in head["ports"]}["gcs"]
+    values = {name: e["value"] for name, e in env.items() if "value" in e}
+    assert values["RMDISTILL_SERVING_RAY_ADDRESS"] == f"{service['metadata']['name']}-head-svc:{gcs}"
+    settings = ServingSettings.from_env(values)
+    assert settings.deploy is False
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config == serve_config(settings)  # the names the API looks for are the names KubeRay deploys
+    ServeDeploySchema.model_validate(config)
+    assert [a["args"]["engine"] for a in config["applications"]] == ["vllm", "hf"]
 
 
 def test_the_rayjob_runs_a_valid_spec_from_its_mounted_config_map() -> None:

@@ -506,3 +506,30 @@ def test_an_idle_deployment_scales_to_zero_and_the_next_request_loads_the_policy
         wait_for(lambda: replicas() == 0, 120, "the idle deployment to scale to zero")
         assert complete() == first  # a fresh replica loaded the policy again
         assert replicas() == 1
+
+
+def test_an_api_that_does_not_deploy_attaches_to_the_applications_its_serve_config_deploys(
+    ray_cluster, tiny_llama, tmp_path
+):
+    """RMDISTILL_SERVING_DEPLOY=false (a RayService owns serving): the applications come from `serve_config` through
+    its import path, as Serve deploys a config; until they run the API answers 503 naming them, then serves."""
+    from ray import serve
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from service.policy_app import serve_config
+    from service.settings import ServingSettings
+
+    serving = ServingSettings(engine="hf", num_cpus=0.25, deploy=False)
+    (config,) = serve_config(serving)["applications"]
+    with serving_service(ray_cluster, tmp_path, tiny_llama, [ALICE], serving) as running:
+        body = {"model": "tiny", "prompt": "attach", "max_tokens": 3, "temperature": 0}
+        missing = httpx.post(f"{running.url}/v1/completions", json=body, headers=_auth(), timeout=60)
+        assert missing.status_code == 503 and config["name"] in missing.text and "not deployed" in missing.text
+        assert config["name"] not in serve.status().applications  # it deployed nothing itself
+
+        builder = import_attr(config["import_path"])
+        serve.run(call_user_app_builder_with_args_if_necessary(builder, config["args"]), name=config["name"])
+        served = httpx.post(f"{running.url}/v1/completions", json=body, headers=_auth(), timeout=300)
+        assert served.status_code == 200, served.text
+        assert served.json()["choices"][0]["text"]
