@@ -215,12 +215,21 @@ class MemberOverride(_Strict):
         "RewardTrainer saves. It reads (prompt, response) as trained members do and is scored at "
         "ensemble.max_length; its held-out accuracy is measured like theirs. None: the member is trained.",
     )
+    input: Literal["auto", "pair", "text"] = Field(
+        "auto",
+        description="How the given model reads a (prompt, response). pair: an encoder's text pair ([CLS] prompt "
+        "[SEP] response [SEP]), as rmdistill trains encoders; text: the one text prompt + response + EOS token "
+        "through its tokenizer, special tokens included, as TRL's RewardTrainer trains any model; auto: pair for "
+        "encoders, prompt + response + EOS for causal LMs, as rmdistill trains them.",
+    )
 
     @model_validator(mode="after")
     def _given_is_not_trained(self) -> MemberOverride:
         training = [name for name in ("backbone", "lr", "lora_r", "seed") if getattr(self, name) is not None]
         if self.model is not None and training:
             raise ValueError(f"model is a reward model used as it is: {', '.join(training)} would train it")
+        if self.model is None and self.input != "auto":
+            raise ValueError("input applies to a given model: a trained member reads its inputs as rmdistill trains")
         return self
 
 

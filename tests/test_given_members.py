@@ -1,6 +1,6 @@
 """Reward models users bring as ensemble members: one saved by TRL's RewardTrainer joins a trained member in a real
-job on the session's Ray cluster, and the pairs carry its scores; an ensemble of given members trains nothing; a
-model that is not a one-output reward model is refused naming the field."""
+job on the session's Ray cluster, read as TRL trained it, and the pairs carry its scores; an ensemble of given
+members trains nothing; a model that is not a one-output reward model is refused naming the field."""
 
 from __future__ import annotations
 
@@ -66,7 +66,41 @@ def trl_reward_model(tmp_path_factory, tiny_bert) -> Path:
     )
     trainer.train()
     trainer.save_model(str(out / "model"))
+    first = trainer.train_dataset[0]  # TRL's own tokenization of the first pair: what the model was trained on
+    assert first["prompt"] == rows["prompt"][0]
+    example = {"prompt": rows["prompt"][0], "chosen": rows["chosen"][0], "chosen_ids": list(first["chosen_ids"])}
+    (out / "first-example.json").write_text(json.dumps(example))
     return out / "model"
+
+
+def _trl_scores(model_dir: Path, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """What the model computes, one pair at a time, on the stream TRL's RewardTrainer trained it on: the one text
+    prompt + response + EOS through its tokenizer (transformers alone, nothing of rmdistill)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        return np.array(
+            [
+                model(**tokenizer(p + r + tokenizer.eos_token, return_tensors="pt")).logits[0, 0].item()
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+        )
+
+
+def test_text_input_is_exactly_the_token_stream_trl_trained_on(trl_reward_model):
+    from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.reward import INPUT_KEY, reward_inputs
+
+    example = json.loads((trl_reward_model.parent / "first-example.json").read_text())
+    _, tokenizer = load_reward_model(str(trl_reward_model))
+    as_pair = reward_inputs(tokenizer, [example["prompt"]], [example["chosen"]], 64)["input_ids"][0].tolist()
+    assert as_pair != example["chosen_ids"]  # an encoder's text pair is not what TRL fed it
+    tokenizer.init_kwargs[INPUT_KEY] = "text"
+    as_text = reward_inputs(tokenizer, [example["prompt"]], [example["chosen"]], 64)["input_ids"][0].tolist()
+    assert as_text == example["chosen_ids"]
 
 
 def _job_spec(source: Path, model: Path) -> dict:
@@ -77,7 +111,7 @@ def _job_spec(source: Path, model: Path) -> dict:
         "ensemble": {
             "size": 2,
             "backbone": "tiny:bert",
-            "members": [{"model": str(model)}],
+            "members": [{"model": str(model), "input": "text"}],
             "epochs": 1,
             "batch_size": 8,
             "max_length": 64,
@@ -105,11 +139,12 @@ def test_a_trl_reward_model_joins_a_trained_member_and_the_pairs_carry_its_score
     assert [m["source"] for m in manifest["members"]] == ["given", "trained"]
     assert manifest["members"][0]["backbone"] == str(trl_reward_model) and manifest["members"][0]["epochs_run"] == 0
     assert manifest["members"][1]["epochs_run"] == 1
+    assert manifest["members"][0]["input"] == "text"
 
     # Held-out accuracy of the given member, measured as a trained member's is: from its own scores of the test split.
     test = load_pairs(layout.test)
-    r_w = _direct_scores(trl_reward_model, test["prompt"], test["chosen"], 64)
-    r_l = _direct_scores(trl_reward_model, test["prompt"], test["rejected"], 64)
+    r_w = _trl_scores(trl_reward_model, test["prompt"], test["chosen"])
+    r_l = _trl_scores(trl_reward_model, test["prompt"], test["rejected"])
     assert manifest["accuracies"][0] == pytest.approx(float(np.mean(r_w > r_l)))
 
     # The score stage used the given model itself: member 0's reward of every pair text is what it computes directly.
@@ -118,7 +153,7 @@ def test_a_trl_reward_model_joins_a_trained_member_and_the_pairs_carry_its_score
     for side in ("a", "b"):
         rewards = np.array(pairs[f"rewards_{side}"].tolist())
         assert rewards.shape == (len(pairs), 2)
-        direct = _direct_scores(trl_reward_model, pairs["prompt"].tolist(), pairs[f"response_{side}"].tolist(), 64)
+        direct = _trl_scores(trl_reward_model, pairs["prompt"].tolist(), pairs[f"response_{side}"].tolist())
         np.testing.assert_allclose(rewards[:, 0], direct, atol=1e-4)
         assert not np.allclose(rewards[:, 1], direct, atol=1e-3)  # the trained member is another model
 
@@ -148,6 +183,10 @@ def test_a_given_member_cannot_also_be_trained():
         parse_spec({"ensemble": {"size": 2, "members": [{"model": "/rm", "lr": 1e-4}]}})
     assert err.value.errors[0]["field"] == "ensemble.members.0"
     assert "lr would train it" in err.value.errors[0]["message"]
+    with pytest.raises(SpecError) as err:
+        parse_spec({"ensemble": {"size": 2, "members": [{"input": "text"}]}})
+    assert err.value.errors[0]["field"] == "ensemble.members.0"
+    assert "input applies to a given model" in err.value.errors[0]["message"]
 
 
 def test_given_members_that_are_not_reward_models_are_refused_naming_the_field(tmp_path, tiny_llama, tiny_bert):

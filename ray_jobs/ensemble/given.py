@@ -59,10 +59,15 @@ def adopt_given(task: MemberTask) -> dict[str, Any]:
 def _adopt(task: MemberTask, rt: WorkerRuntime) -> dict[str, Any]:
     from ray_jobs.models.io import save_model_folder
     from ray_jobs.models.registry import load_reward_model
+    from ray_jobs.models.reward import INPUT_KEY
 
     spec, started = task.spec, task.launched_at or time.time()
     test = load_pairs(JobLayout(task.job_dir).test)
     model, tokenizer = load_reward_model(spec.backbone)
+    chosen = task.input
+    if chosen != "auto":
+        # Kept in the member's own tokenizer config: scoring, `reuse.ensemble` and any later reader see it.
+        tokenizer.init_kwargs[INPUT_KEY] = chosen
     held_out = evaluate(rt.prepare(model), tokenizer, test, spec, rt)
     out = Path(task.out_dir)
     save_model_folder(model, tokenizer, out)
@@ -82,6 +87,7 @@ def _adopt(task: MemberTask, rt: WorkerRuntime) -> dict[str, Any]:
         "seed": None,
         "lora_r": None,
         "max_length": spec.max_length,
+        "input": chosen,
         "test_pairs": len(test["prompt"]),
         "start_time": started,
         "end_time": time.time(),

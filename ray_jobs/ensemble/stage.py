@@ -75,6 +75,7 @@ def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard:
             out_dir=str(member_dir(out_root, k)),
             data_seed=spec.seed,
             given=k in spec.given,
+            input=spec.members[k].input if k < len(spec.members) else "auto",
             tensorboard=tensorboard,
             fail_once_marker=str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
         )
@@ -293,6 +294,8 @@ def build_manifest(spec: EnsembleSpec, out_root: Path) -> dict[str, Any]:
                 "node_ip": m["node_ip"],
                 "start_time": m["start_time"],
                 "end_time": m["end_time"],
+                # How the member reads (prompt, response): a given member's `input`; trained ones as trained here.
+                "input": m.get("input", "auto"),
             }
             for m in members
         ],

@@ -47,6 +47,7 @@ class MemberTask:
     out_dir: str
     data_seed: int  # the ensemble's own seed: disjoint members must cut the same permutation
     given: bool = False
+    input: str = "auto"  # how a given member reads (prompt, response): ensemble.members[k].input
     tensorboard: bool = True  # write the member's epoch metrics to <job>/tensorboard/ensemble/member-<k>
     fail_once_marker: str | None = None
     attempt: int = 1
