@@ -1,0 +1,260 @@
+"""The artifact root: a job's published outputs kept beyond the machine that made them (``RMDISTILL_ARTIFACTS``).
+
+The job folder (`ray_jobs.layout`) stays the working copy every process reads and writes. With an artifact root set
+(``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``, a plain path, or any fsspec protocol), each stage's folder is
+uploaded there as soon as it is published, with the spec and the event log, and Ray Train's and Tune's run storage
+(distillation's checkpoints, the ensemble's trials) lives there instead of in the job folder. Any process that
+needs a stage its local job folder lacks (a resumed job on another node, a job that reuses an earlier one, the
+service listing or sending artifacts, a serving replica loading a policy) fetches it into the local folder, which is
+therefore a cache: deleting it loses nothing that was published.
+
+    <root>/jobs/<job-id>/spec.json, events.jsonl
+    <root>/jobs/<job-id>/<stage>/...             the stage folder's files
+    <root>/jobs/<job-id>/<stage>.complete        written last: {"files": {relative path: bytes}}
+    <root>/jobs/<job-id>/checkpoints/, .ray/     Ray Train / Tune run storage
+
+A stage is complete in the root only when its marker exists, and the marker is written after every file is up (and
+deleted before a re-publish starts), so a failed or interrupted upload never looks finished; a fetch checks every
+file the marker lists against its size before the local copy is published, atomically as in `JobLayout.staging`.
+
+Credentials come from the environment only, as each filesystem reads them (for S3: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL for an S3-compatible server, AWS_DEFAULT_REGION): never
+from the URI, the spec or the job folder. The filesystems are pyarrow's (the ones Ray Train takes), with fsspec's
+behind pyarrow's adapter for a scheme pyarrow does not know.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.layout import EVENTS_FILE, JOBS_DIR, SPEC_FILE, JobLayout
+from ray_jobs.names import STAGES
+
+ARTIFACTS_ENV = "RMDISTILL_ARTIFACTS"
+COMPLETE_SUFFIX = ".complete"
+CHUNK_BYTES = 8 << 20
+# What a job folder holds besides its stages that the root keeps too.
+JOB_FILES = (SPEC_FILE, EVENTS_FILE)
+
+
+class ArtifactError(RuntimeError):
+    """The root holds a stage whose files do not match its completion marker, or cannot be reached."""
+
+
+def open_filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) for a URI: pyarrow's own where it has one, else fsspec's through pyarrow's
+    adapter (Ray Train takes either)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid:  # a scheme pyarrow has no filesystem for (memory://, an fsspec plugin's)
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def redact(uri: str) -> str:
+    """The URI without any user:password part, for messages and logs."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else uri
+
+
+class ArtifactStore:
+    """One artifact root: uploads published stages, fetches them into local job folders."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = open_filesystem(self.uri)
+        self.root = self.root.rstrip("/")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ArtifactStore | None:
+        """The root ``RMDISTILL_ARTIFACTS`` names, or None (everything stays in the job folder)."""
+        uri = env.get(ARTIFACTS_ENV, "").strip()
+        return cls(uri) if uri else None
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({redact(self.uri)!r})"
+
+    # ----------------------------------------------------------------------------------------------- paths
+
+    def job_path(self, layout: JobLayout) -> str:
+        """The job's folder in the root: named by its id, the job folder's own name."""
+        return f"{self.root}/{JOBS_DIR}/{layout.root.name}"
+
+    def remote(self, layout: JobLayout, local: str | os.PathLike[str]) -> str:
+        """Where a path inside the job folder lives in the root."""
+        relative = Path(local).resolve().relative_to(layout.root.resolve())
+        return f"{self.job_path(layout)}/{relative.as_posix()}"
+
+    def _marker(self, layout: JobLayout, stage: str) -> str:
+        return self.remote(layout, layout.stage(stage)) + COMPLETE_SUFFIX
+
+    # ----------------------------------------------------------------------------------------------- upload
+
+    def publish_stage(self, layout: JobLayout, stage: str) -> int:
+        """Upload a published stage folder, then its completion marker; returns the bytes uploaded.
+
+        An earlier upload of the stage (a re-run) stops counting as complete before any of its files change."""
+        folder = layout.stage(stage)
+        if not layout.is_complete(stage):
+            raise ArtifactError(f"{folder} is not published: only a finished stage goes to {self}")
+        files = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+        target, marker = self.remote(layout, folder), self._marker(layout, stage)
+        self._delete_file(marker)
+        self.remove(target)
+        for name in files:
+            with (folder / name).open("rb") as source, self.fs.open_output_stream(f"{target}/{name}") as sink:
+                shutil.copyfileobj(source, sink, CHUNK_BYTES)
+        self._write_bytes(marker, json.dumps({"files": files}, indent=1).encode())
+        return sum(files.values())
+
+    def publish_files(self, layout: JobLayout, names: Iterable[str] = JOB_FILES) -> None:
+        """Upload the job's spec and event log (whichever exist) as they are now, replacing the previous copies."""
+        for name in names:
+            local = layout.root / name
+            if local.is_file():
+                self._write_bytes(self.remote(layout, local), local.read_bytes())
+
+    # ----------------------------------------------------------------------------------------------- fetch
+
+    def completed(self, layout: JobLayout, stage: str) -> dict[str, int] | None:
+        """The files (relative path: bytes) of the stage in the root, or None when it is not complete there."""
+        raw = self._read_bytes(self._marker(layout, stage))
+        return None if raw is None else json.loads(raw)["files"]
+
+    def fetch_stage(self, layout: JobLayout, stage: str) -> bool:
+        """Make the stage's local folder exist, downloading it when missing; False when neither has it complete.
+
+        The download lands in a folder of its own under ``.partial/`` and is renamed into place: a reader sees the
+        stage whole or not at all, and two processes fetching the same stage at once both end with one copy."""
+        if layout.is_complete(stage):
+            return True
+        files = self.completed(layout, stage)
+        if files is None:
+            return False
+        partial = layout.root / ".partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        download = Path(tempfile.mkdtemp(prefix=f"{stage}-fetch-", dir=partial))
+        source = self.remote(layout, layout.stage(stage))
+        try:
+            for name in files:
+                (download / name).parent.mkdir(parents=True, exist_ok=True)
+                # A listed file that is missing is reported with the others below, by its size.
+                with (
+                    contextlib.suppress(FileNotFoundError),
+                    self.fs.open_input_stream(f"{source}/{name}") as stream,
+                    (download / name).open("wb") as sink,
+                ):
+                    shutil.copyfileobj(stream, sink, CHUNK_BYTES)
+            wrong = [name for name, size in files.items() if _size(download / name) != size]
+            if wrong:
+                raise ArtifactError(
+                    f"{stage}/ in {self} does not match its completion marker: {', '.join(sorted(wrong)[:5])}"
+                )
+            try:
+                os.replace(download, layout.stage(stage))
+            except OSError:
+                if not layout.is_complete(stage):  # not another fetch that won the race: a real failure
+                    raise
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
+        return True
+
+    def fetch_files(self, layout: JobLayout, names: Iterable[str] = JOB_FILES) -> list[str]:
+        """Download the job files the local folder lacks (spec, event log); returns those fetched."""
+        fetched = []
+        for name in names:
+            local = layout.root / name
+            if local.exists():
+                continue
+            raw = self._read_bytes(self.remote(layout, local))
+            if raw is None:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{name}.{os.getpid()}.fetch")
+            tmp.write_bytes(raw)
+            os.replace(tmp, local)
+            fetched.append(name)
+        return fetched
+
+    def fill(self, layout: JobLayout, stages: Iterable[str] = STAGES) -> list[str]:
+        """Bring the local job folder up to what the root holds: its job files and the given stages; returns the
+        stages fetched."""
+        self.fetch_files(layout)
+        return [s for s in stages if not layout.is_complete(s) and self.fetch_stage(layout, s)]
+
+    def sync(self, layout: JobLayout, stages: Iterable[str]) -> None:
+        """Fetch the stages only the root holds, upload those only the job folder holds (a job run before the root
+        was set, a stage adopted from another job), and upload the job files."""
+        for stage in stages:
+            if not layout.is_complete(stage):
+                self.fetch_stage(layout, stage)
+            elif self.completed(layout, stage) is None:
+                self.publish_stage(layout, stage)
+        self.publish_files(layout)
+
+    # ----------------------------------------------------------------------------------------------- run storage
+
+    def run_storage(self, layout: JobLayout, local: str | os.PathLike[str]) -> tuple[str, Any]:
+        """(path, filesystem) for Ray Train's or Tune's ``storage_path``/``storage_filesystem`` in place of a
+        folder inside the job folder."""
+        return self.remote(layout, local), self.fs
+
+    def remove(self, path: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(path)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    def _read_bytes(self, path: str) -> bytes | None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def _delete_file(self, path: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
+def run_storage(layout: JobLayout, local: Path) -> tuple[str, Any]:
+    """Ray Train/Tune storage for a folder of the job: in the artifact root when one is set (every node reaches it,
+    and it outlives the node), else the local folder itself (filesystem None: Ray's own for a local path)."""
+    store = ArtifactStore.from_env()
+    if store is None:
+        return str(local.resolve()), None
+    return store.run_storage(layout, local)
+
+
+def remove_run_storage(layout: JobLayout, local: Path) -> None:
+    """Delete what `run_storage` gave for `local`, wherever it is."""
+    store = ArtifactStore.from_env()
+    if store is None:
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        store.remove(store.remote(layout, local))

@@ -1,0 +1,207 @@
+"""The artifact root against moto's S3 server on loopback over real HTTP (tests/support/s3.py): published stages go
+up whole with their completion marker last, come back into an empty job folder, and a stage without its marker (an
+upload that died) or with files that do not match it is never taken for finished. No Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ray_jobs.artifact_store import (
+    ARTIFACTS_ENV,
+    ArtifactError,
+    ArtifactStore,
+    open_filesystem,
+    redact,
+    run_storage,
+)
+from ray_jobs.events import EventLog, read_events
+from ray_jobs.layout import JobLayout
+from ray_jobs.pipeline import planned_stages, run_job
+from ray_jobs.spec import parse_spec
+
+SCORE_FILES = {
+    "pairs.parquet": b"PAR1" + bytes(range(256)) * 40,
+    "scored_with.json": b'{"reference": "tiny:llama"}',
+    "nested/deeper/notes.txt": b"kept with its folders",
+}
+
+
+@pytest.fixture
+def root(s3, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket, the process holding the server's credentials the way a deployment does: its environment."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    return s3.bucket(f"art-{uuid.uuid4().hex[:12]}") + "/prefix"
+
+
+def published(layout: JobLayout, stage: str, files: dict[str, bytes]) -> None:
+    with layout.staging(stage) as out:
+        for name, content in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(content)
+
+
+def bucket_of(uri: str) -> str:
+    return uri.removeprefix("s3://").split("/")[0]
+
+
+def test_a_published_stage_goes_up_whole_with_its_marker_last(s3, root: str, tmp_path: Path) -> None:
+    layout = JobLayout(tmp_path / "job-1")
+    published(layout, "score", SCORE_FILES)
+    store = ArtifactStore(root)
+    before = len(s3.requests())
+    assert store.publish_stage(layout, "score") == sum(len(v) for v in SCORE_FILES.values())
+
+    objects = s3.objects(bucket_of(root), "prefix/jobs/job-1/")
+    stage_objects = {k.removeprefix("prefix/jobs/job-1/score/"): v for k, v in objects.items() if "/score/" in k}
+    assert stage_objects == SCORE_FILES
+    marker = json.loads(objects["prefix/jobs/job-1/score.complete"])
+    assert marker == {"files": {name: len(content) for name, content in SCORE_FILES.items()}}
+    # The server's own record of the upload: every file was written before the marker, nothing after it.
+    # (pyarrow writes in multipart uploads: an object appears with the POST that completes its upload.)
+    puts = [path.split("?")[0] for method, path in s3.requests()[before:] if method in ("PUT", "POST")]
+    assert puts[-1].endswith("/jobs/job-1/score.complete")
+    assert sum("/jobs/job-1/score/" in p for p in puts[:-1]) >= len(SCORE_FILES)
+
+
+def test_a_republished_stage_is_incomplete_until_its_new_files_are_up(s3, root: str, tmp_path: Path) -> None:
+    layout = JobLayout(tmp_path / "job-2")
+    published(layout, "score", SCORE_FILES)
+    store = ArtifactStore(root)
+    store.publish_stage(layout, "score")
+    published(layout, "score", {"pairs.parquet": b"rescored"})
+    before = len(s3.requests())
+    store.publish_stage(layout, "score")
+
+    calls = [(method, path.split("?")[0]) for method, path in s3.requests()[before:]]
+    marker_writes = [i for i, (m, p) in enumerate(calls) if p.endswith("score.complete") and m in ("PUT", "POST")]
+    marker_deletes = [i for i, (m, p) in enumerate(calls) if p.endswith("score.complete") and m == "DELETE"]
+    file_writes = [i for i, (m, p) in enumerate(calls) if "/score/pairs.parquet" in p and m in ("PUT", "POST")]
+    assert marker_deletes[0] < file_writes[0] < marker_writes[-1]
+    # The old files are gone, not left beside the new one.
+    objects = s3.objects(bucket_of(root), "prefix/jobs/job-2/score/")
+    assert objects == {"prefix/jobs/job-2/score/pairs.parquet": b"rescored"}
+
+
+def test_a_stage_comes_back_into_an_empty_job_folder(root: str, tmp_path: Path) -> None:
+    made = JobLayout(tmp_path / "node-a" / "job-3")
+    published(made, "score", SCORE_FILES)
+    EventLog(made.root).emit("job_started", None)
+    made.spec.write_text('{"name": "x"}')
+    store = ArtifactStore(root)
+    store.publish_stage(made, "score")
+    store.publish_files(made)
+
+    cache = JobLayout(tmp_path / "node-b" / "job-3")  # same job id, nothing on this "node"
+    assert store.fill(cache) == ["score"]
+    assert cache.published() == {"score": cache.stage("score")}
+    folder = cache.stage("score")
+    fetched = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert fetched == SCORE_FILES
+    assert cache.spec.read_text() == '{"name": "x"}'
+    assert [e["kind"] for e in read_events(cache.root)] == ["job_started"]
+    assert list((cache.root / ".partial").iterdir()) == []  # the download folder was renamed into place
+    # A second fill finds it local and fetches nothing.
+    assert store.fill(cache) == []
+
+
+def test_a_stage_without_its_marker_is_missing(s3, root: str, tmp_path: Path) -> None:
+    """An upload that died before its marker: the files are there, and still nothing counts as finished."""
+    store = ArtifactStore(root)
+    bucket = bucket_of(root)
+    for name, content in SCORE_FILES.items():
+        s3.client().put_object(Bucket=bucket, Key=f"prefix/jobs/job-4/score/{name}", Body=content)
+    layout = JobLayout(tmp_path / "job-4")
+    assert store.completed(layout, "score") is None
+    assert store.fetch_stage(layout, "score") is False
+    assert store.fill(layout) == [] and layout.published() == {}
+
+
+def test_a_stage_whose_files_do_not_match_its_marker_is_refused(s3, root: str, tmp_path: Path) -> None:
+    made = JobLayout(tmp_path / "a" / "job-5")
+    published(made, "score", SCORE_FILES)
+    store = ArtifactStore(root)
+    store.publish_stage(made, "score")
+    bucket = bucket_of(root)
+    s3.client().put_object(Bucket=bucket, Key="prefix/jobs/job-5/score/pairs.parquet", Body=b"PAR1 cut short")
+    s3.client().delete_object(Bucket=bucket, Key="prefix/jobs/job-5/score/scored_with.json")
+
+    cache = JobLayout(tmp_path / "b" / "job-5")
+    with pytest.raises(ArtifactError, match="does not match its completion marker: pairs.parquet, scored_with.json"):
+        store.fetch_stage(cache, "score")
+    assert not cache.stage("score").exists() and list((cache.root / ".partial").iterdir()) == []
+
+
+def test_only_a_finished_stage_is_uploaded(root: str, tmp_path: Path) -> None:
+    layout = JobLayout(tmp_path / "job-6")
+    (layout.root / ".partial" / "score").mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="is not published"):
+        ArtifactStore(root).publish_stage(layout, "score")
+
+
+def test_a_resumed_job_whose_folder_is_gone_takes_everything_from_the_root(
+    s3, root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver on a node that never saw the job: every stage finished elsewhere comes back, none runs again,
+    and the event log goes on from the one the root kept."""
+    spec = parse_spec(
+        {"name": "resume", "reference": "tiny:llama", "data": {"source": str(tmp_path / "p.jsonl")}, "ensemble": {}}
+    )
+    first = JobLayout(tmp_path / "node-a" / "job-7")
+    first.root.mkdir(parents=True)
+    first.spec.write_text(json.dumps(spec.model_dump(mode="json")))
+    EventLog(first.root).emit("job_finished", None, status="failed")
+    store = ArtifactStore(root)
+    stages = planned_stages(spec)
+    for stage in stages:
+        published(first, stage, {f"{stage}.out": stage.encode()})
+        store.publish_stage(first, stage)
+    store.publish_files(first)
+
+    again = tmp_path / "node-b" / "job-7"
+    monkeypatch.setenv(ARTIFACTS_ENV, root)
+    assert run_job(spec, again) == {}
+    layout = JobLayout(again)
+    assert sorted(layout.published()) == sorted(stages)
+    assert (layout.stage("distill") / "distill.out").read_bytes() == b"distill"
+    kinds = [(e["kind"], e.get("stage")) for e in read_events(again)]
+    assert kinds[0] == ("job_finished", None)  # the earlier run's log, continued
+    assert [s for k, s in kinds if k == "stage_skipped"] == stages
+    assert kinds[-1] == ("job_finished", None)
+    # The root's copy of the log is the whole log, this run's end included.
+    kept = s3.objects(bucket_of(root), "prefix/jobs/job-7/events.jsonl")["prefix/jobs/job-7/events.jsonl"]
+    assert kept == layout.events.read_bytes()
+
+
+def test_run_storage_is_in_the_root_when_one_is_set(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = JobLayout(tmp_path / "job-8")
+    assert run_storage(layout, layout.checkpoints) == (str(layout.checkpoints.resolve()), None)
+    monkeypatch.setenv(ARTIFACTS_ENV, root)
+    path, fs = run_storage(layout, layout.checkpoints)
+    assert path == f"{root.removeprefix('s3://')}/jobs/job-8/checkpoints" and fs.type_name == "s3"
+
+
+def test_an_fsspec_only_scheme_works_through_pyarrows_adapter(tmp_path: Path) -> None:
+    fs, path = open_filesystem("memory://rmdistill-test/root")
+    assert fs.type_name == "py::fsspec+memory" and path == "/rmdistill-test/root"
+    store = ArtifactStore("memory://rmdistill-test/root")
+    made = JobLayout(tmp_path / "a" / "job-9")
+    published(made, "evaluate", {"report.json": b"{}"})
+    store.publish_stage(made, "evaluate")
+    cache = JobLayout(tmp_path / "b" / "job-9")
+    assert store.fill(cache) == ["evaluate"] and (cache.stage("evaluate") / "report.json").read_bytes() == b"{}"
+
+
+def test_credentials_never_appear_in_what_the_store_says(s3, root: str, tmp_path: Path) -> None:
+    assert redact("s3://AKIA:very-secret@bucket/prefix") == "s3://bucket/prefix"
+    store = ArtifactStore(root)
+    layout = JobLayout(tmp_path / "job-10")
+    with pytest.raises(ArtifactError) as err:
+        store.publish_stage(layout, "distill")
+    for text in (repr(store), str(err.value)):
+        assert s3.secret_key not in text and s3.access_key not in text
