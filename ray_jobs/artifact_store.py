@@ -258,3 +258,12 @@ def remove_run_storage(layout: JobLayout, local: Path) -> None:
         shutil.rmtree(local, ignore_errors=True)
     else:
         store.remove(store.remote(layout, local))
+
+
+def ensure_local_stage(path: str | os.PathLike[str]) -> None:
+    """Fetch a job's stage folder (``<job-id>/<stage>``, a policy's ``distill/``) from the artifact root when this
+    node lacks it, as a serving node that never ran the job does; any other path is left to its reader."""
+    folder = Path(path)
+    store = ArtifactStore.from_env()
+    if store is not None and folder.name in STAGES and not folder.is_dir():
+        store.fetch_stage(JobLayout(folder.parent), folder.name)

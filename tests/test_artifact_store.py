@@ -5,16 +5,22 @@ upload that died) or with files that do not match it is never taken for finished
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from pydantic import ValidationError
 
 from ray_jobs.artifact_store import (
     ARTIFACTS_ENV,
     ArtifactError,
     ArtifactStore,
+    ensure_local_stage,
     open_filesystem,
     redact,
     run_storage,
@@ -23,6 +29,10 @@ from ray_jobs.events import EventLog, read_events
 from ray_jobs.layout import JobLayout
 from ray_jobs.pipeline import planned_stages, run_job
 from ray_jobs.spec import parse_spec
+from service.background import BackgroundServer
+from service.ray_backend import free_port
+from service.settings import Settings
+from service.store import Store
 
 SCORE_FILES = {
     "pairs.parquet": b"PAR1" + bytes(range(256)) * 40,
@@ -205,3 +215,80 @@ def test_credentials_never_appear_in_what_the_store_says(s3, root: str, tmp_path
         store.publish_stage(layout, "distill")
     for text in (repr(store), str(err.value)):
         assert s3.secret_key not in text and s3.access_key not in text
+
+
+def test_a_serving_node_fetches_a_policy_it_never_saw(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = JobLayout(tmp_path / "trainer" / "job-11")
+    published(made, "distill", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights"})
+    ArtifactStore(root).publish_stage(made, "distill")
+    monkeypatch.setenv(ARTIFACTS_ENV, root)
+
+    served = JobLayout(tmp_path / "server" / "job-11")
+    ensure_local_stage(served.policy)
+    assert (served.policy / "model.safetensors").read_bytes() == b"weights"
+    # A path that is no job's stage is its reader's business: nothing is fetched or made.
+    other = tmp_path / "server" / "my-model"
+    ensure_local_stage(other)
+    assert not other.exists()
+
+
+def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, tmp_path: Path) -> None:
+    """The service refills a job folder from the root: the job view folds the fetched event log, a file and the
+    policy's archive download byte for byte, and a stage the root does not hold stays unlisted."""
+    settings = Settings(data_dir=tmp_path / "home", ray_address=f"http://127.0.0.1:{free_port()}", artifacts=root)
+    layout = JobLayout(settings.jobs_dir / "job-12")
+    events = EventLog(layout.root)
+    events.emit("job_started", None)
+    files = {"distill": {"config.json": b"{}", "model.safetensors": b"w" * 3000}, "evaluate": {"report.json": b"{}"}}
+    store = ArtifactStore(root)
+    for stage, content in files.items():
+        events.emit("stage_started", stage)
+        published(layout, stage, content)
+        store.publish_stage(layout, stage)
+        events.emit("stage_finished", stage)
+    events.emit("job_finished", None, status="succeeded")
+    store.publish_files(layout)
+    jobs = Store(settings.database_url)
+    try:
+        jobs.create_job(job_id="job-12", name="gone", owner=None, spec={}, job_dir=str(layout.root))
+        jobs.transition("job-12", "succeeded", "test")
+    finally:
+        jobs.close()
+    shutil.rmtree(layout.root)
+
+    server = BackgroundServer(settings).start(timeout_s=120)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as api:
+            job = api.get("/v1/jobs/job-12").json()
+            assert job["stages"] == {"distill": "finished", "evaluate": "finished"}
+            listed = {a["path"] for a in api.get("/v1/jobs/job-12/artifacts").json()["items"]}
+            assert listed == {
+                "distill/config.json",
+                "distill/model.safetensors",
+                "evaluate/report.json",
+                "distill.tar.gz",
+                "evaluate.tar.gz",
+            }
+            assert api.get("/v1/jobs/job-12/artifacts/distill/model.safetensors").content == b"w" * 3000
+            archive = api.get("/v1/jobs/job-12/artifacts/distill.tar.gz").content
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            names = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        assert names == {f"job-12-distill/{k}": v for k, v in files["distill"].items()}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://AKIAEXAMPLE:hunter2@bucket/prefix", "holds credentials"),
+        ("nosuchscheme://bucket/prefix", "no filesystem reads 'nosuchscheme://bucket/prefix'"),
+    ],
+)
+def test_the_service_refuses_an_artifact_root_it_cannot_use(tmp_path: Path, uri: str, message: str) -> None:
+
+    with pytest.raises(ValidationError, match=message) as err:
+        Settings(data_dir=tmp_path, artifacts=uri)
+    assert "hunter2" not in str(err.value)
