@@ -26,6 +26,7 @@ behind pyarrow's adapter for a scheme pyarrow does not know.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -69,13 +70,40 @@ def redact(uri: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else uri
 
 
+# Schemes pyarrow opens with a filesystem of its own; fsspec's registry names the rest it can open.
+PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
+
+
+def check_uri(uri: str) -> None:
+    """Raise ValueError for a URI no filesystem here can open, without reaching it (opening an s3:// root already
+    asks the bucket for its region)."""
+    import fsspec
+
+    scheme = uri.partition("://")[0] if "://" in uri else "file"
+    if scheme not in PYARROW_SCHEMES and scheme not in fsspec.available_protocols():
+        raise ValueError(f"no filesystem for the scheme {scheme!r}")
+
+
 class ArtifactStore:
-    """One artifact root: uploads published stages, fetches them into local job folders."""
+    """One artifact root: uploads published stages, fetches them into local job folders. The filesystem is opened
+    on first use, so making a store reaches nothing."""
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = open_filesystem(self.uri)
-        self.root = self.root.rstrip("/")
+        check_uri(self.uri)
+
+    @functools.cached_property
+    def _opened(self) -> tuple[Any, str]:
+        fs, root = open_filesystem(self.uri)
+        return fs, root.rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        return self._opened[0]
+
+    @property
+    def root(self) -> str:
+        return self._opened[1]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ArtifactStore | None:

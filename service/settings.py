@@ -39,18 +39,18 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_artifact_root(uri: str) -> None:
-    """Refuse at start-up a root no filesystem reads, rather than fail every job; the message leaves out any
-    user:password part of the URI."""
-    from ray_jobs.artifact_store import open_filesystem, redact
+    """Refuse at start-up a root no filesystem opens, rather than fail every job (without reaching it: the store may
+    be down for a moment); the message leaves out any user:password part of the URI."""
+    from ray_jobs.artifact_store import check_uri, redact
 
     if "@" in uri.partition("://")[2].split("/")[0]:
         raise ValueError(
             f"artifacts: {redact(uri)!r} holds credentials; give them in the environment (AWS_ACCESS_KEY_ID, ...)"
         )
     try:
-        open_filesystem(uri)
-    except Exception as exc:
-        raise ValueError(f"artifacts: no filesystem reads {redact(uri)!r}: {type(exc).__name__}") from None
+        check_uri(uri)
+    except ValueError as exc:
+        raise ValueError(f"artifacts: {redact(uri)!r}: {exc}") from None
 
 
 def _split(value: str | None, sep: str) -> list[str]:

@@ -284,7 +284,7 @@ def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, t
     ("uri", "message"),
     [
         ("s3://AKIAEXAMPLE:hunter2@bucket/prefix", "holds credentials"),
-        ("nosuchscheme://bucket/prefix", "no filesystem reads 'nosuchscheme://bucket/prefix'"),
+        ("nosuchscheme://bucket/prefix", "'nosuchscheme://bucket/prefix': no filesystem for the scheme 'nosuchscheme'"),
     ],
 )
 def test_the_service_refuses_an_artifact_root_it_cannot_use(tmp_path: Path, uri: str, message: str) -> None:

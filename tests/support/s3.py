@@ -2,7 +2,8 @@
 in a subprocess on a free port, spoken to over real HTTP, stopped when the tests end (also when they fail).
 
 The credentials are made up per server, as a real deployment's would be secret: tests check the secret never
-reaches a log, an event or an API answer.
+reaches a log, an event or an API answer. In a network namespace (tests/support/hosts.py) the server listens on
+that host's address, and this process's own calls to it go through the host's `call`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from service.ray_backend import free_port
+from support.hosts import Host
+
+
+def _here(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class S3Server:
     access_key: str
     secret_key: str
     log: Path
+    # Runs a client call where the server is reachable: a namespaced host's `call`, else right here.
+    via: Callable[[Callable[[], Any]], Any] = _here
 
     @property
     def env(self) -> dict[str, str]:
@@ -54,15 +63,19 @@ class S3Server:
 
     def bucket(self, name: str) -> str:
         """A new empty bucket; returns its s3:// URI."""
-        self.client().create_bucket(Bucket=name)
+        self.via(lambda: self.client().create_bucket(Bucket=name))
         return f"s3://{name}"
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         """Every object under `prefix`: key → bytes."""
-        client = self.client()
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+        def read() -> dict[str, bytes]:
+            client = self.client()
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+            return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+        return self.via(read)
 
     def requests(self) -> list[tuple[str, str]]:
         """(method, path) of every request the server answered so far, in order (from its access log)."""
@@ -71,15 +84,18 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> Iterator[S3Server]:
-    """Start moto's S3 server on `host` (under `prefix`, e.g. ``ip netns exec NS``, to serve inside a namespace)."""
+def s3_server(host: Host | None = None) -> Iterator[S3Server]:
+    """Start moto's S3 server on loopback, or on a namespaced host's address inside its namespace."""
+    ip = host.ip if host else "127.0.0.1"
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="rmdistill-moto-", suffix=".log")[1])
-    server = S3Server(f"http://{host}:{port}", "rmdistill-test", secrets.token_hex(16), log)
+    via = host.call if host else _here
+    server = S3Server(f"http://{ip}:{port}", "rmdistill-test", secrets.token_hex(16), log, via)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "moto.server", "-H", ip, "-p", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            host.command(argv) if host else argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -90,7 +106,7 @@ def s3_server(host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> Iterator[S
             assert process.poll() is None, f"moto's server exited:\n{log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"moto's server did not come up:\n{log.read_text()[-2000:]}"
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{server.endpoint}/moto-api/", timeout=2).status_code == 200:
+                if via(lambda: httpx.get(f"{server.endpoint}/moto-api/", timeout=2).status_code) == 200:
                     break
             time.sleep(0.2)
         yield server
