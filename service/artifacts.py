@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ray_jobs.artifact_store import ArtifactStore
+from ray_jobs.artifact_store import ArtifactError, ArtifactStore, redact
 from ray_jobs.layout import REPORT_FILE, JobLayout
+from service.errors import ApiError
 
 if TYPE_CHECKING:
     from service.store import Job
@@ -70,8 +71,12 @@ def refill(job: Job, artifacts: ArtifactStore | None, stages: Iterable[str] = ()
     """Fetch a finished job's spec and event log, and `stages`, from the artifact root where its folder here lacks
     them (deleted, or written on another node). A running job's folder is its driver's to write: a copy of its log
     fetched now would never be refreshed, so it is left alone."""
-    if artifacts is not None and job.is_final:
+    if artifacts is None or not job.is_final:
+        return
+    try:
         artifacts.fill(JobLayout(job.job_dir), stages)
+    except (OSError, ArtifactError) as exc:  # pyarrow's filesystems raise OSError for an unreachable store
+        raise ApiError(503, f"the artifact root {redact(artifacts.uri)} cannot be read: {exc}") from None
 
 
 def list_artifacts(job_dir: str | Path) -> list[Artifact]:

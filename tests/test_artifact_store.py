@@ -292,3 +292,23 @@ def test_the_service_refuses_an_artifact_root_it_cannot_use(tmp_path: Path, uri:
     with pytest.raises(ValidationError, match=message) as err:
         Settings(data_dir=tmp_path, artifacts=uri)
     assert "hunter2" not in str(err.value)
+
+
+def test_an_unreachable_root_is_a_503_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rmdistill-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    settings = Settings(data_dir=tmp_path, ray_address=f"http://127.0.0.1:{free_port()}", artifacts="s3://nowhere/root")
+    jobs = Store(settings.database_url)
+    try:
+        jobs.create_job(job_id="job-13", name="gone", owner=None, spec={}, job_dir=str(settings.jobs_dir / "job-13"))
+        jobs.transition("job-13", "succeeded", "test")
+    finally:
+        jobs.close()
+    server = BackgroundServer(settings).start(timeout_s=120)
+    try:
+        response = httpx.get(f"{server.url}/v1/jobs/job-13/artifacts", timeout=120)
+    finally:
+        server.stop()
+    assert response.status_code == 503
+    assert response.json()["error"]["message"].startswith("the artifact root s3://nowhere/root cannot be read")
