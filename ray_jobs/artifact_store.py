@@ -43,10 +43,13 @@ COMPLETE_SUFFIX = ".complete"
 CHUNK_BYTES = 8 << 20
 # What a job folder holds besides its stages that the root keeps too.
 JOB_FILES = (SPEC_FILE, EVENTS_FILE)
+# Schemes pyarrow opens with a filesystem of its own; fsspec's registry names the rest it can open.
+PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
 
 
 class ArtifactError(RuntimeError):
-    """The root holds a stage whose files do not match its completion marker, or cannot be reached."""
+    """A stage in the root whose files do not match its completion marker, or one asked to go up unfinished. (An
+    unreachable root is the filesystem's OSError.)"""
 
 
 def open_filesystem(uri: str) -> tuple[Any, str]:
@@ -68,10 +71,6 @@ def redact(uri: str) -> str:
     """The URI without any user:password part, for messages and logs."""
     scheme, sep, rest = uri.partition("://")
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else uri
-
-
-# Schemes pyarrow opens with a filesystem of its own; fsspec's registry names the rest it can open.
-PYARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
 
 
 def check_uri(uri: str) -> None:
@@ -171,6 +170,9 @@ class ArtifactStore:
         files = self.completed(layout, stage)
         if files is None:
             return False
+        outside = [name for name in files if ".." in Path(name).parts or Path(name).is_absolute()]
+        if outside:  # a marker is read from the store: none of its names may lead out of the stage folder
+            raise ArtifactError(f"{stage}/ in {self} lists files outside the stage: {', '.join(sorted(outside)[:5])}")
         partial = layout.root / ".partial"
         partial.mkdir(parents=True, exist_ok=True)
         download = Path(tempfile.mkdtemp(prefix=f"{stage}-fetch-", dir=partial))

@@ -147,6 +147,15 @@ def test_a_stage_whose_files_do_not_match_its_marker_is_refused(s3, root: str, t
     assert not cache.stage("score").exists() and list((cache.root / ".partial").iterdir()) == []
 
 
+def test_a_marker_naming_files_outside_its_stage_is_refused(s3, root: str, tmp_path: Path) -> None:
+    marker = json.dumps({"files": {"../../escaped.txt": 3}}).encode()
+    s3.client().put_object(Bucket=bucket_of(root), Key="prefix/jobs/job-14/score.complete", Body=marker)
+    cache = JobLayout(tmp_path / "job-14")
+    with pytest.raises(ArtifactError, match="lists files outside the stage: ../../escaped.txt"):
+        ArtifactStore(root).fetch_stage(cache, "score")
+    assert not (tmp_path / "escaped.txt").exists() and not cache.stage("score").exists()
+
+
 def test_only_a_finished_stage_is_uploaded(root: str, tmp_path: Path) -> None:
     layout = JobLayout(tmp_path / "job-6")
     (layout.root / ".partial" / "score").mkdir(parents=True)
