@@ -10,7 +10,7 @@ therefore a cache: deleting it loses nothing that was published.
 
     <root>/jobs/<job-id>/spec.json, events.jsonl
     <root>/jobs/<job-id>/<stage>/...             the stage folder's files
-    <root>/jobs/<job-id>/<stage>.complete        written last: {"files": {relative path: bytes}}
+    <root>/jobs/<job-id>/<stage>.complete        written last: {"files": {path: bytes}, "mtime_ns": {path: ...}}
     <root>/jobs/<job-id>/checkpoints/, .ray/     Ray Train / Tune run storage
 
 A stage is complete in the root only when its marker exists, and the marker is written after every file is up (and
@@ -130,21 +130,39 @@ class ArtifactStore:
     # ----------------------------------------------------------------------------------------------- upload
 
     def publish_stage(self, layout: JobLayout, stage: str) -> int:
-        """Upload a published stage folder, then its completion marker; returns the bytes uploaded.
+        """Bring a published stage folder's copy in the root up to date, its completion marker last; returns the
+        bytes uploaded.
 
-        An earlier upload of the stage (a re-run) stops counting as complete before any of its files change."""
+        Files the root holds with the same size and modification time are kept, so a stage that a later one updated
+        in place (evaluation rewrites the policy card) sends only what changed, and an unchanged one nothing. Before
+        anything changes the marker is deleted: the stage is incomplete in the root until every file is up."""
         folder = layout.stage(stage)
         if not layout.is_complete(stage):
             raise ArtifactError(f"{folder} is not published: only a finished stage goes to {self}")
-        files = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+        local = {}
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                info = file.stat()
+                local[file.relative_to(folder).as_posix()] = (info.st_size, info.st_mtime_ns)
         target, marker = self.remote(layout, folder), self._marker(layout, stage)
+        before = self._marker_entries(layout, stage)
+        if before == local:
+            return 0
         self._delete_file(marker)
-        self.remove(target)
-        for name in files:
+        if before is None:
+            self.remove(target)  # what an upload that died before its marker left
+        changed = [name for name, entry in local.items() if (before or {}).get(name) != entry]
+        for name in changed:
             with (folder / name).open("rb") as source, self.fs.open_output_stream(f"{target}/{name}") as sink:
                 shutil.copyfileobj(source, sink, CHUNK_BYTES)
-        self._write_bytes(marker, json.dumps({"files": files}, indent=1).encode())
-        return sum(files.values())
+        for name in set(before or {}) - set(local):
+            self._delete_file(f"{target}/{name}")
+        document = {
+            "files": {n: size for n, (size, _) in local.items()},
+            "mtime_ns": {n: t for n, (_, t) in local.items()},
+        }
+        self._write_bytes(marker, json.dumps(document, indent=1).encode())
+        return sum(local[name][0] for name in changed)
 
     def publish_files(self, layout: JobLayout, names: Iterable[str] = JOB_FILES) -> None:
         """Upload the job's spec and event log (whichever exist) as they are now, replacing the previous copies."""
@@ -160,6 +178,14 @@ class ArtifactStore:
         raw = self._read_bytes(self._marker(layout, stage))
         return None if raw is None else json.loads(raw)["files"]
 
+    def _marker_entries(self, layout: JobLayout, stage: str) -> dict[str, tuple[int, int]] | None:
+        """(bytes, modification time) of each file the marker lists, as the uploader saw them."""
+        raw = self._read_bytes(self._marker(layout, stage))
+        if raw is None:
+            return None
+        document = json.loads(raw)
+        return {name: (size, document["mtime_ns"][name]) for name, size in document["files"].items()}
+
     def fetch_stage(self, layout: JobLayout, stage: str) -> bool:
         """Make the stage's local folder exist, downloading it when missing; False when neither has it complete.
 
@@ -167,9 +193,10 @@ class ArtifactStore:
         stage whole or not at all, and two processes fetching the same stage at once both end with one copy."""
         if layout.is_complete(stage):
             return True
-        files = self.completed(layout, stage)
-        if files is None:
+        entries = self._marker_entries(layout, stage)
+        if entries is None:
             return False
+        files = {name: size for name, (size, _) in entries.items()}
         outside = [name for name in files if ".." in Path(name).parts or Path(name).is_absolute()]
         if outside:  # a marker is read from the store: none of its names may lead out of the stage folder
             raise ArtifactError(f"{stage}/ in {self} lists files outside the stage: {', '.join(sorted(outside)[:5])}")
@@ -192,6 +219,9 @@ class ArtifactStore:
                 raise ArtifactError(
                     f"{stage}/ in {self} does not match its completion marker: {', '.join(sorted(wrong)[:5])}"
                 )
+            for name, (_, mtime) in entries.items():
+                # As the uploader saw them: the copy then counts as up to date and is never sent back.
+                os.utime(download / name, ns=(mtime, mtime))
             try:
                 os.replace(download, layout.stage(stage))
             except OSError:
@@ -225,13 +255,13 @@ class ArtifactStore:
         return [s for s in stages if not layout.is_complete(s) and self.fetch_stage(layout, s)]
 
     def sync(self, layout: JobLayout, stages: Iterable[str]) -> None:
-        """Fetch the stages only the root holds, upload those only the job folder holds (a job run before the root
-        was set, a stage adopted from another job), and upload the job files."""
+        """Fetch the stages only the root holds, bring the root's copy of the others up to date (a job run before the
+        root was set, a stage adopted from another job), and upload the job files."""
         for stage in stages:
-            if not layout.is_complete(stage):
-                self.fetch_stage(layout, stage)
-            elif self.completed(layout, stage) is None:
+            if layout.is_complete(stage):
                 self.publish_stage(layout, stage)
+            else:
+                self.fetch_stage(layout, stage)
         self.publish_files(layout)
 
     # ----------------------------------------------------------------------------------------------- run storage

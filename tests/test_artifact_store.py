@@ -71,7 +71,7 @@ def test_a_published_stage_goes_up_whole_with_its_marker_last(s3, root: str, tmp
     stage_objects = {k.removeprefix("prefix/jobs/job-1/score/"): v for k, v in objects.items() if "/score/" in k}
     assert stage_objects == SCORE_FILES
     marker = json.loads(objects["prefix/jobs/job-1/score.complete"])
-    assert marker == {"files": {name: len(content) for name, content in SCORE_FILES.items()}}
+    assert marker["files"] == {name: len(content) for name, content in SCORE_FILES.items()}
     # The server's own record of the upload: every file was written before the marker, nothing after it.
     # (pyarrow writes in multipart uploads: an object appears with the POST that completes its upload.)
     puts = [path.split("?")[0] for method, path in s3.requests()[before:] if method in ("PUT", "POST")]
@@ -98,6 +98,27 @@ def test_a_republished_stage_is_incomplete_until_its_new_files_are_up(s3, root: 
     assert objects == {"prefix/jobs/job-2/score/pairs.parquet": b"rescored"}
 
 
+def test_a_stage_updated_in_place_sends_only_what_changed(s3, root: str, tmp_path: Path) -> None:
+    """Evaluation rewrites the published policy's card: the root's copy follows with that one file, and a stage
+    that did not change costs no write at all."""
+    layout = JobLayout(tmp_path / "job-15")
+    published(layout, "distill", {"model.safetensors": b"w" * 5000, "README.md": b"card"})
+    store = ArtifactStore(root)
+    store.publish_stage(layout, "distill")
+    before = len(s3.requests())
+    assert store.publish_stage(layout, "distill") == 0
+    assert [m for m, _ in s3.requests()[before:] if m in ("PUT", "POST", "DELETE")] == []
+
+    (layout.policy / "README.md").write_bytes(b"card with results")
+    before = len(s3.requests())
+    assert store.publish_stage(layout, "distill") == len(b"card with results")
+    written = {p.split("?")[0] for m, p in s3.requests()[before:] if m in ("PUT", "POST")}
+    assert {w.rsplit("/", 1)[1] for w in written if not w.endswith("/")} == {"README.md", "distill.complete"}
+    objects = s3.objects(bucket_of(root), "prefix/jobs/job-15/")
+    assert objects["prefix/jobs/job-15/distill/README.md"] == b"card with results"
+    assert json.loads(objects["prefix/jobs/job-15/distill.complete"])["files"]["README.md"] == 17
+
+
 def test_a_stage_comes_back_into_an_empty_job_folder(root: str, tmp_path: Path) -> None:
     made = JobLayout(tmp_path / "node-a" / "job-3")
     published(made, "score", SCORE_FILES)
@@ -116,8 +137,9 @@ def test_a_stage_comes_back_into_an_empty_job_folder(root: str, tmp_path: Path) 
     assert cache.spec.read_text() == '{"name": "x"}'
     assert [e["kind"] for e in read_events(cache.root)] == ["job_started"]
     assert list((cache.root / ".partial").iterdir()) == []  # the download folder was renamed into place
-    # A second fill finds it local and fetches nothing.
+    # A second fill finds it local and fetches nothing; the copy counts as up to date, so nothing goes back.
     assert store.fill(cache) == []
+    assert store.publish_stage(cache, "score") == 0
 
 
 def test_a_stage_without_its_marker_is_missing(s3, root: str, tmp_path: Path) -> None:
@@ -148,7 +170,7 @@ def test_a_stage_whose_files_do_not_match_its_marker_is_refused(s3, root: str, t
 
 
 def test_a_marker_naming_files_outside_its_stage_is_refused(s3, root: str, tmp_path: Path) -> None:
-    marker = json.dumps({"files": {"../../escaped.txt": 3}}).encode()
+    marker = json.dumps({"files": {"../../escaped.txt": 3}, "mtime_ns": {"../../escaped.txt": 0}}).encode()
     s3.client().put_object(Bucket=bucket_of(root), Key="prefix/jobs/job-14/score.complete", Body=marker)
     cache = JobLayout(tmp_path / "job-14")
     with pytest.raises(ArtifactError, match="lists files outside the stage: ../../escaped.txt"):

@@ -67,12 +67,13 @@ class S3Server:
         return f"s3://{name}"
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
-        """Every object under `prefix`: key → bytes."""
+        """Every object under `prefix`: key → bytes; not the empty ``folder/`` objects by which pyarrow's S3
+        filesystem keeps a folder that it emptied (S3 has no folders), which hold nothing."""
 
         def read() -> dict[str, bytes]:
             client = self.client()
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+            keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
             return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
         return self.via(read)
