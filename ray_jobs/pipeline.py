@@ -180,7 +180,7 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
                     # A stage is finished only once it is in the root: an upload that fails fails the job.
                     uploaded = store.publish_stage(layout, stage)
                     events.emit("log", stage, message=f"uploaded {stage}/ to {redact(store.uri)}", bytes=uploaded)
-                    for earlier in layout.published():
+                    for earlier in set(layout.published()) - {stage}:
                         store.publish_stage(layout, earlier)  # one it updated in place: evaluate rewrites the card
                 seconds = round(time.time() - start, 2)
                 summaries[stage] = summary
