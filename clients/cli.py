@@ -132,6 +132,11 @@ def serve(
     database_url: str = typer.Option(None, envvar="RMDISTILL_DATABASE_URL", help="SQLAlchemy URL."),
     tokens: str = typer.Option(None, envvar="RMDISTILL_TOKENS", help="Comma-separated bearer tokens."),
     ray_address: str = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster; none = embedded."),
+    artifacts: str = typer.Option(
+        None,
+        envvar="RMDISTILL_ARTIFACTS",
+        help="Artifact root (s3://bucket/prefix, ...) keeping every job's artifacts; credentials from AWS_* variables.",
+    ),
     data_root: list[Path] = typer.Option(None, help="Extra folders specs may read data from (repeatable)."),
     insecure: bool = typer.Option(
         None, "--insecure", envvar="RMDISTILL_INSECURE", help="Allow a non-loopback bind without tokens."
@@ -157,6 +162,7 @@ def serve(
         database_url=database_url,
         tokens=[t.strip() for t in tokens.split(",") if t.strip()] if tokens else None,
         ray_address=ray_address,
+        artifacts=artifacts,
         data_roots=tuple(data_root) if data_root else None,
         insecure=insecure,
     )

@@ -4,8 +4,11 @@
 
 Re-running on the same folder skips every stage whose folder is complete (stage folders are published
 atomically, see layout.py), so a crashed or cancelled job resumes where it stopped and a finished one does no
-work. `reuse` in the spec starts from an earlier job's artifacts. The stages that sample π_ref (builtin:reviews'
-data stage, and generate) run back to back on one set of engines the driver holds, started when first needed.
+work. `reuse` in the spec starts from an earlier job's artifacts. With an artifact root (``RMDISTILL_ARTIFACTS``,
+ray_jobs/artifact_store.py) each stage is uploaded as it is published, with the spec and the event log, and a stage
+the job folder lacks but the root holds (a resume on another node, a reused job) is fetched instead of re-run.
+The stages that sample π_ref (builtin:reviews' data stage, and generate) run back to back on one set of engines
+the driver holds, started when first needed.
 Exit status: 0 succeeded, 1 failed, 2 bad spec, 143 cancelled (SIGTERM, which is how Ray's job stop ends a job).
 """
 
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.artifact_store import ArtifactStore, redact
 from ray_jobs.events import EventLog
 from ray_jobs.layout import JobLayout, jobs_root
 from ray_jobs.spec import JobSpec, SpecError, load_spec, parse_spec
@@ -57,13 +61,18 @@ def planned_stages(spec: JobSpec) -> list[str]:
     return stages
 
 
-def resolve_job_ref(ref: str) -> Path:
-    """An earlier job, named by its folder or by its id under the store root."""
+def resolve_job_ref(ref: str, stages: list[str], store: ArtifactStore | None = None) -> Path:
+    """An earlier job, named by its folder or by its id under the store root, with `stages` fetched from the
+    artifact root into its folder where only the root has them."""
     path = Path(ref).expanduser()
     if not path.is_dir():
         path = jobs_root() / ref
-    if not JobLayout(path).spec.is_file():
-        raise FileNotFoundError(f"reuse: {ref!r} is neither a job folder nor a job id under {jobs_root()}")
+    layout = JobLayout(path)
+    if store is not None:
+        store.fill(layout, stages)
+    if not layout.spec.is_file():
+        where = f"under {jobs_root()}" + (f" or in {store}" if store else "")
+        raise FileNotFoundError(f"reuse: {ref!r} is neither a job folder nor a job id {where}")
     return path
 
 
@@ -114,8 +123,13 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
     """Run (or resume) a job; returns {stage: summary}. Raises on failure after logging an error event."""
     job_dir.mkdir(parents=True, exist_ok=True)
     _write_spec(spec, job_dir)
-    events = EventLog(job_dir)
+    store = ArtifactStore.from_env()
     stages = planned_stages(spec)
+    layout = JobLayout(job_dir)
+    if store is not None:
+        # Before the first event: a job resumed where its folder is gone continues the log the root kept.
+        store.fetch_files(layout)
+    events = EventLog(job_dir)
     if only:
         unknown = sorted(set(only) - set(stages))
         if unknown:
@@ -128,12 +142,16 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
         if spec.reuse.pairs:
             from ray_jobs.score.stage import check_reusable
 
-            source = resolve_job_ref(spec.reuse.pairs)
+            reused = ["data", "ensemble", "generate", "score"]
+            source = resolve_job_ref(spec.reuse.pairs, reused, store)
             check_reusable(spec, JobLayout(source))
-            _adopt(source, job_dir, ["data", "ensemble", "generate", "score"], events)
+            _adopt(source, job_dir, reused, events)
         if spec.reuse.ensemble:
-            _adopt(resolve_job_ref(spec.reuse.ensemble), job_dir, ["ensemble"], events)
-        layout = JobLayout(job_dir)
+            _adopt(resolve_job_ref(spec.reuse.ensemble, ["ensemble"], store), job_dir, ["ensemble"], events)
+        if store is not None:
+            # Stages finished in an earlier run on another node come back (those --stages leaves out too: they are
+            # the inputs of those it runs); adopted ones go up.
+            store.sync(layout, planned_stages(spec))
         pending = [s for s in stages if not layout.is_complete(s)]
         for stage in stages:
             if stage not in pending:
@@ -158,19 +176,41 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
                     engines.close()  # the later stages need the CPUs (or GPUs) and memory the engines hold
                 if not layout.is_complete(stage):
                     raise RuntimeError(f"stage {stage} returned without publishing {stage}/")
+                if store is not None:
+                    # A stage is finished only once it is in the root: an upload that fails fails the job.
+                    uploaded = store.publish_stage(layout, stage)
+                    events.emit("log", stage, message=f"uploaded {stage}/ to {redact(store.uri)}", bytes=uploaded)
+                    for earlier in set(layout.published()) - {stage}:
+                        store.publish_stage(layout, earlier)  # one it updated in place: evaluate rewrites the card
                 seconds = round(time.time() - start, 2)
                 summaries[stage] = summary
                 events.emit("stage_finished", stage, seconds=seconds, summary=summary)
+                if store is not None:
+                    store.publish_files(layout)  # the event log so far: progress readable from the root
         current = None
     except JobCancelled:
         events.emit("job_finished", current, status="cancelled")
+        _final_upload(store, layout)
         raise
     except BaseException as exc:
         events.emit("error", current, message=str(exc) or type(exc).__name__, error_type=type(exc).__name__)
         events.emit("job_finished", current, status="failed")
+        _final_upload(store, layout)
         raise
     events.emit("job_finished", None, status="succeeded")
+    _final_upload(store, layout)
     return summaries
+
+
+def _final_upload(store: ArtifactStore | None, layout: JobLayout) -> None:
+    """The event log with its last event. A root unreachable now leaves the outcome as it is (the stages it holds
+    are complete or absent either way); the failure goes to the driver's log."""
+    if store is None:
+        return
+    try:
+        store.publish_files(layout)
+    except Exception as exc:
+        print(f"warning: could not upload the event log to {redact(store.uri)}: {exc}", file=sys.stderr)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ray_jobs.artifact_store import ArtifactStore
 from service import artifacts_api, dashboard, datasets_api, experiments_api, jobs_api, ops_api, policies_api, serving
 from service.errors import error_response, install_error_handlers
 from service.follower import JobFollower
@@ -80,13 +81,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for folder in (settings.data_dir, settings.jobs_dir, *settings.data_roots[:1]):
         folder.mkdir(parents=True, exist_ok=True)
     store = app.state.store = Store(settings.database_url)
-    backend = app.state.backend = RayBackend(settings.data_dir, settings.ray_address, settings.ray_num_cpus)
+    backend = app.state.backend = RayBackend(
+        settings.data_dir, settings.ray_address, settings.ray_num_cpus, artifacts=settings.artifacts
+    )
     try:
         await asyncio.to_thread(backend.start)
     except RayUnavailable as exc:
         # Stay up: reads work, submissions answer 503 with this reason.
         log.error("Ray is unavailable: %s", exc)
-    follower = JobFollower(store, backend, settings.poll_interval_s, Launcher(store, backend, settings))
+    follower = JobFollower(
+        store, backend, settings.poll_interval_s, Launcher(store, backend, settings), artifacts=app.state.artifacts
+    )
     await asyncio.to_thread(follower.sync_all)
     task = asyncio.create_task(follower.run())
     # Policies are served on the same cluster as the jobs: the embedded head's GCS, else RAY_ADDRESS's (a dashboard
@@ -131,6 +136,8 @@ def create_app(settings: Settings | None = None, stop_cluster: bool = True) -> F
     )
     app.state.settings = settings
     app.state.stop_cluster = stop_cluster
+    # Opening it reaches nothing yet (the URI was checked with the settings); each use reads the root.
+    app.state.artifacts = ArtifactStore(settings.artifacts) if settings.artifacts else None
     app.state.experiments = {}  # experiment id -> its running thread (service/experiments_api.py)
     install_error_handlers(app)
 

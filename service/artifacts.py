@@ -1,8 +1,10 @@
 """What a job offers for download: the files of its published stage folders, and each such folder as one archive.
 
 Only published stages count (a folder that exists is complete: ray_jobs.layout.JobLayout.staging), so nothing
-half-written is ever offered. A requested name is resolved against that list, never joined onto the job folder
-as given, and a symlink out of the folder is refused by its target: no name reaches another file on the server.
+half-written is ever offered. With an artifact root (RMDISTILL_ARTIFACTS), a finished job's folder is a cache that
+`refill` brings back from the root where this node lacks a stage, its spec or its event log.
+A requested name is resolved against that list, never joined onto the job folder as given, and a symlink out of
+the folder is refused by its target: no name reaches another file on the server.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ import mimetypes
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ray_jobs.artifact_store import ArtifactError, ArtifactStore, redact
 from ray_jobs.layout import REPORT_FILE, JobLayout
+from service.errors import ApiError
+
+if TYPE_CHECKING:
+    from service.store import Job
 
 ARCHIVE_SUFFIX = ".tar.gz"
 # Model weights hardly compress; the fastest level keeps a policy's archive from costing minutes of CPU.
@@ -57,6 +65,18 @@ def _files(folder: Path) -> Iterator[tuple[Path, Path]]:
     for file in sorted(folder.rglob("*")):
         if file.is_file() and file.resolve().is_relative_to(folder.resolve()):
             yield file, file.relative_to(folder)
+
+
+def refill(job: Job, artifacts: ArtifactStore | None, stages: Iterable[str] = ()) -> None:
+    """Fetch a finished job's spec and event log, and `stages`, from the artifact root where its folder here lacks
+    them (deleted, or written on another node). A running job's folder is its driver's to write: a copy of its log
+    fetched now would never be refreshed, so it is left alone."""
+    if artifacts is None or not job.is_final:
+        return
+    try:
+        artifacts.fill(JobLayout(job.job_dir), stages)
+    except (OSError, ArtifactError) as exc:  # pyarrow's filesystems raise OSError for an unreachable store
+        raise ApiError(503, f"the artifact root {redact(artifacts.uri)} cannot be read: {exc}") from None
 
 
 def list_artifacts(job_dir: str | Path) -> list[Artifact]:

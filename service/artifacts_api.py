@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.artifacts import find_artifact, list_artifacts, stream_archive
-from service.deps import Owner, StoreDep
+from ray_jobs.names import STAGES
+from service.artifacts import ARCHIVE_SUFFIX, find_artifact, list_artifacts, refill, stream_archive
+from service.deps import ArtifactsDep, Owner, StoreDep
 from service.errors import ApiError
 from service.jobs_api import owned_job
 from service.schemas import ArtifactList, ArtifactView, error_responses
@@ -22,8 +23,9 @@ DOWNLOAD = {
 
 
 @router.get("/{job_id}/artifacts", summary="A job's published files, and one archive per published stage")
-def job_artifacts(job_id: str, owner: Owner, store: StoreDep) -> ArtifactList:
+def job_artifacts(job_id: str, owner: Owner, store: StoreDep, artifacts: ArtifactsDep) -> ArtifactList:
     job = owned_job(store, job_id, owner)
+    refill(job, artifacts, STAGES)
     return ArtifactList(
         items=[
             ArtifactView(
@@ -44,8 +46,11 @@ def job_artifacts(job_id: str, owner: Owner, store: StoreDep) -> ArtifactList:
     summary="Download one artifact by its listed path (`distill.tar.gz` is the policy)",
     responses=DOWNLOAD,
 )
-def download_artifact(job_id: str, path: str, owner: Owner, store: StoreDep) -> Response:
+def download_artifact(job_id: str, path: str, owner: Owner, store: StoreDep, artifacts: ArtifactsDep) -> Response:
     job = owned_job(store, job_id, owner)
+    # Only the stage the path names (`<stage>/...` or `<stage>.tar.gz`): one report needs no policy fetched.
+    stage = path.split("/", 1)[0].removesuffix(ARCHIVE_SUFFIX)
+    refill(job, artifacts, [stage] if stage in STAGES else [])
     artifact = find_artifact(job.job_dir, path)
     if artifact is None:
         raise ApiError(

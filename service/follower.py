@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.artifact_store import ArtifactStore
 from ray_jobs.layout import JobLayout
 from service.launch import Launcher
 from service.progress import summarize
@@ -24,6 +25,8 @@ log = logging.getLogger("rmdistill.follower")
 RAY_TO_STATE = {"SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "cancelled"}
 # A job row without a Ray submission id this long after creation was never submitted (the service died mid-way).
 UNSUBMITTED_GRACE_S = 120
+# What registering a job's policy reads: the policy folder, and the evaluation report for its summary.
+POLICY_STAGES = ("distill", "evaluate")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -56,9 +59,16 @@ def register_job_policy(store: Store, job: Job) -> None:
 
 class JobFollower:
     def __init__(
-        self, store: Store, backend: RayBackend, interval_s: float = 1.0, launcher: Launcher | None = None
+        self,
+        store: Store,
+        backend: RayBackend,
+        interval_s: float = 1.0,
+        launcher: Launcher | None = None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.store, self.backend, self.interval_s = store, backend, interval_s
+        # The artifact root a driver on another node published into, when this node's job folder lacks the policy.
+        self.artifacts = artifacts
         # Without a launcher nothing leaves the queue (a follower that only reconciles, as the tests' is).
         self.launcher = launcher
         self._warned_unavailable = False
@@ -125,6 +135,8 @@ class JobFollower:
 
     def _finish(self, job: Job, state: str, reason: str, view: dict[str, Any]) -> None:
         if state == "succeeded":
+            if self.artifacts is not None:
+                self.artifacts.fill(JobLayout(job.job_dir), POLICY_STAGES)
             register_job_policy(self.store, job)
             self.store.transition(job.id, "succeeded", reason, error=None)
         elif state == "failed":

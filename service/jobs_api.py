@@ -18,7 +18,8 @@ from ray_jobs.layout import JobLayout
 from ray_jobs.names import FINAL_STATES, JobState
 from ray_jobs.spec import JobSpec, SpecError, parse_spec
 from service.admission import check_cluster, confine_spec
-from service.deps import BackendDep, Owner, SettingsDep, StoreDep
+from service.artifacts import refill
+from service.deps import ArtifactsDep, BackendDep, Owner, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.launch import Launcher
 from service.progress import artifacts, summarize
@@ -163,8 +164,10 @@ def list_jobs(
     summary="State, current stage, progress, metrics and artifacts of a job",
     responses=error_responses(404),
 )
-def get_job(job_id: str, owner: Owner, store: StoreDep) -> JobDetail:
-    return job_detail(store, owned_job(store, job_id, owner))
+def get_job(job_id: str, owner: Owner, store: StoreDep, artifacts: ArtifactsDep) -> JobDetail:
+    job = owned_job(store, job_id, owner)
+    refill(job, artifacts)  # the event log its stages and metrics are folded from
+    return job_detail(store, job)
 
 
 def job_results(job: Job) -> JobResults:
@@ -181,8 +184,10 @@ def job_results(job: Job) -> JobResults:
     summary="A finished job's data summary and evaluation report (win rate, KL, lengths, per-sample scores)",
     responses=error_responses(404),
 )
-def get_results(job_id: str, owner: Owner, store: StoreDep) -> JobResults:
-    return job_results(owned_job(store, job_id, owner))
+def get_results(job_id: str, owner: Owner, store: StoreDep, artifacts: ArtifactsDep) -> JobResults:
+    job = owned_job(store, job_id, owner)
+    refill(job, artifacts, ["data", "evaluate"])
+    return job_results(job)
 
 
 def _sse(event: dict[str, Any], event_id: int) -> bytes:
@@ -241,11 +246,13 @@ def job_events(
     job_id: str,
     owner: Owner,
     store: StoreDep,
+    artifacts: ArtifactsDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
 ) -> Any:
     job = owned_job(store, job_id, owner)
+    refill(job, artifacts)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         last_id = request.headers.get("last-event-id", "")
         # isdecimal() also admits non-ASCII digits, which int() reads but a client's id never holds.

@@ -39,6 +39,7 @@ from typing import Any
 
 import psutil
 
+from ray_jobs.artifact_store import ARTIFACTS_ENV
 from ray_jobs.cluster import ClusterResources
 from ray_jobs.layout import JobLayout
 
@@ -50,6 +51,13 @@ log = logging.getLogger("rmdistill.ray")
 # cluster whose nodes hold no credentials load a private model or dataset.
 PASSTHROUGH_ENV = (
     "RMDISTILL_CACHE",
+    # The artifact root's credentials (ray_jobs/artifact_store.py), where nodes have none of their own.
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
     "HF_TOKEN",
     "HF_ENDPOINT",
     "HF_HUB_OFFLINE",
@@ -457,8 +465,11 @@ def submission_id_for(job_id: str) -> str:
 class RayBackend:
     """Submits, follows, stops and reads the logs of pipeline jobs on one Ray cluster."""
 
-    def __init__(self, data_dir: Path, address: str | None = None, num_cpus: int | None = None):
+    def __init__(
+        self, data_dir: Path, address: str | None = None, num_cpus: int | None = None, artifacts: str | None = None
+    ):
         self.data_dir = data_dir
+        self.artifacts = artifacts
         self.requested_address = address
         self.num_cpus = num_cpus
         self.head: LocalRayHead | None = None
@@ -471,6 +482,8 @@ class RayBackend:
     def job_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         env.setdefault("RMDISTILL_CACHE", str(self.data_dir / "cache"))
+        if self.artifacts:
+            env[ARTIFACTS_ENV] = self.artifacts
         return {**env, "RMDISTILL_HOME": str(self.data_dir), **self.auth_env}
 
     @property

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ray_jobs.artifact_store import ARTIFACTS_ENV
 from ray_jobs.layout import JOBS_DIR
 from ray_jobs.names import Engine
 
@@ -35,6 +36,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+def _check_artifact_root(uri: str) -> None:
+    """Refuse at start-up a root no filesystem opens, rather than fail every job (without reaching it: the store may
+    be down for a moment); the message leaves out any user:password part of the URI."""
+    from ray_jobs.artifact_store import check_uri, redact
+
+    if "@" in uri.partition("://")[2].split("/")[0]:
+        raise ValueError(
+            f"artifacts: {redact(uri)!r} holds credentials; give them in the environment (AWS_ACCESS_KEY_ID, ...)"
+        )
+    try:
+        check_uri(uri)
+    except ValueError as exc:
+        raise ValueError(f"artifacts: {redact(uri)!r}: {exc}") from None
 
 
 def _split(value: str | None, sep: str) -> list[str]:
@@ -127,7 +143,8 @@ class ServingSettings(BaseModel):
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # An error never echoes the input: it holds the plain tokens, and may hold a URI with a password in it.
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -138,6 +155,13 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body in bytes (uploads excepted).")
     max_upload_bytes: int = Field(
         256 << 20, gt=0, description="Largest dataset upload in bytes (PUT /v1/datasets/{name}); more gets 413."
+    )
+    artifacts: str | None = Field(
+        None,
+        description="Artifact root: a filesystem URI (s3://bucket/prefix, gs://..., any pyarrow or fsspec one) that "
+        "keeps every job's published stages, spec, event log and checkpoints (ray_jobs/artifact_store.py); job "
+        "folders are then caches, refilled from it when a file is missing. Credentials come from the environment "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...), never from here. None = job folders only.",
     )
     ray_address: str | None = Field(
         None, description="Existing cluster (dashboard URL or GCS address); None = embedded."
@@ -190,6 +214,8 @@ class Settings(BaseModel):
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'rmdistill.db'}")
+        if self.artifacts:
+            _check_artifact_root(self.artifacts)
         roots = [data_dir / "datasets", *(Path(r).expanduser().resolve() for r in self.data_roots)]
         object.__setattr__(self, "data_roots", tuple(dict.fromkeys(roots)))
         if not (self.auth_enabled or self.insecure or is_loopback(self.host)):
@@ -230,6 +256,7 @@ class Settings(BaseModel):
             "max_body_bytes": int(env.get("RMDISTILL_MAX_BODY_BYTES", str(1 << 20))),
             "max_upload_bytes": int(env.get("RMDISTILL_MAX_UPLOAD_BYTES", str(256 << 20))),
             "ray_address": env.get("RAY_ADDRESS") or None,
+            "artifacts": env.get(ARTIFACTS_ENV) or None,
             "ray_num_cpus": int(env["RMDISTILL_RAY_NUM_CPUS"]) if env.get("RMDISTILL_RAY_NUM_CPUS") else None,
             "serving": ServingSettings.from_env(env),
             "max_active_jobs": int(env.get("RMDISTILL_MAX_ACTIVE_JOBS", "10")),

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from support.s3 import S3Server
 
 # No machine here reaches a model hub; anything that tries must fail fast, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,3 +94,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
     server = request.getfixturevalue("postgres_server_url")
     return fresh_database(server, f"t_{abs(hash(request.node.nodeid)) % 10**12}")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server on loopback for this session (tests/support/s3.py), reached over real HTTP."""
+    from support.s3 import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -135,7 +135,30 @@ def test_the_service_reaches_the_head_postgres_and_ray_with_the_same_token() -> 
     (statefulset,) = _by_kind("StatefulSet")
     pg_env = {e["name"]: e.get("value") for e in _containers(statefulset)[0]["env"]}
     assert (database.username, database.path.lstrip("/")) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
-    assert all(value == "CHANGE-ME" or "CHANGE-ME" in value for value in secret["stringData"].values())
+    required = {k: v for k, v in secret["stringData"].items() if k not in ARTIFACT_KEYS.values()}
+    assert all(value == "CHANGE-ME" or "CHANGE-ME" in value for value in required.values())
+
+
+# The artifact root and its credentials: optional, empty in the Secret (the shared volume alone).
+ARTIFACT_KEYS = {
+    "RMDISTILL_ARTIFACTS": "artifacts",
+    "AWS_ACCESS_KEY_ID": "aws-access-key-id",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-access-key",
+    "AWS_ENDPOINT_URL": "aws-endpoint-url",
+}
+
+
+def test_every_pod_reads_one_artifact_root_and_its_credentials_from_the_secret() -> None:
+    """The service, the head (drivers, serving replicas) and the workers (checkpoints) all reach the same root; it
+    is off until the Secret names one, and its credentials are never written into a manifest."""
+    (secret,) = _by_kind("Secret")
+    assert {secret["stringData"][key] for key in ARTIFACT_KEYS.values()} == {""}
+    containers = [c for d in _manifests() if d["kind"] in ("Deployment", *RAY_KINDS) for c in _containers(d)]
+    assert len(containers) >= 7  # the api, the head and two worker groups, the RayJob's and the RayService's pods
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        for name, key in ARTIFACT_KEYS.items():
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "rmdistill-secrets", "key": key}, name
 
 
 def test_ray_pods_run_the_pinned_ray_and_gpu_pods_the_cuda_image() -> None:

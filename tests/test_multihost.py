@@ -1,8 +1,9 @@
 """The whole job on a Ray cluster of three hosts: a head and two workers, each in its own network namespace with its
 own address on a private bridge (tests/support/hosts.py), Ray's token authentication on. The service runs on the
-head's host, pointed at the cluster by address, with its store in PostgreSQL; a client submits a tiny job over HTTP.
-The manifest and the event log then show where the work ran: the two reward models on the two worker hosts, and the
-two distillation workers likewise.
+head's host, pointed at the cluster by address, with its store in PostgreSQL and its artifacts in an S3 server (moto's,
+on the head's address); a client submits a tiny job over HTTP. The manifest and the event log then show where the
+work ran: the two reward models on the two worker hosts, and the two distillation workers likewise; the bucket holds
+every stage, the event log, and the checkpoints the distillation workers wrote from their hosts.
 
 Where namespaces cannot be made (no root, no iproute2), the three nodes share this machine's loopback instead and
 the test says so in a warning; the placement is then checked by Ray node id rather than by address.
@@ -29,6 +30,7 @@ from support.data import write_prefs
 from support.hosts import Host, can_make_hosts, private_hosts
 from support.postgres import bin_dir, postgres_server
 from support.ray_nodes import NO_DRAIN, RAY, free_ports, node_ports, stop
+from support.s3 import s3_server
 
 from clients.sdk import Client
 from ray_jobs.events import read_events
@@ -43,9 +45,10 @@ TOKEN = "token-multihost"
 
 def spec() -> dict[str, Any]:
     """The service tests' tiny job with two distillation workers: its two reward models of 0.5 CPU (plus 0.1 for
-    each Tune trial) and the two workers of 1 CPU cannot share one of the 1-CPU worker hosts."""
+    each Tune trial) and the two workers of 1 CPU cannot share one of the 1-CPU worker hosts. A checkpoint at step
+    1, so one is written to the artifact root."""
     base = tiny_spec("multihost")
-    return base | {"distill": {**base["distill"], "num_workers": 2}}
+    return base | {"distill": {**base["distill"], "num_workers": 2, "checkpoint_every": 1}}
 
 
 @contextmanager
@@ -137,9 +140,19 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
                                               *node_ports()], nodes=1 + i)  # fmt: skip
 
         database = stack.enter_context(postgres_server(prefix=head.command([])))
+        s3 = stack.enter_context(s3_server(head))
+        artifacts = s3.bucket("multihost") + "/root"
         hub = {"HF_TOKEN": "hf_" + secrets.token_hex(12), "HF_ENDPOINT": "https://hub.example.internal"}
+        # The bucket's credentials, like the hub's, are set only where the service runs.
         service_env = (
-            ray_env | hub | {"RAY_ADDRESS": dashboard_url, "RMDISTILL_SERVING_RAY_ADDRESS": f"{head.ip}:{gcs}"}
+            ray_env
+            | hub
+            | s3.env
+            | {
+                "RAY_ADDRESS": dashboard_url,
+                "RMDISTILL_SERVING_RAY_ADDRESS": f"{head.ip}:{gcs}",
+                "RMDISTILL_ARTIFACTS": artifacts,
+            }
         )
         argv = [RMDISTILL, "serve", "--host", head.ip, "--port", str(api_port), "--data-dir", str(home),
                 "--database-url", database, "--tokens", TOKEN]  # fmt: skip
@@ -211,7 +224,16 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
             for p in job_dir.rglob("*")
             if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt", ".md")
         ]
-        assert not [text for text in answers + files if hub["HF_TOKEN"] in text]
+        assert not [text for text in answers + files if hub["HF_TOKEN"] in text or s3.secret_key in text]
+
+        # Every stage is complete in the bucket, with the event log; the distillation workers' checkpoints, written
+        # from both worker hosts, are there and not in the job folder.
+        objects = s3.objects("multihost", f"root/jobs/{job['id']}/")
+        markers = {k.rsplit("/", 1)[1].removesuffix(".complete") for k in objects if k.endswith(".complete")}
+        assert markers == set(final["artifacts"]) and len(markers) == 6
+        assert objects[f"root/jobs/{job['id']}/events.jsonl"] == (job_dir / "events.jsonl").read_bytes()
+        assert any("/checkpoints/distill/" in k and k.endswith("/state.pt") for k in objects)
+        assert not (job_dir / "checkpoints" / "distill").exists()
 
 
 def _port_open(ip: str, port: int) -> bool:

@@ -9,7 +9,10 @@ it talks to it over the dashboard's HTTP API only.
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from service.background import BackgroundServer
 from service.ray_backend import free_port
 from service.settings import Settings
 from service.store import Store
+from tests.support.s3 import S3Server
 
 # The first full job dominates: minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
@@ -115,28 +119,37 @@ def test_unreachable_ray_is_503_and_reads_still_work(tmp_path: Path) -> None:
 # Embedded mode: the service starts (and stops) its own Ray head
 
 
-def embedded_server(home: Path) -> Server:
+def embedded_server(home: Path, artifacts: str | None = None) -> Server:
     """A service with two tokens that starts its own 2-CPU Ray head, and prefs.jsonl in its data root."""
     write_prefs(home / "datasets")
-    settings = Settings(data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5)
+    settings = Settings(
+        data_dir=home, tokens=[TOKEN_A, TOKEN_B], ray_num_cpus=2, poll_interval_s=0.5, artifacts=artifacts
+    )
     return Server(settings).start()
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def embedded(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[Server]:
+    """The service with its artifacts in moto's S3 server: its credentials in the service's environment only, as a
+    deployment gives them (the embedded head, and so every job, inherits them from there)."""
     home = tmp_path_factory.mktemp("svc")
-    server = embedded_server(home)
-    yield server
-    server.stop()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in s3.env.items():
+            env.setenv(name, value)
+        server = embedded_server(home, artifacts=s3.bucket("svc-artifacts") + "/root")
+        yield server
+        server.stop()
     head_pid = json.loads((home / "ray-head.json").read_text())["pid"] if (home / "ray-head.json").exists() else None
     assert head_pid is None, "the embedded Ray head was not stopped with the service"
 
 
 @pytest.fixture(scope="module")
 def completed(embedded: Server) -> dict[str, Any]:
-    """One tiny job submitted over HTTP and followed over SSE to its end."""
+    """One tiny job submitted over HTTP and followed over SSE to its end (a checkpoint at step 1: one is written)."""
+    spec = tiny_spec("tiny-e2e")
+    spec["distill"]["checkpoint_every"] = 1
     with embedded.client() as client:
-        job = client.submit(tiny_spec("tiny-e2e"))
+        job = client.submit(spec)
         assert job["state"] == "pending" and job["ray_submission_id"] == f"rmdistill-{job['id']}"
         events = list(client.follow(job["id"]))
         final = client.wait(job["id"], timeout=60)
@@ -298,6 +311,63 @@ class TestEmbedded:
         metrics = httpx.get(f"{embedded.url}/metrics", headers={"Authorization": f"Bearer {TOKEN_A}"}).text
         assert 'rmdistill_jobs{state="succeeded"} 1.0' in metrics
         assert 'rmdistill_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}' in metrics
+
+    def test_artifacts_are_in_the_bucket_and_refill_a_deleted_job_folder(
+        self, embedded: Server, completed: dict[str, Any], s3: S3Server
+    ) -> None:
+        job = completed["job"]
+        job_dir = Path(job["job_dir"])
+        prefix = f"root/jobs/{job['id']}"
+        objects = s3.objects("svc-artifacts", prefix + "/")
+        # Every published stage, file for file, with a completion marker listing exactly those files.
+        for stage in job["artifacts"]:
+            local = {p.relative_to(job_dir / stage).as_posix(): p for p in (job_dir / stage).rglob("*") if p.is_file()}
+            marker = json.loads(objects[f"{prefix}/{stage}.complete"])
+            assert marker["files"] == {name: path.stat().st_size for name, path in local.items()}, stage
+            for name, path in local.items():
+                assert objects[f"{prefix}/{stage}/{name}"] == path.read_bytes(), f"{stage}/{name}"
+        assert {"config.json", "rmdistill.json"} <= {k.rsplit("/", 1)[1] for k in objects if "/distill/" in k}
+        assert objects[f"{prefix}/events.jsonl"] == (job_dir / "events.jsonl").read_bytes()
+        assert objects[f"{prefix}/spec.json"] == (job_dir / "spec.json").read_bytes()
+        # Ray Train's checkpoints went to the bucket, not into the job folder.
+        assert any(k.startswith(f"{prefix}/checkpoints/distill/") and k.endswith("/state.pt") for k in objects)
+        assert not (job_dir / "checkpoints" / "distill").exists()
+        uploads = [e.get("message", "") for e in completed["events"] if e.get("message", "").startswith("uploaded ")]
+        assert sorted(uploads) == sorted(f"uploaded {s}/ to s3://svc-artifacts/root" for s in job["artifacts"])
+        with embedded.client() as client:
+            logs = client.logs(job["id"])
+        for text in (logs, (job_dir / "events.jsonl").read_text(), json.dumps(job)):
+            assert s3.secret_key not in text
+
+        # The job folder is a cache: deleted, it comes back from the bucket when the service is asked for it.
+        aside = job_dir.with_name(job_dir.name + "-aside")
+        job_dir.rename(aside)
+        try:
+            with embedded.client() as client:
+                assert client.get(job["id"])["stages"] == job["stages"]
+            api = httpx.Client(base_url=embedded.url, headers={"Authorization": f"Bearer {TOKEN_A}"}, timeout=120)
+            with api:
+                listed = {a["path"] for a in api.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
+                report = api.get(f"/v1/jobs/{job['id']}/artifacts/evaluate/report.json")
+                policy = api.get(f"/v1/jobs/{job['id']}/artifacts/distill.tar.gz")
+            kept = {
+                f"{p.relative_to(aside).as_posix()}"
+                for stage in job["artifacts"]
+                for p in (aside / stage).rglob("*")
+                if p.is_file()
+            }
+            assert listed == kept | {f"{stage}.tar.gz" for stage in job["artifacts"]}
+            assert report.status_code == 200 and report.content == (aside / "evaluate" / "report.json").read_bytes()
+            with tarfile.open(fileobj=io.BytesIO(policy.content), mode="r:gz") as tar:
+                unpacked = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+            assert unpacked == {
+                p.relative_to(aside / "distill").as_posix(): p.read_bytes()
+                for p in (aside / "distill").rglob("*")
+                if p.is_file()
+            }
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            aside.rename(job_dir)
 
     def test_other_owners_get_404(self, embedded: Server, completed: dict[str, Any]) -> None:
         job_id = completed["job"]["id"]

@@ -2,9 +2,11 @@
 
 `train_policy` (in `ray_jobs.distill.loop`) is the plain PyTorch loop; `run` wraps it in a `TorchTrainer` whose
 workers read the pairs (and the reference samples when alpha > 0) as Ray Data shards. Checkpoints live in
-``<job>/checkpoints/`` (outside staging, so they survive a crash): Ray Train restarts failed workers up to
-``distill.max_failures`` times from the newest one, and a re-run of the stage with the same job folder restores
-the run by its name. FSDP comes from `ray.train.torch.prepare_model(parallel_strategy="fsdp")`.
+``<job>/checkpoints/`` (outside staging, so they survive a crash), or under the job in the artifact root when
+``RMDISTILL_ARTIFACTS`` sets one (every worker node reaches it, and a resume on another node finds them): Ray
+Train restarts failed workers up to ``distill.max_failures`` times from the newest one, and a re-run of the stage
+with the same job folder restores the run by its name. FSDP comes from
+`ray.train.torch.prepare_model(parallel_strategy="fsdp")`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray_jobs.artifact_store import run_storage
 from ray_jobs.cluster import current_resources, distill_worker_cpus
 from ray_jobs.distill.card import write_policy_card
 from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
@@ -86,6 +89,7 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         cpus_per_worker=cpus,
         threads_per_worker=threads,
     )
+    storage_path, storage_filesystem = run_storage(layout, layout.checkpoints)
     with layout.staging(STAGE) as out:
         trainer = TorchTrainer(
             _ray_worker,
@@ -98,7 +102,8 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
             datasets=datasets,
             run_config=RunConfig(
                 name=STAGE,
-                storage_path=str(layout.checkpoints.resolve()),
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ray_jobs.artifact_store import remove_run_storage, run_storage
 from ray_jobs.ensemble.given import check_given
 from ray_jobs.ensemble.train import MemberTask
 from ray_jobs.events import EventLog
@@ -180,6 +181,8 @@ def _fit_with_train(task: MemberTask, res: dict[str, Any]) -> None:
 
     # Train's preemption watcher is one more actor process per member; a preempted member is retried whole by Tune.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    layout = JobLayout(task.job_dir)
+    storage_path, storage_filesystem = run_storage(layout, layout.ray_storage(STAGE))
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if res["gpus_per_worker"] > 0:
         worker_resources["GPU"] = res["gpus_per_worker"]
@@ -193,7 +196,8 @@ def _fit_with_train(task: MemberTask, res: dict[str, Any]) -> None:
         ),
         run_config=ray.train.RunConfig(
             name=f"member-{task.k}-attempt-{task.attempt}",
-            storage_path=res["storage_path"],
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             callbacks=[TuneReportCallback()],
             # Retries belong to Tune (whole member, counted in metrics.json), not to Train's worker restarts.
             failure_config=ray.train.FailureConfig(max_failures=0),
@@ -223,15 +227,15 @@ def _max_concurrent(spec: EnsembleSpec, trained: int) -> int:
     return max(1, min(trained, math.floor(fits + 1e-9)))
 
 
-def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path, callbacks: list[Any]) -> None:
+def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], layout: JobLayout, callbacks: list[Any]) -> None:
     """The trained members as trials of one Tune run; `callbacks` are its tracker logger callbacks."""
     from ray import tune
 
+    storage_path, storage_filesystem = run_storage(layout, layout.ray_storage(STAGE))
     resources = {
         "workers_per_member": spec.workers_per_member,
         "cpus_per_worker": spec.cpus_per_worker,
         "gpus_per_worker": spec.gpus_per_worker,
-        "storage_path": str(storage),
     }
     tuner = tune.Tuner(
         # Tune's param space is for searchable values: the tasks travel with the function, the space names a member.
@@ -244,7 +248,8 @@ def _fit_members(spec: EnsembleSpec, tasks: list[MemberTask], storage: Path, cal
         ),
         run_config=tune.RunConfig(
             name="ensemble",
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             callbacks=callbacks,
             verbose=0,
@@ -325,7 +330,6 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
             raise EnsembleError(f"{split} is missing: run the data stage first")
     check_given(ens)
     started = time.time()
-    storage = layout.ray_storage(STAGE)
     with layout.staging(STAGE) as out_root:
         tasks = member_tasks(ens, layout.root, out_root, tensorboard=spec.tracking.tensorboard)
         given, trained = [t for t in tasks if t.given], [t for t in tasks if not t.given]
@@ -339,7 +343,7 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
         adopting = _adopt_given(ens, given)
         try:
             if trained:
-                _fit_members(ens, trained, storage, tune_callbacks(spec.tracking, layout.root, STAGE))
+                _fit_members(ens, trained, layout, tune_callbacks(spec.tracking, layout.root, STAGE))
         finally:
             # Wait for the given members whatever the trained ones did: none may still write into staging.
             adopted = ray.wait(adopting, num_returns=len(adopting))[0] if adopting else []
@@ -349,7 +353,7 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
         (out_root / layout.manifest.name).write_text(json.dumps(manifest, indent=2))
         for hidden in out_root.glob(".*"):
             shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_run_storage(layout, layout.ray_storage(STAGE))
     summary = {k: manifest[k] for k in ("size", "accuracies", "ensemble_mean_accuracy", "margin_std", "nodes")}
     events.metrics(STAGE, step=0, values={k: summary[k] for k in ("ensemble_mean_accuracy", "margin_std")})
     return summary | {"wall_time_s": manifest["wall_time_s"]}
