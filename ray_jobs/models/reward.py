@@ -53,15 +53,20 @@ def _plain_backend(tokenizer: PreTrainedTokenizerBase):
     return _plain_backends[tokenizer]
 
 
+def _text_budget(tokenizer: PreTrainedTokenizerBase, max_length: int, pair: bool) -> int:
+    """Tokens left for text in `max_length` once the model's special tokens are in."""
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=pair)
+    if budget < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
+    return budget
+
+
 def _encoder_pairs(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> dict[str, torch.Tensor]:
     # The tokenizer's own pair truncation cannot cut the prompt from the left while keeping the response, so the
     # segments are truncated as token encodings and then given the model's special tokens by its post-processor.
-    backend = _plain_backend(tokenizer)
-    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
-    if budget < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
+    backend, budget = _plain_backend(tokenizer), _text_budget(tokenizer, max_length, pair=True)
     encoded = []
     for p, r in zip(
         backend.encode_batch(list(prompts), add_special_tokens=False),
@@ -82,10 +87,7 @@ def _encoder_pairs(
 def _whole_texts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> dict[str, torch.Tensor]:
-    backend = _plain_backend(tokenizer)
-    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    if budget < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
+    backend, budget = _plain_backend(tokenizer), _text_budget(tokenizer, max_length, pair=False)
     texts = [p + r + (tokenizer.eos_token or "") for p, r in zip(prompts, responses, strict=True)]
     encoded = []
     for e in backend.encode_batch(texts, add_special_tokens=False):
