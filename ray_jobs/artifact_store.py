@@ -145,7 +145,7 @@ class ArtifactStore:
                 info = file.stat()
                 local[file.relative_to(folder).as_posix()] = (info.st_size, info.st_mtime_ns)
         target, marker = self.remote(layout, folder), self._marker(layout, stage)
-        before = self._marker_entries(layout, stage)
+        before = self.completed(layout, stage)
         if before == local:
             return 0
         self._delete_file(marker)
@@ -173,13 +173,9 @@ class ArtifactStore:
 
     # ----------------------------------------------------------------------------------------------- fetch
 
-    def completed(self, layout: JobLayout, stage: str) -> dict[str, int] | None:
-        """The files (relative path: bytes) of the stage in the root, or None when it is not complete there."""
-        raw = self._read_bytes(self._marker(layout, stage))
-        return None if raw is None else json.loads(raw)["files"]
-
-    def _marker_entries(self, layout: JobLayout, stage: str) -> dict[str, tuple[int, int]] | None:
-        """(bytes, modification time) of each file the marker lists, as the uploader saw them."""
+    def completed(self, layout: JobLayout, stage: str) -> dict[str, tuple[int, int]] | None:
+        """(bytes, modification time) of each file of the stage in the root, as the uploader saw them; None when
+        the stage is not complete there."""
         raw = self._read_bytes(self._marker(layout, stage))
         if raw is None:
             return None
@@ -193,7 +189,7 @@ class ArtifactStore:
         stage whole or not at all, and two processes fetching the same stage at once both end with one copy."""
         if layout.is_complete(stage):
             return True
-        entries = self._marker_entries(layout, stage)
+        entries = self.completed(layout, stage)
         if entries is None:
             return False
         files = {name: size for name, (size, _) in entries.items()}
