@@ -124,8 +124,8 @@ class ArtifactStore:
         relative = Path(local).resolve().relative_to(layout.root.resolve())
         return f"{self.job_path(layout)}/{relative.as_posix()}"
 
-    def _marker(self, layout: JobLayout, stage: str) -> str:
-        return self.remote(layout, layout.stage(stage)) + COMPLETE_SUFFIX
+    def _marker(self, layout: JobLayout, folder: Path) -> str:
+        return self.remote(layout, folder) + COMPLETE_SUFFIX
 
     # ----------------------------------------------------------------------------------------------- upload
 
@@ -136,16 +136,20 @@ class ArtifactStore:
         Files the root holds with the same size and modification time are kept, so a stage that a later one updated
         in place (evaluation rewrites the policy card) sends only what changed, and an unchanged one nothing. Before
         anything changes the marker is deleted: the stage is incomplete in the root until every file is up."""
-        folder = layout.stage(stage)
         if not layout.is_complete(stage):
-            raise ArtifactError(f"{folder} is not published: only a finished stage goes to {self}")
+            raise ArtifactError(f"{layout.stage(stage)} is not published: only a finished stage goes to {self}")
+        return self.publish_folder(layout, layout.stage(stage))
+
+    def publish_folder(self, layout: JobLayout, folder: Path) -> int:
+        """`publish_stage` for any folder of the job: a worker's output handed to a driver on another node
+        (`ray_jobs.handover`)."""
         local = {}
         for file in sorted(folder.rglob("*")):
             if file.is_file():
                 info = file.stat()
                 local[file.relative_to(folder).as_posix()] = (info.st_size, info.st_mtime_ns)
-        target, marker = self.remote(layout, folder), self._marker(layout, stage)
-        before = self.completed(layout, stage)
+        target, marker = self.remote(layout, folder), self._marker(layout, folder)
+        before = self.folder_entries(layout, folder)
         if before == local:
             return 0
         self._delete_file(marker)
@@ -176,7 +180,11 @@ class ArtifactStore:
     def completed(self, layout: JobLayout, stage: str) -> dict[str, tuple[int, int]] | None:
         """(bytes, modification time) of each file of the stage in the root, as the uploader saw them; None when
         the stage is not complete there."""
-        raw = self._read_bytes(self._marker(layout, stage))
+        return self.folder_entries(layout, layout.stage(stage))
+
+    def folder_entries(self, layout: JobLayout, folder: Path) -> dict[str, tuple[int, int]] | None:
+        """`completed` for any folder of the job."""
+        raw = self._read_bytes(self._marker(layout, folder))
         if raw is None:
             return None
         document = json.loads(raw)
@@ -189,17 +197,23 @@ class ArtifactStore:
         stage whole or not at all, and two processes fetching the same stage at once both end with one copy."""
         if layout.is_complete(stage):
             return True
-        entries = self.completed(layout, stage)
+        return self.fetch_folder(layout, layout.stage(stage))
+
+    def fetch_folder(self, layout: JobLayout, folder: Path) -> bool:
+        """Download a folder of the job that is complete in the root into place (replacing an empty local one);
+        False when the root has no complete copy."""
+        entries = self.folder_entries(layout, folder)
         if entries is None:
             return False
         files = {name: size for name, (size, _) in entries.items()}
         outside = [name for name in files if ".." in Path(name).parts or Path(name).is_absolute()]
-        if outside:  # a marker is read from the store: none of its names may lead out of the stage folder
-            raise ArtifactError(f"{stage}/ in {self} lists files outside the stage: {', '.join(sorted(outside)[:5])}")
+        if outside:  # a marker is read from the store: none of its names may lead out of the folder
+            names = ", ".join(sorted(outside)[:5])
+            raise ArtifactError(f"{folder.name}/ in {self} lists files outside that folder: {names}")
         partial = layout.root / ".partial"
         partial.mkdir(parents=True, exist_ok=True)
-        download = Path(tempfile.mkdtemp(prefix=f"{stage}-fetch-", dir=partial))
-        source = self.remote(layout, layout.stage(stage))
+        download = Path(tempfile.mkdtemp(prefix=f"{folder.name}-fetch-", dir=partial))
+        source = self.remote(layout, folder)
         try:
             for name in files:
                 (download / name).parent.mkdir(parents=True, exist_ok=True)
@@ -213,19 +227,25 @@ class ArtifactStore:
             wrong = [name for name, size in files.items() if _size(download / name) != size]
             if wrong:
                 raise ArtifactError(
-                    f"{stage}/ in {self} does not match its completion marker: {', '.join(sorted(wrong)[:5])}"
+                    f"{folder.name}/ in {self} does not match its completion marker: {', '.join(sorted(wrong)[:5])}"
                 )
             for name, (_, mtime) in entries.items():
                 # As the uploader saw them: the copy then counts as up to date and is never sent back.
                 os.utime(download / name, ns=(mtime, mtime))
+            folder.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.replace(download, layout.stage(stage))
+                os.replace(download, folder)
             except OSError:
-                if not layout.is_complete(stage):  # not another fetch that won the race: a real failure
+                if not folder.is_dir() or not any(folder.iterdir()):  # not another fetch that won the race
                     raise
         finally:
             shutil.rmtree(download, ignore_errors=True)
         return True
+
+    def discard_folder(self, layout: JobLayout, folder: Path) -> None:
+        """Delete a folder's copy in the root, its marker first."""
+        self._delete_file(self._marker(layout, folder))
+        self.remove(self.remote(layout, folder))
 
     def fetch_files(self, layout: JobLayout, names: Iterable[str] = JOB_FILES) -> list[str]:
         """Download the job files the local folder lacks (spec, event log); returns those fetched."""
@@ -316,10 +336,26 @@ def remove_run_storage(layout: JobLayout, local: Path) -> None:
         store.remove(store.remote(layout, local))
 
 
-def ensure_local_stage(path: str | os.PathLike[str]) -> None:
-    """Fetch a job's stage folder (``<job-id>/<stage>``, a policy's ``distill/``) from the artifact root when this
-    node lacks it, as a serving node that never ran the job does; any other path is left to its reader."""
+def ensure_local(path: str | os.PathLike[str]) -> None:
+    """Fetch the job stage a path lies in (``<job-id>/<stage>/...``: a policy's ``distill/``, a reward model's
+    ``ensemble/member-<k>``) from the artifact root when this node lacks it, as a serving replica, a scoring actor
+    or an evaluation engine on a node that never held the job folder does; any other path is left to its reader
+    (a folder that exists, or one the root does not hold, costs one marker lookup at most)."""
     folder = Path(path)
+    stage = next((p for p in (folder, *folder.parents) if p.name in STAGES), None)
+    if stage is None or stage.is_dir():
+        return
     store = ArtifactStore.from_env()
-    if store is not None and folder.name in STAGES and not folder.is_dir():
-        store.fetch_stage(JobLayout(folder.parent), folder.name)
+    if store is not None:
+        store.fetch_stage(JobLayout(stage.parent), stage.name)
+
+
+def dataset_source(layout: JobLayout, path: Path) -> tuple[str, Any]:
+    """(path, filesystem) for Ray Data to read a published file of the job from: the artifact root's copy when its
+    stage is complete there, since read tasks run on any node and only the root is on all of them; else the local
+    path (filesystem None)."""
+    store = ArtifactStore.from_env()
+    stage = Path(path).resolve().relative_to(layout.root.resolve()).parts[0]
+    if store is None or store.completed(layout, stage) is None:
+        return str(path), None
+    return store.remote(layout, path), store.fs

@@ -32,22 +32,34 @@ def _jsonable(value: Any) -> Any:
 
 
 class EventLog:
-    """Appends events to ``<job_dir>/events.jsonl``; safe to use from several processes on one filesystem."""
+    """Appends events to ``<job_dir>/events.jsonl``; safe to use from several processes on one filesystem. A worker on
+    another node than the driver's writes through `ray_jobs.event_relay` instead (`worker_events`)."""
 
     def __init__(self, job_dir: str | os.PathLike[str]):
         self.path = JobLayout(job_dir).events
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The driver's log carries the run's relay actor (set by the pipeline) for stages to give their workers.
+        self.relay: Any = None
 
     def emit(self, kind: str, stage: str | None = None, **fields: Any) -> dict[str, Any]:
         event = {"ts": time.time(), "kind": kind, "stage": stage, **_jsonable(fields)}
-        line = (json.dumps(event, allow_nan=False) + "\n").encode()
+        self.append(json.dumps(event, allow_nan=False) + "\n")
+        return event
+
+    def append(self, line: str) -> None:
+        """Add one encoded event line."""
         # One write() on an O_APPEND descriptor: lines from concurrent workers never interleave.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            os.write(fd, line.encode())
         finally:
             os.close(fd)
-        return event
+
+    def since_started(self, stage: str) -> list[dict[str, Any]]:
+        """The events since `stage` last started (all of them when it never did): what this run of it logged."""
+        events = list(read_events(self.path.parent))
+        starts = [i for i, e in enumerate(events) if e["kind"] == "stage_started" and e["stage"] == stage]
+        return events[starts[-1] if starts else 0 :]
 
     def progress(self, stage: str, done: int, total: int, **fields: Any) -> None:
         self.emit("progress", stage, done=done, total=total, **fields)

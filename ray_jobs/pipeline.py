@@ -158,6 +158,9 @@ def run_job(spec: JobSpec, job_dir: Path, only: list[str] | None = None) -> dict
                 events.emit("stage_skipped", stage, reason="complete")
         if pending:
             _connect_and_check(spec)
+            from ray_jobs.event_relay import start_relay
+
+            events.relay = start_relay(job_dir)
         from ray_jobs.generate.engines import SamplingEngines
 
         with SamplingEngines(spec.reference, events) as engines:

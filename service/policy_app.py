@@ -204,12 +204,10 @@ class VLLMPolicies(_PolicyReplica):
 
 @ray.remote(num_cpus=0)
 def _materialise_task(path: str) -> Path:
-    from ray_jobs.artifact_store import ensure_local_stage
     from ray_jobs.models.registry import resolve_model_path
 
-    # A policy is a folder, fetched from the artifact root onto a node that lacks it; the base model of adapter
-    # policies may be any model reference (tiny:llama, a hub id...).
-    ensure_local_stage(path)
+    # A policy is a folder (resolving fetches it from the artifact root onto a node that lacks it); the base model of
+    # adapter policies may be any model reference (tiny:llama, a hub id...).
     return materialise(str(resolve_model_path(path)))
 
 

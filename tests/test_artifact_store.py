@@ -20,13 +20,14 @@ from ray_jobs.artifact_store import (
     ARTIFACTS_ENV,
     ArtifactError,
     ArtifactStore,
-    ensure_local_stage,
+    ensure_local,
     open_filesystem,
     redact,
     run_storage,
 )
 from ray_jobs.events import EventLog, read_events
 from ray_jobs.layout import JobLayout
+from ray_jobs.models.registry import resolve_model_path
 from ray_jobs.pipeline import planned_stages, run_job
 from ray_jobs.spec import parse_spec
 from service.background import BackgroundServer
@@ -173,7 +174,7 @@ def test_a_marker_naming_files_outside_its_stage_is_refused(s3, root: str, tmp_p
     marker = json.dumps({"files": {"../../escaped.txt": 3}, "mtime_ns": {"../../escaped.txt": 0}}).encode()
     s3.client().put_object(Bucket=bucket_of(root), Key="prefix/jobs/job-14/score.complete", Body=marker)
     cache = JobLayout(tmp_path / "job-14")
-    with pytest.raises(ArtifactError, match="lists files outside the stage: ../../escaped.txt"):
+    with pytest.raises(ArtifactError, match="score/ in .* lists files outside that folder: ../../escaped.txt"):
         ArtifactStore(root).fetch_stage(cache, "score")
     assert not (tmp_path / "escaped.txt").exists() and not cache.stage("score").exists()
 
@@ -257,12 +258,26 @@ def test_a_serving_node_fetches_a_policy_it_never_saw(
     monkeypatch.setenv(ARTIFACTS_ENV, root)
 
     served = JobLayout(tmp_path / "server" / "job-11")
-    ensure_local_stage(served.policy)
+    assert resolve_model_path(served.policy) == served.policy
     assert (served.policy / "model.safetensors").read_bytes() == b"weights"
     # A path that is no job's stage is its reader's business: nothing is fetched or made.
     other = tmp_path / "server" / "my-model"
-    ensure_local_stage(other)
+    ensure_local(other)
     assert not other.exists()
+
+
+def test_a_scoring_node_fetches_the_ensemble_a_member_lies_in(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = JobLayout(tmp_path / "driver" / "job-13")
+    published(made, "ensemble", {"manifest.json": b"{}", "member-1/config.json": b'{"model_type": "bert"}'})
+    ArtifactStore(root).publish_stage(made, "ensemble")
+    monkeypatch.setenv(ARTIFACTS_ENV, root)
+
+    worker = JobLayout(tmp_path / "worker" / "job-13")
+    ensure_local(worker.ensemble / "member-1")
+    assert (worker.ensemble / "member-1" / "config.json").read_bytes() == b'{"model_type": "bert"}'
+    assert (worker.ensemble / "manifest.json").read_bytes() == b"{}"
 
 
 def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, tmp_path: Path) -> None:

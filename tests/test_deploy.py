@@ -5,6 +5,7 @@ images installing exactly as README's commands do."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tomllib
@@ -265,3 +266,38 @@ def test_compose_wires_the_service_to_its_head_database_and_prometheus() -> None
     assert scrape["static_configs"][0]["targets"] == [f"rmdistill:{port}"] and scrape["metrics_path"] == "/metrics"
     # Prometheus's own token is one the service accepts.
     assert "metrics-token" in command and "metrics-token" in scrape["authorization"]["credentials_file"]
+
+
+def test_the_object_store_overlay_takes_only_the_workers_off_the_shared_volume() -> None:
+    overlay = KUBERAY / "object-store"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [".."]
+    (entry,) = kustomization["patches"]
+    (cluster,) = _by_kind("RayCluster")
+    assert entry["target"] == {"kind": cluster["kind"], "name": cluster["metadata"]["name"]}
+    # Through JSON: the YAML's anchors make the head's and the workers' volumes one object, as they are not once
+    # Kubernetes holds them.
+    patched = json.loads(json.dumps(cluster))
+    for op in yaml.safe_load((overlay / entry["path"]).read_text()):
+        assert op["op"] == "replace"
+        *parents, last = op["path"].strip("/").split("/")
+        node = patched
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node[int(last)]["name"] == op["value"]["name"]  # replaces the volume it means to
+        node[int(last)] = op["value"]
+
+    def claims(template: dict[str, Any]) -> set[str]:
+        return {
+            v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v
+        }
+
+    head, *workers = _pod_templates(patched)
+    assert claims(head) == {"rmdistill-data"} and [claims(w) for w in workers] == [set(), set()]
+    for template in workers:
+        # The mount path stays RMDISTILL_HOME: the workers' job folders become caches, not missing.
+        (container,) = template["spec"]["containers"]
+        home = {e["name"]: e.get("value") for e in container["env"]}["RMDISTILL_HOME"]
+        assert {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"} == {home}
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)

@@ -5,6 +5,10 @@ on the head's address); a client submits a tiny job over HTTP. The manifest and 
 work ran: the two reward models on the two worker hosts, and the two distillation workers likewise; the bucket holds
 every stage, the event log, and the checkpoints the distillation workers wrote from their hosts.
 
+The worker hosts do not share the service's data folder: each runs in a mount namespace of its own with an empty
+folder in its place, so the members and the distillation workers read what they need from the bucket and hand their
+outputs (reward models, the policy) and their events to the driver without a shared filesystem.
+
 Where namespaces cannot be made (no root, no iproute2), the three nodes share this machine's loopback instead and
 the test says so in a warning; the placement is then checked by Ray node id rather than by address.
 """
@@ -134,10 +138,12 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
                                   f"--dashboard-host={head.ip}", f"--dashboard-port={dashboard}",
                                   f"--ray-client-server-port={client_port}", "--num-cpus=0", f"--temp-dir={temp}",
                                   *common, *node_ports()], nodes=1)  # fmt: skip
+        worker_nodes = []
         for i, worker in enumerate(workers, 1):
-            start_node(worker, f"worker{i}", [RAY, "start", f"--address={head.ip}:{gcs}",
-                                              f"--node-ip-address={worker.ip}", "--num-cpus=1", *common,
-                                              *node_ports()], nodes=1 + i)  # fmt: skip
+            argv = [RAY, "start", f"--address={head.ip}:{gcs}", f"--node-ip-address={worker.ip}", "--num-cpus=1",
+                    *common, *node_ports()]  # fmt: skip
+            start_node(worker, f"worker{i}", private_folder(home, argv) if separate else argv, nodes=1 + i)
+            worker_nodes.append(procs[-1])
 
         database = stack.enter_context(postgres_server(prefix=head.command([])))
         s3 = stack.enter_context(s3_server(head))
@@ -227,13 +233,40 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
         assert not [text for text in answers + files if hub["HF_TOKEN"] in text or s3.secret_key in text]
 
         # Every stage is complete in the bucket, with the event log; the distillation workers' checkpoints, written
-        # from both worker hosts, are there and not in the job folder.
+        # from both worker hosts, are there and not in the job folder. The folders the members and rank 0 handed
+        # over to the driver through the bucket are gone from it.
         objects = s3.objects("multihost", f"root/jobs/{job['id']}/")
         markers = {k.rsplit("/", 1)[1].removesuffix(".complete") for k in objects if k.endswith(".complete")}
         assert markers == set(final["artifacts"]) and len(markers) == 6
         assert objects[f"root/jobs/{job['id']}/events.jsonl"] == (job_dir / "events.jsonl").read_bytes()
         assert any("/checkpoints/distill/" in k and k.endswith("/state.pt") for k in objects)
         assert not (job_dir / "checkpoints" / "distill").exists()
+        assert not [k for k in objects if "/.partial/" in k]
+
+        if not separate:
+            print("the three Ray nodes share one folder (no mount namespaces here): nothing shows they need none")
+            return
+        # No worker host saw the service's folder: each had its own, where it fetched the stages it read from the
+        # bucket (the data for the members, the ensemble for scoring) and never the spec the service wrote. The
+        # members' and rank 0's events reached the driver's log through its relay.
+        for proc in worker_nodes:
+            seen = subprocess.run(
+                ["nsenter", "-t", str(proc.pid), "-m", "find", str(home), "-maxdepth", "4"],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()  # fmt: skip
+            cache = home / "jobs" / job["id"]
+            assert str(cache / "data" / "train.parquet") in seen and str(cache / "spec.json") not in seen
+            assert str(home / "datasets") not in seen
+        finished = [e for e in read_events(job_dir) if e.get("event") == "member_finished"]
+        assert sorted(e["member"] for e in finished) == [0, 1]
+        assert {e["node_id"] for e in finished} == {n for n, _ in member_nodes}
+
+
+def private_folder(folder: Path, argv: list[str]) -> list[str]:
+    """argv run in a mount namespace of its own where `folder` is an empty tmpfs: a host that does not share the
+    service's data folder (the processes it starts inherit the namespace)."""
+    script = f'mount -t tmpfs rmd-private "{folder}" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
 def _port_open(ip: str, port: int) -> bool:

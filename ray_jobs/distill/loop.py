@@ -67,6 +67,7 @@ class DistillTask:
     total_steps: int | None = None
     crash_after_step: int | None = None
     tracking: TrackingSpec = dataclasses.field(default_factory=TrackingSpec)
+    events_relay: Any = None  # the driver's event-log relay (ray_jobs.event_relay), for a rank 0 on another node
 
     @property
     def objective(self) -> Objective:
@@ -260,7 +261,7 @@ def train_policy(task: DistillTask) -> dict[str, Any]:
     sample_stream = (
         itertools.islice(_sample_batches(task, rt), start * accum, None) if objective.needs_ref_samples else None
     )
-    log = _Logger(task.log_dir if rt.rank == 0 else None, task.tracking, d.model_dump(mode="json"))
+    log = _Logger(task.log_dir if rt.rank == 0 else None, task.tracking, d.model_dump(mode="json"), task.events_relay)
     threads = torch.get_num_threads()
     checkpointing = bool(getattr(unwrap(model), "is_gradient_checkpointing", False))  # as the model has it
     # Where every worker runs, in rank order: the record that a multi-node run really spread out.
@@ -349,14 +350,14 @@ class _Logger:
     """Writes metrics to the job's event log and to the trackers `spec.tracking` chose (TensorBoard by default);
     a None folder (other ranks) stays silent."""
 
-    def __init__(self, log_dir: str | None, tracking: TrackingSpec, config: dict[str, Any]):
+    def __init__(self, log_dir: str | None, tracking: TrackingSpec, config: dict[str, Any], relay: Any = None):
         self.events = self.tracker = None
         if not log_dir:
             return
-        from ray_jobs.events import EventLog
+        from ray_jobs.event_relay import worker_events
         from ray_jobs.tracking import StageTracker
 
-        self.events = EventLog(log_dir)
+        self.events = worker_events(log_dir, relay)
         self.tracker = StageTracker(tracking, log_dir, "distill", config=config)
 
     def event(self, kind: str, **fields: Any) -> None:

@@ -16,12 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.artifact_store import run_storage
+from ray_jobs.artifact_store import dataset_source, run_storage
 from ray_jobs.cluster import current_resources, distill_worker_cpus
 from ray_jobs.distill.card import write_policy_card
 from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
 from ray_jobs.distill.loop import DistillTask, distill_task, steps_for, train_policy
 from ray_jobs.events import EventLog
+from ray_jobs.handover import hand_over, take_over, this_node
 from ray_jobs.layout import JobLayout
 from ray_jobs.spec import JobSpec
 from ray_jobs.train_runtime import intra_op_threads
@@ -54,8 +55,13 @@ def check_inputs(task: DistillTask) -> int:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    task = config["task"]
     with intra_op_threads(config["threads"]):
-        train_policy(config["task"])
+        train_policy(task)
+    if ray.train.get_context().get_world_rank() == 0:
+        hand_over(JobLayout(task.log_dir), task.output_dir, config["driver_node"])
 
 
 def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
@@ -72,14 +78,17 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     task = distill_task(spec, layout.root)
     rows = check_inputs(task)
     task = dataclasses.replace(task, total_steps=d.max_steps or steps_for(rows, d, d.num_workers))
-    train = ray.data.read_parquet(task.pairs)
+    # Read tasks run on any node: from the artifact root when one is set, where every node reaches the pairs.
+    source, filesystem = dataset_source(layout, Path(task.pairs))
+    train = ray.data.read_parquet(source, filesystem=filesystem)
     if task.objective.labelled:
         train = train.map_batches(keep_labelled, batch_format="pandas")
     # Read once into the object store: every epoch re-executes the dataset, and on a busy cluster re-reading
     # the files each epoch costs more than the steps themselves.
     datasets = {"train": train.materialize()}
     if task.objective.needs_ref_samples:
-        datasets["ref"] = ray.data.read_parquet(task.ref_samples).materialize()
+        source, filesystem = dataset_source(layout, Path(task.ref_samples))
+        datasets["ref"] = ray.data.read_parquet(source, filesystem=filesystem).materialize()
     cpus, threads = distill_worker_cpus(d, current_resources())
     events.emit(
         "log",
@@ -93,7 +102,11 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
     with layout.staging(STAGE) as out:
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"task": dataclasses.replace(task, output_dir=str(out)), "threads": threads},
+            train_loop_config={
+                "task": dataclasses.replace(task, output_dir=str(out), events_relay=events.relay),
+                "threads": threads,
+                "driver_node": this_node(),
+            },
             scaling_config=ScalingConfig(
                 num_workers=d.num_workers,
                 use_gpu=d.use_gpu,
@@ -109,6 +122,7 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
             ),
         )
         trainer.fit()
+        take_over(layout, out)  # rank 0 trained on another node
         info = json.loads((out / layout.policy_info.name).read_text(encoding="utf-8"))
         write_policy_card(layout, out)
     return {"policy": str(layout.policy), "pairs": rows, "steps": info["steps"], "final_metrics": info["final_metrics"]}

@@ -28,7 +28,9 @@ import numpy as np
 from ray_jobs.artifact_store import remove_run_storage, run_storage
 from ray_jobs.ensemble.given import check_given
 from ray_jobs.ensemble.train import MemberTask
+from ray_jobs.event_relay import worker_events
 from ray_jobs.events import EventLog
+from ray_jobs.handover import hand_over, take_over, this_node
 from ray_jobs.layout import MANIFEST_FILE, MEMBER_METRICS_FILE, JobLayout, member_dir
 from ray_jobs.spec import EnsembleSpec, JobSpec, LoraSpec, MemberOverride, load_spec
 from ray_jobs.tracking import tune_callbacks
@@ -65,9 +67,12 @@ def _member_spec(spec: EnsembleSpec, k: int) -> EnsembleSpec:
     )
 
 
-def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard: bool = True) -> list[MemberTask]:
+def member_tasks(
+    spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard: bool = True, events_relay: Any = None
+) -> list[MemberTask]:
     """One task per member, writing into ``out_root/member-<k>``; a given member's `spec.backbone` is its model."""
     fail_member = os.environ.get(FAIL_ONCE_ENV)
+    driver = this_node()
     return [
         MemberTask(
             k=k,
@@ -79,6 +84,8 @@ def member_tasks(spec: EnsembleSpec, job_dir: Path, out_root: Path, tensorboard:
             input=spec.members[k].input if k < len(spec.members) else "auto",
             tensorboard=tensorboard,
             fail_once_marker=str(out_root / f".failed-once-{k}") if fail_member == str(k) else None,
+            driver_node=driver,
+            events_relay=events_relay,
         )
         for k in range(spec.size)
     ]
@@ -113,16 +120,18 @@ def _member_trial(trial_config: dict[str, Any], tasks: dict[int, MemberTask]) ->
 def _run_member(task: MemberTask, fit: Callable[[MemberTask], Any]) -> dict[str, Any]:
     """Fit (or, for a given member, measure) one member into its folder, telling the event log; a trial's or a
     task's body alike."""
-    task = dataclasses.replace(task, attempt=_bump_attempt(task), launched_at=time.time())
+    task = dataclasses.replace(task, attempt=_bump_attempt(task), launched_at=time.time(), trial_node=this_node())
     k = task.k
-    events = EventLog(task.job_dir)
+    layout = JobLayout(task.job_dir)
+    events = worker_events(task.job_dir, task.events_relay)
     events.emit("log", STAGE, message=f"member {k} started (attempt {task.attempt})", event="member_started", member=k)
     shutil.rmtree(task.out_dir, ignore_errors=True)  # a retry must not publish a half-written earlier attempt
     fit_start = time.time()
     fit(task)
     fit_end = time.time()
+    take_over(layout, task.out_dir)  # written by a Train run's rank 0 on another node
     metrics = json.loads((Path(task.out_dir) / MEMBER_METRICS_FILE).read_text())
-    done = len(list(Path(task.out_dir).parent.glob(f"member-*/{MEMBER_METRICS_FILE}")))
+    hand_over(layout, task.out_dir, task.driver_node)
     events.emit(
         "log",
         STAGE,
@@ -139,7 +148,8 @@ def _run_member(task: MemberTask, fit: Callable[[MemberTask], Any]) -> dict[str,
         fit_start=fit_start,
         fit_end=fit_end,
     )
-    events.progress(STAGE, done=done, total=task.spec.size)
+    finished = {e["member"] for e in events.since_started(STAGE) if e.get("event") == "member_finished"}
+    events.progress(STAGE, done=len(finished), total=task.spec.size)
     return {key: metrics[key] for key in ("member", "accuracy", "loss", "epochs_run", "attempt")}
 
 
@@ -331,7 +341,7 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
     check_given(ens)
     started = time.time()
     with layout.staging(STAGE) as out_root:
-        tasks = member_tasks(ens, layout.root, out_root, tensorboard=spec.tracking.tensorboard)
+        tasks = member_tasks(ens, layout.root, out_root, spec.tracking.tensorboard, events.relay)
         given, trained = [t for t in tasks if t.given], [t for t in tasks if not t.given]
         events.emit(
             "log",
@@ -348,6 +358,8 @@ def run(spec: JobSpec, job_dir: str | os.PathLike[str], events: EventLog) -> dic
             # Wait for the given members whatever the trained ones did: none may still write into staging.
             adopted = ray.wait(adopting, num_returns=len(adopting))[0] if adopting else []
         ray.get(adopted)
+        for task in tasks:
+            take_over(layout, task.out_dir)  # members that trained on another node handed their folders over
         manifest = build_manifest(ens, out_root)
         manifest["wall_time_s"] = time.time() - started
         (out_root / layout.manifest.name).write_text(json.dumps(manifest, indent=2))

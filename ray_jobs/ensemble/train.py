@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ray_jobs.artifact_store import ensure_local
+from ray_jobs.handover import hand_over
 from ray_jobs.layout import MEMBER_METRICS_FILE, PREFERENCES, JobLayout
 from ray_jobs.spec import EnsembleSpec, TrackingSpec
 from ray_jobs.train_runtime import WorkerRuntime, intra_op_threads, node_info, unwrap
@@ -52,6 +54,11 @@ class MemberTask:
     fail_once_marker: str | None = None
     attempt: int = 1
     launched_at: float | None = None
+    # The Ray nodes that read the member's folder: the trial's (rank 0 of a Train run hands it over when elsewhere)
+    # and the driver's (the trial hands it over in turn); see ray_jobs.handover.
+    trial_node: str | None = None
+    driver_node: str | None = None
+    events_relay: Any = None  # the driver's event-log relay (ray_jobs.event_relay), for a member on another node
 
 
 class PreferenceDataError(ValueError):
@@ -71,6 +78,7 @@ def load_pairs(path: str | os.PathLike[str]) -> dict[str, list]:
     import pandas as pd
 
     path = Path(path)
+    ensure_local(path)  # a member on a node that never held the job folder reads the data stage from the root
     if not path.is_file():
         raise PreferenceDataError(f"{path} does not exist: run the data stage first")
     frame = pd.read_parquet(path)
@@ -184,7 +192,7 @@ def train_member(
 
 
 def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[str, Any]], None] | None):
-    from ray_jobs.events import EventLog
+    from ray_jobs.event_relay import worker_events
     from ray_jobs.models.io import save_model_folder
     from ray_jobs.tracking import StageTracker
 
@@ -192,7 +200,7 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
     launched = task.launched_at or time.time()
     train_start = time.time()
     timeline = {"loop_start": train_start}
-    events = EventLog(task.job_dir)
+    events = worker_events(task.job_dir, task.events_relay)
     # MLflow and W&B runs of members come from the Tune run's logger callbacks; TensorBoard is written here.
     tensorboard = TrackingSpec(tensorboard=task.tensorboard and rt.rank == 0)
     tracker = StageTracker(tensorboard, task.job_dir, "ensemble", f"member-{k}")
@@ -301,4 +309,5 @@ def _train_member(task: MemberTask, rt: WorkerRuntime, report: Callable[[dict[st
     metrics["end_time"] = timeline["saved"] = time.time()
     if rt.rank == 0:
         (out / MEMBER_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        hand_over(layout, out, task.trial_node)
     return metrics

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ray_jobs.artifact_store import ensure_local
 from ray_jobs.layout import POLICY_INFO_FILE, model_cache
 from ray_jobs.models import builtins, tiny
 from ray_jobs.names import HUB_ID, MODEL_PREFIXES
@@ -87,6 +88,7 @@ def resolve_model_path(ref: str | os.PathLike[str], cache: Path | None = None) -
     if text.startswith(MODEL_PREFIXES):
         raise ModelNotFoundError(f"unknown model {text!r}; built-in models are {', '.join(known_refs())}")
     path = Path(text).expanduser()
+    ensure_local(path)  # a job's stage this node never held (a reward model, a policy) comes from the artifact root
     if (path / ADAPTER_CONFIG).is_file():
         return merged_adapter(path)
     if path.exists():
