@@ -15,13 +15,14 @@ import mimetypes
 import queue
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ray_jobs.artifact_store import ArtifactError, ArtifactStore, redact
 from ray_jobs.layout import REPORT_FILE, JobLayout
+from ray_jobs.names import STAGES
 from service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -67,6 +68,10 @@ def _files(folder: Path) -> Iterator[tuple[Path, Path]]:
             yield file, file.relative_to(folder)
 
 
+def _root_unreadable(artifacts: ArtifactStore, exc: Exception) -> ApiError:
+    return ApiError(503, f"the artifact root {redact(artifacts.uri)} cannot be read: {exc}")
+
+
 def refill(job: Job, artifacts: ArtifactStore | None, stages: Iterable[str] = ()) -> None:
     """Fetch a finished job's spec and event log, and `stages`, from the artifact root where its folder here lacks
     them (deleted, or written on another node). A running job's folder is its driver's to write: a copy of its log
@@ -76,17 +81,42 @@ def refill(job: Job, artifacts: ArtifactStore | None, stages: Iterable[str] = ()
     try:
         artifacts.fill(JobLayout(job.job_dir), stages)
     except (OSError, ArtifactError) as exc:  # pyarrow's filesystems raise OSError for an unreachable store
-        raise ApiError(503, f"the artifact root {redact(artifacts.uri)} cannot be read: {exc}") from None
+        raise _root_unreadable(artifacts, exc) from None
 
 
-def list_artifacts(job_dir: str | Path) -> list[Artifact]:
-    """Every file of every published stage, then one archive per stage: `distill.tar.gz` is the policy."""
+def stages_in_root(job: Job, artifacts: ArtifactStore | None) -> dict[str, dict[str, int]]:
+    """{stage: {file: bytes}} of a finished job's stages that only the artifact root holds, read from their
+    completion markers: listing them downloads nothing (a policy is fetched when it is downloaded)."""
+    if artifacts is None or not job.is_final:
+        return {}
+    layout = JobLayout(job.job_dir)
+    found = {}
+    try:
+        for stage in STAGES:
+            if not layout.is_complete(stage) and (entries := artifacts.completed(layout, stage)) is not None:
+                found[stage] = {name: size for name, (size, _) in entries.items()}
+    except (OSError, ValueError) as exc:  # an unreachable store; a marker that is not JSON
+        raise _root_unreadable(artifacts, exc) from None
+    return found
+
+
+def list_artifacts(job_dir: str | Path, in_root: Mapping[str, Mapping[str, int]] | None = None) -> list[Artifact]:
+    """Every file of every published stage, then one archive per stage: `distill.tar.gz` is the policy. `in_root`
+    (`stages_in_root`) adds the stages published only in the artifact root, their files where they will be fetched."""
     files: list[Artifact] = []
     archives: list[Artifact] = []
-    for stage, folder in JobLayout(job_dir).published().items():
-        for file, relative in _files(folder):
+    layout = JobLayout(job_dir)
+    for stage in STAGES:
+        folder = layout.stage(stage)
+        if folder.is_dir():
+            entries = [(relative, file.stat().st_size) for file, relative in _files(folder)]
+        elif stage in (in_root or {}):
+            entries = [(Path(name), size) for name, size in sorted(in_root[stage].items())]
+        else:
+            continue
+        for relative, size in entries:
             path = f"{stage}/{relative.as_posix()}"
-            files.append(Artifact(path, _kind(stage, relative), file, False, file.stat().st_size))
+            files.append(Artifact(path, _kind(stage, relative), folder / relative, False, size))
         kind = "policy" if stage == "distill" else "archive"
         archives.append(Artifact(f"{stage}{ARCHIVE_SUFFIX}", kind, folder, True, None))
     return files + archives

@@ -6,7 +6,14 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
 from ray_jobs.names import STAGES
-from service.artifacts import ARCHIVE_SUFFIX, find_artifact, list_artifacts, refill, stream_archive
+from service.artifacts import (
+    ARCHIVE_SUFFIX,
+    find_artifact,
+    list_artifacts,
+    refill,
+    stages_in_root,
+    stream_archive,
+)
 from service.deps import ArtifactsDep, Owner, StoreDep
 from service.errors import ApiError
 from service.jobs_api import owned_job
@@ -25,7 +32,7 @@ DOWNLOAD = {
 @router.get("/{job_id}/artifacts", summary="A job's published files, and one archive per published stage")
 def job_artifacts(job_id: str, owner: Owner, store: StoreDep, artifacts: ArtifactsDep) -> ArtifactList:
     job = owned_job(store, job_id, owner)
-    refill(job, artifacts, STAGES)
+    in_root = stages_in_root(job, artifacts)
     return ArtifactList(
         items=[
             ArtifactView(
@@ -35,7 +42,7 @@ def job_artifacts(job_id: str, owner: Owner, store: StoreDep, artifacts: Artifac
                 media_type=a.media_type,
                 url=f"/v1/jobs/{job.id}/artifacts/{a.path}",
             )
-            for a in list_artifacts(job.job_dir)
+            for a in list_artifacts(job.job_dir, in_root)
         ]
     )
 

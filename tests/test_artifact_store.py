@@ -281,8 +281,9 @@ def test_a_scoring_node_fetches_the_ensemble_a_member_lies_in(
 
 
 def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, tmp_path: Path) -> None:
-    """The service refills a job folder from the root: the job view folds the fetched event log, a file and the
-    policy's archive download byte for byte, and a stage the root does not hold stays unlisted."""
+    """The service refills a job folder from the root: the job view folds the fetched event log, the artifact list
+    comes from the completion markers without downloading a stage, a file and the policy's archive download byte for
+    byte, and a stage the root does not hold stays unlisted."""
     settings = Settings(data_dir=tmp_path / "home", ray_address=f"http://127.0.0.1:{free_port()}", artifacts=root)
     layout = JobLayout(settings.jobs_dir / "job-12")
     events = EventLog(layout.root)
@@ -309,14 +310,16 @@ def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, t
         with httpx.Client(base_url=server.url, timeout=60) as api:
             job = api.get("/v1/jobs/job-12").json()
             assert job["stages"] == {"distill": "finished", "evaluate": "finished"}
-            listed = {a["path"] for a in api.get("/v1/jobs/job-12/artifacts").json()["items"]}
+            listed = {a["path"]: a["bytes"] for a in api.get("/v1/jobs/job-12/artifacts").json()["items"]}
             assert listed == {
-                "distill/config.json",
-                "distill/model.safetensors",
-                "evaluate/report.json",
-                "distill.tar.gz",
-                "evaluate.tar.gz",
+                "distill/config.json": 2,
+                "distill/model.safetensors": 3000,
+                "evaluate/report.json": 2,
+                "distill.tar.gz": None,
+                "evaluate.tar.gz": None,
             }
+            # Listed from the completion markers: nothing was downloaded to list it.
+            assert not layout.stage("distill").exists() and not layout.stage("evaluate").exists()
             assert api.get("/v1/jobs/job-12/artifacts/distill/model.safetensors").content == b"w" * 3000
             archive = api.get("/v1/jobs/job-12/artifacts/distill.tar.gz").content
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
