@@ -26,6 +26,7 @@ from ray_jobs.artifact_store import (
     run_storage,
 )
 from ray_jobs.events import EventLog, read_events
+from ray_jobs.handover import hand_over, take_over
 from ray_jobs.layout import JobLayout
 from ray_jobs.models.registry import resolve_model_path
 from ray_jobs.pipeline import planned_stages, run_job
@@ -361,3 +362,30 @@ def test_an_unreachable_root_is_a_503_naming_it(tmp_path: Path, monkeypatch: pyt
         server.stop()
     assert response.status_code == 503
     assert response.json()["error"]["message"].startswith("the artifact root s3://nowhere/root cannot be read")
+
+
+def test_a_worker_elsewhere_hands_its_folder_to_the_driver_through_the_root(
+    s3, root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member trained on another node: its folder goes up under the staging path, the driver's staging gets it
+    whole, and the root's copy is then deleted. On the driver's own node nothing goes up."""
+    monkeypatch.setenv(ARTIFACTS_ENV, root)
+    worker, driver = JobLayout(tmp_path / "worker" / "job-15"), JobLayout(tmp_path / "driver" / "job-15")
+    staged = Path(".partial") / "ensemble" / "member-1"
+    (worker.root / staged).mkdir(parents=True)
+    (worker.root / staged / "metrics.json").write_text('{"accuracy": 0.75}')
+    (worker.root / staged / "model.safetensors").write_bytes(b"r" * 500)
+
+    assert not hand_over(worker, worker.root / staged, driver_node=None)  # no driver elsewhere: a shared folder
+    assert hand_over(worker, worker.root / staged, driver_node="the-driver's-node")
+    prefix = "prefix/jobs/job-15/.partial/ensemble/member-1"
+    assert set(s3.objects(bucket_of(root), prefix)) == {f"{prefix}.complete", f"{prefix}/metrics.json",
+                                                        f"{prefix}/model.safetensors"}  # fmt: skip
+
+    (driver.root / ".partial" / "ensemble").mkdir(parents=True)
+    take_over(driver, driver.root / staged)
+    assert (driver.root / staged / "model.safetensors").read_bytes() == b"r" * 500
+    assert json.loads((driver.root / staged / "metrics.json").read_text()) == {"accuracy": 0.75}
+    assert s3.objects(bucket_of(root), prefix) == {}
+    take_over(driver, driver.root / staged)  # present already: left as it is
+    assert (driver.root / staged / "metrics.json").is_file()
