@@ -342,7 +342,7 @@ def ensure_local(path: str | os.PathLike[str]) -> None:
     or an evaluation engine on a node that never held the job folder does; any other path is left to its reader
     (a folder that exists, or one the root does not hold, costs one marker lookup at most)."""
     folder = Path(path)
-    stage = next((p for p in (folder, *folder.parents) if p.name in STAGES), None)
+    stage = next((p for p in (folder, *folder.parents) if p.name in STAGES and p.parent.name), None)
     if stage is None or stage.is_dir():
         return
     store = ArtifactStore.from_env()

@@ -250,35 +250,30 @@ def test_credentials_never_appear_in_what_the_store_says(s3, root: str, tmp_path
         assert s3.secret_key not in text and s3.access_key not in text
 
 
-def test_a_serving_node_fetches_a_policy_it_never_saw(
-    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("stage", "files", "asked"),
+    [
+        # A serving replica resolving a policy it never saw.
+        ("distill", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights"}, "distill"),
+        # A scoring actor loading one member: the whole ensemble stage comes, the way it was published.
+        ("ensemble", {"manifest.json": b"{}", "member-1/config.json": b'{"model_type": "bert"}'}, "ensemble/member-1"),
+    ],
+)
+def test_a_node_that_never_saw_the_job_fetches_the_stage_a_model_lies_in(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, files: dict[str, bytes], asked: str
 ) -> None:
-    made = JobLayout(tmp_path / "trainer" / "job-11")
-    published(made, "distill", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights"})
-    ArtifactStore(root).publish_stage(made, "distill")
+    made = JobLayout(tmp_path / "driver" / "job-11")
+    published(made, stage, files)
+    ArtifactStore(root).publish_stage(made, stage)
     monkeypatch.setenv(ARTIFACTS_ENV, root)
 
-    served = JobLayout(tmp_path / "server" / "job-11")
-    assert resolve_model_path(served.policy) == served.policy
-    assert (served.policy / "model.safetensors").read_bytes() == b"weights"
+    here = JobLayout(tmp_path / "elsewhere" / "job-11")
+    assert resolve_model_path(here.root / asked) == here.root / asked
+    assert {name: (here.stage(stage) / name).read_bytes() for name in files} == files
     # A path that is no job's stage is its reader's business: nothing is fetched or made.
-    other = tmp_path / "server" / "my-model"
+    other = tmp_path / "elsewhere" / "my-model"
     ensure_local(other)
     assert not other.exists()
-
-
-def test_a_scoring_node_fetches_the_ensemble_a_member_lies_in(
-    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    made = JobLayout(tmp_path / "driver" / "job-13")
-    published(made, "ensemble", {"manifest.json": b"{}", "member-1/config.json": b'{"model_type": "bert"}'})
-    ArtifactStore(root).publish_stage(made, "ensemble")
-    monkeypatch.setenv(ARTIFACTS_ENV, root)
-
-    worker = JobLayout(tmp_path / "worker" / "job-13")
-    ensure_local(worker.ensemble / "member-1")
-    assert (worker.ensemble / "member-1" / "config.json").read_bytes() == b'{"model_type": "bert"}'
-    assert (worker.ensemble / "manifest.json").read_bytes() == b"{}"
 
 
 def test_the_service_serves_a_finished_job_whose_folder_is_gone(s3, root: str, tmp_path: Path) -> None:
