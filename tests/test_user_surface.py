@@ -296,9 +296,19 @@ def test_the_dashboard_shows_the_job_its_curves_plots_and_a_streamed_playground(
     page.locator("#run").wait_for()
     assert page.locator("#policy").input_value() == job_id
     page.fill("#max-tokens", "12")
-    page.click("#run")
-    for pane in ("#answer-policy", "#answer-reference"):
-        page.wait_for_selector(f"{pane}[data-done=true]", timeout=600_000)
+
+    def ask_both() -> None:
+        page.evaluate("document.querySelectorAll('.answer').forEach(box => delete box.dataset.done)")
+        page.click("#run")
+        for pane in ("#answer-policy", "#answer-reference"):
+            page.wait_for_selector(f"{pane}[data-done=true]", timeout=600_000)
+
+    ask_both()
+    if any(page.get_attribute(pane, "data-chunks") == "0" for pane in ("#answer-policy", "#answer-reference")):
+        # Sampled at the playground's 0.7, an untrained tiny model now and then ends its answer at once (seen once
+        # in CI, for π_ref), leaving nothing to stream; greedy decoding is no way out, it repeats a newline. A second
+        # draw must stream.
+        ask_both()
     for pane in ("#answer-policy", "#answer-reference"):
         assert int(page.get_attribute(pane, "data-chunks")) > 1, page.locator(pane).inner_text()
         assert page.locator(f"{pane} .text").inner_text().strip() and "error" not in page.locator(pane).inner_text()
