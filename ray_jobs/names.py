@@ -26,8 +26,8 @@ FAMILIES: tuple[str, ...] = get_args(Family)
 Engine = Literal["auto", "vllm", "hf"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 
-# Compute precision: auto = bf16 autocast on GPUs, fp32 on CPUs; bf16 = bf16 autocast everywhere (CPUs with bf16
-# units); fp32 = none. Weights stay fp32 in every case: the optimizer updates fp32 master weights.
+# Compute precision: auto = bf16 autocast on GPUs and on CPUs with bf16 units, fp32 on other CPUs
+# (ray_jobs.precision); bf16 = bf16 autocast everywhere; fp32 = none. Weights stay fp32 in every case: the optimizer updates fp32 master weights.
 Precision = Literal["auto", "fp32", "bf16"]
 
 Diversity = Literal["seed", "bootstrap", "disjoint"]

@@ -254,7 +254,9 @@ class EnsembleSpec(_Strict):
     margin: float = Field(0.0, ge=0.0, description="Constant margin m in -log σ(r_w - r_l - m).")
     center_rewards_coefficient: float = Field(0.0, ge=0.0, description="Weight of the (r_w + r_l)² penalty.")
     precision: Precision = Field(
-        "auto", description="Compute precision of member training: auto = bf16 autocast on GPUs, fp32 on CPUs."
+        "auto",
+        description="Compute precision of member training: auto = bf16 autocast on GPUs and on CPUs with bf16 "
+        "units (AVX512-BF16, AMX, Arm BF16), fp32 on other CPUs.",
     )
     validation_fraction: float = Field(
         0.1,
@@ -357,7 +359,7 @@ class ScoreSpec(_Strict):
     precision: Precision = Field(
         "auto",
         description="Compute precision of the reward models' forward when they score the pairs: auto = bf16 "
-        "autocast on GPUs and fp32 on CPUs, bf16, fp32. π_ref's log-probs follow distill.precision instead, so "
+        "autocast on GPUs and on CPUs with bf16 units, else fp32; bf16; fp32. π_ref's log-probs follow distill.precision instead, so "
         "that h = 0 at the first step. Scoring trains nothing, so it has no gradient checkpointing.",
     )
 
@@ -422,7 +424,8 @@ class DistillSpec(_Strict):
     precision: Precision = Field(
         "auto",
         description="Compute precision of the policy's forward (and of π_ref's log-probs at scoring): auto = bf16 "
-        "autocast on GPUs and fp32 on CPUs, bf16 = bf16 autocast everywhere, fp32. Weights stay fp32.",
+        "autocast on GPUs and on CPUs with bf16 units, fp32 on other CPUs; bf16 = bf16 autocast everywhere; fp32. "
+        "Weights stay fp32.",
     )
     compile: bool = Field(False, description="torch.compile the policy.")
     gradient_checkpointing: bool = Field(

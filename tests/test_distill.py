@@ -199,8 +199,16 @@ def _member_split_pairs(job: Path, tiny_llama: Path) -> None:
 
 
 def _step_spec(tiny_llama: Path, family: str, batch_size: int, accum: int, workers: int = 1) -> JobSpec:
-    """One e-DPO optimizer step of `batch_size` × `accum` pairs per worker."""
-    distill = {"loss": "e-dpo", "family": family, "batch_size": batch_size, "max_steps": 1, "lr": 1e-3}
+    """One e-DPO optimizer step of `batch_size` × `accum` pairs per worker, in fp32: the equivalences these tests
+    assert are exact, and bf16 (`auto` on a CPU with bf16 units) rounds differently with every batch shape."""
+    distill = {
+        "loss": "e-dpo",
+        "family": family,
+        "batch_size": batch_size,
+        "max_steps": 1,
+        "lr": 1e-3,
+        "precision": "fp32",
+    }
     return JobSpec(
         reference=str(tiny_llama),
         distill={**distill, "gradient_accumulation_steps": accum, "num_workers": workers},

@@ -118,7 +118,7 @@ def _job_spec(source: Path, model: Path) -> dict:
             "cpus_per_worker": 0.5,
         },
         "generation": {"engine": "hf", "samples_per_prompt": 2, "max_new_tokens": 6, "max_prompts": 4},
-        "score": {"batch_size": 16},
+        "score": {"batch_size": 16, "precision": "fp32"},  # its rewards are compared with direct calls to 1e-4
         "distill": {"loss": "e-dpo", "max_steps": 2, "batch_size": 4, "lr": 1e-3, "max_length": 96},
         "evaluate": {"oracle": None},
     }

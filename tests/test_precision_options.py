@@ -62,3 +62,36 @@ def test_members_score_under_the_score_precision(tiny_bert):
     }
     assert not np.array_equal(rewards["bf16"], rewards["fp32"])  # bf16 compute really ran
     np.testing.assert_allclose(rewards["bf16"], rewards["fp32"], atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "native"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n", False),  # AVX-512 alone emulates bf16
+        ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", True),  # Zen 4, Cooper Lake
+        ("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),  # Sapphire Rapids
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Graviton 3
+        ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),  # Graviton 2
+    ],
+)
+def test_auto_precision_is_bf16_only_on_cpus_that_compute_it_natively(tmp_path, monkeypatch, cpuinfo, native):
+    import torch
+
+    from ray_jobs import precision
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    assert precision.cpu_has_bf16_units(path) is native
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: native)
+    assert precision.uses_bf16("auto", torch.device("cpu")) is native
+    assert precision.uses_bf16("auto", torch.device("cuda")) is True
+    assert (precision.uses_bf16("fp32", torch.device("cuda")), precision.uses_bf16("bf16", torch.device("cpu"))) == (
+        False,
+        True,
+    )
+
+
+def test_a_machine_without_cpuinfo_stays_in_fp32(tmp_path):
+    from ray_jobs.precision import cpu_has_bf16_units
+
+    assert cpu_has_bf16_units(tmp_path / "absent") is False

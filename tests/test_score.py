@@ -75,8 +75,9 @@ def _spec(tiny_llama: Path, tiny_bert: Path, **generation) -> JobSpec:
                 "batch_size": 4,
                 **generation,
             },
-            "score": {"batch_size": 4, "max_length": MAX_LENGTH},
-            "distill": {"loss": "e-dpo", "alpha": 0.1, "max_length": MAX_LENGTH},
+            # fp32: stored scores must equal direct model calls to 1e-4, which bf16 does not across batch shapes.
+            "score": {"batch_size": 4, "max_length": MAX_LENGTH, "precision": "fp32"},
+            "distill": {"loss": "e-dpo", "alpha": 0.1, "max_length": MAX_LENGTH, "precision": "fp32"},
         }
     )
 
