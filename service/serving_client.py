@@ -81,8 +81,8 @@ class PolicyServing:
             engine = self._engine_of.get(policy_id, self.engines[0])
             model_id, call = self._route(engine, policy_id, path, request)
             # gRPC between this process and the replica (`_by_reference=False`, what Serve's throughput preset
-            # RAY_SERVE_USE_GRPC_BY_DEFAULT turns on) instead of one Ray object per streamed item: at one stream it
-            # brought the service from 0.92× to 0.99× of `vllm serve`'s requests/s (docs/RESULTS.md).
+            # RAY_SERVE_USE_GRPC_BY_DEFAULT turns on) instead of one Ray object per streamed item: at 8 streams it
+            # brought the service from 0.84× to 0.94–0.95× of `vllm serve`'s requests/s (docs/RESULTS.md).
             handle = handles[engine].options(multiplexed_model_id=model_id, stream=stream, _by_reference=False)
             started = False
             try:
