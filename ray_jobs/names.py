@@ -27,7 +27,8 @@ Engine = Literal["auto", "vllm", "hf"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 
 # Compute precision: auto = bf16 autocast on GPUs and on CPUs with bf16 units, fp32 on other CPUs
-# (ray_jobs.precision); bf16 = bf16 autocast everywhere; fp32 = none. Weights stay fp32 in every case: the optimizer updates fp32 master weights.
+# (ray_jobs.precision); bf16 = bf16 autocast everywhere; fp32 = none. Weights stay fp32 in every case: the
+# optimizer updates fp32 master weights.
 Precision = Literal["auto", "fp32", "bf16"]
 
 Diversity = Literal["seed", "bootstrap", "disjoint"]

@@ -359,8 +359,9 @@ class ScoreSpec(_Strict):
     precision: Precision = Field(
         "auto",
         description="Compute precision of the reward models' forward when they score the pairs: auto = bf16 "
-        "autocast on GPUs and on CPUs with bf16 units, else fp32; bf16; fp32. π_ref's log-probs follow distill.precision instead, so "
-        "that h = 0 at the first step. Scoring trains nothing, so it has no gradient checkpointing.",
+        "autocast on GPUs and on CPUs with bf16 units, else fp32; bf16; fp32. π_ref's log-probs follow "
+        "distill.precision instead, so that h = 0 at the first step. Scoring trains nothing, so it has no gradient "
+        "checkpointing.",
     )
 
 
