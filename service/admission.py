@@ -57,7 +57,14 @@ def _resolve_in_roots(field: str, value: str, roots: tuple[Path, ...]) -> str:
             f"{field}: {value!r} is not a path inside the data roots",
             [{"field": field, "message": "forbidden path"}],
         )
-    raw = Path(value).expanduser()
+    try:
+        raw = Path(value).expanduser()
+    except RuntimeError:  # `~name/...` for a user this machine does not have
+        raise ApiError(
+            422,
+            f"{field}: {value!r} is in the home folder of an unknown user",
+            [{"field": field, "message": "not a usable path"}],
+        ) from None
     explicit = raw.is_absolute() or value.startswith((".", "~")) or ".." in raw.parts
     candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
     for candidate in candidates:

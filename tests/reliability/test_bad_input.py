@@ -45,8 +45,12 @@ def test_an_offset_past_any_page_is_a_422_not_an_overflow(server):
 
 @pytest.mark.parametrize(
     ("path", "reason"),
-    [("x" * 300, "File name too long"), ("model\ud800dir", "UnicodeEncodeError")],
-    ids=["long-component", "lone-surrogate"],
+    [
+        ("x" * 300, "File name too long"),
+        ("model\ud800dir", "UnicodeEncodeError"),
+        ("~no-such-user-here/model", "home folder of an unknown user"),  # expanduser raised: a 500 before
+    ],
+    ids=["long-component", "lone-surrogate", "unknown-user-home"],
 )
 def test_a_path_the_filesystem_cannot_take_is_a_422_naming_the_field(server, path, reason):
     # httpx encodes the surrogate as an escape in JSON, as a client sending raw JSON would.
