@@ -25,35 +25,28 @@ import torch
 PRECISIONS = ("fp32", "bf16")
 
 
-def rescore(pairs: pd.DataFrame, reference: str, max_length: int, precision: str) -> pd.DataFrame:
-    """The pairs with π_ref's log-probs recomputed under `precision`."""
-    from ray_jobs.models.logps import response_logps
-    from ray_jobs.models.registry import load_causal_lm
-    from ray_jobs.precision import autocast
+def rescore(pairs: pd.DataFrame, spec: Any, precision: str) -> pd.DataFrame:
+    """The pairs with π_ref's log-probs recomputed under `precision` by the score stage's own actor class."""
+    from ray_jobs.score.scorer import Scorer
 
-    model, tokenizer = load_causal_lm(reference, dtype=torch.float32, device="cpu")
-    model.eval()
-    out = pairs.copy()
-    for side in ("a", "b"):
-        with torch.no_grad(), autocast(precision, torch.device("cpu")):
-            logps = response_logps(
-                model,
-                tokenizer,
-                pairs["prompt"].tolist(),
-                pairs[f"response_{side}"].tolist(),
-                max_length,
-                ended=pairs[f"ended_{side}"].tolist(),
-            )
-        out[f"ref_logp_{side}"] = logps.numpy()
-    return out
+    scorer = Scorer(spec.reference, [], spec.distill.max_length, spec.score.batch_size, ref_precision=precision)
+    n = len(pairs)
+    ref = scorer(
+        {
+            "index": np.arange(2 * n),
+            "prompt": np.array(pairs["prompt"].tolist() * 2, dtype=object),
+            "response": np.array(pairs["response_a"].tolist() + pairs["response_b"].tolist(), dtype=object),
+            "ended": np.array(pairs["ended_a"].tolist() + pairs["ended_b"].tolist()),
+            "reward": np.zeros(2 * n, dtype=bool),
+        }
+    )["ref_logp"]
+    return pairs.assign(ref_logp_a=ref[:n], ref_logp_b=ref[n:])
 
 
-def train(job: Path, pairs: Path, precision: str, steps: int, logs: Path) -> list[dict[str, Any]]:
+def train(spec: Any, pairs: Path, precision: str, steps: int, logs: Path) -> list[dict[str, Any]]:
     from ray_jobs.distill.loop import DistillTask, train_policy
     from ray_jobs.events import read_events
-    from ray_jobs.spec import JobSpec
 
-    spec = JobSpec.model_validate_json((job / "spec.json").read_text())
     distill = spec.distill.model_copy(update={"precision": precision, "max_steps": steps, "log_every": 1})
     train_policy(DistillTask(spec.reference, distill, pairs=str(pairs), ref_samples="", log_dir=str(logs)))
     return [e for e in read_events(logs) if e["kind"] == "metrics"]
@@ -74,8 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in PRECISIONS:
             path = Path(tmp) / f"pairs-{precision}.parquet"
-            rescore(scored, spec.reference, spec.distill.max_length, precision).to_parquet(path)
-            runs[precision] = train(args.job, path, precision, args.steps, Path(tmp) / f"logs-{precision}")
+            rescore(scored, spec, precision).to_parquet(path)
+            runs[precision] = train(spec, path, precision, args.steps, Path(tmp) / f"logs-{precision}")
 
     loss = {p: np.array([e["values"]["loss"] for e in runs[p]]) for p in PRECISIONS}
     rate = {p: statistics.median(e["values"]["pairs_per_s"] for e in runs[p][1:]) for p in PRECISIONS}
