@@ -301,7 +301,8 @@ def test_small_updates_survive_bf16_compute(tiny_llama, pairs_job, tmp_path):
 
 def test_reference_logps_use_the_policys_precision_so_h_starts_at_zero(tiny_llama, tmp_path):
     """π_ref's log-probs come from the scoring actor under distill.precision; at step 0 the policy (= π_ref) then
-    sees h = 0 exactly, while log-probs from another precision would start it off zero."""
+    sees h = 0 (exactly on a CPU, within H_START_TOLERANCE on a GPU), while log-probs from another precision would
+    start it off zero."""
     from ray_jobs.score.scorer import Scorer
 
     job = tmp_path / "job"
