@@ -219,6 +219,11 @@ def _params(model: Path) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def _mfu(params: int, tokens_per_s: float, peak_tflops: float) -> str:
+    """Model FLOPs utilisation: 6·N FLOPs per trained token (forward + backward), over the device's peak."""
+    return f"{6 * params * tokens_per_s / (peak_tflops * 1e12):.1%}"
+
+
 def _spread(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
@@ -269,7 +274,11 @@ def main() -> None:
                 for arm in args.arms[repeat % len(args.arms) :] + args.arms[: repeat % len(args.arms)]:
                     result = _spawn(args, arm, model, data)
                     results.setdefault((name, arm), []).append(result)
-                    print(f"{name} {arm} #{repeat}: {result['pairs_per_s']:.3f} pairs/s", flush=True)
+                    line = f"{name} {arm} #{repeat}: {result['pairs_per_s']:.3f} pairs/s"
+                    if args.device == "cuda":
+                        # Per run as well as in the closing table, so a run cut off by a time limit still has it.
+                        line += f", MFU {_mfu(params[name], result['tokens_per_s'], args.peak_tflops)}"
+                    print(line, flush=True)
     tokens = "real job pairs" if args.real else f"{args.prompt_tokens}+{args.response_tokens} tokens"
     print(
         f"\n{args.pairs} pairs/step of {tokens}, {args.device}, {args.precision}, compile={args.compile}, "
@@ -289,7 +298,7 @@ def main() -> None:
         row = f"| {name} | {arm} | {_spread(rates)} | {ratio} | {max(r['peak_mb'] for r in runs):.0f} |"
         if mfu:
             tokens_s = statistics.median(r["tokens_per_s"] for r in runs)
-            row += f" {6 * params[name] * tokens_s / (args.peak_tflops * 1e12):.1%} |"
+            row += f" {_mfu(params[name], tokens_s, args.peak_tflops)} |"
         print(row)
 
 
