@@ -648,7 +648,10 @@ def _watch_experiment(client: Client, experiment_id: str) -> dict[str, Any]:
 def table(
     folder: Path = typer.Argument(..., exists=True, file_okay=False, help="An experiment's results folder."),
 ) -> None:
-    """Rebuild an experiment's table (table.md, summary.json, plot) from its cell files, and print it."""
+    """Rebuild an experiment's tables from its cell files and print the one pooled over seeds.
+
+    Writes table.md (pooled), table-by-seed.md (one row per cell), summary.json and the plot.
+    """
     from ray_jobs.experiment.aggregate import write_summary
 
     try:

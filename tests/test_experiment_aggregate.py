@@ -16,6 +16,7 @@ from ray_jobs.experiment.aggregate import (
     render_markdown,
     stratified_bootstrap,
     summarize,
+    summarize_by_seed,
     verdict,
     write_summary,
 )
@@ -238,6 +239,38 @@ def test_write_summary_writes_the_table_the_json_and_the_plot(tmp_path):
 
     # The outputs are not read back as cells: a second run sees the same three cells.
     assert write_summary(tmp_path)["cells"] == 3
+
+
+def test_the_by_seed_table_gives_each_seed_its_own_row_and_difference(tmp_path):
+    # Seed 1: the arm wins every sample DPO loses (+1 each); seed 2: both tie everywhere (0 each). Pooled, +0.5.
+    cells = [
+        make_cell("dpo", [LOSS] * 8, seed=1),
+        make_cell("e-dpo-min", [WIN] * 8, seed=1),
+        make_cell("dpo", [TIE] * 8, seed=2),
+        make_cell("e-dpo-min", [TIE] * 8, seed=2),
+    ]
+    assert row_of(summarize(cells), "e-dpo-min")["diff_vs_baseline"] == pytest.approx(0.5)
+    rows = summarize_by_seed(cells)
+    assert [(r["arm"], r["seeds"], r["diff_vs_baseline"], r["diff_lo"], r["diff_hi"]) for r in rows] == [
+        ("dpo", [1], None, None, None),
+        ("dpo", [2], None, None, None),
+        ("e-dpo-min", [1], 1.0, 1.0, 1.0),
+        ("e-dpo-min", [2], 0.0, 0.0, 0.0),
+    ]
+    # Each seed's rows are exactly what that seed alone gives.
+    assert rows[1] == summarize(cells[2:])[0] and rows[3] == summarize(cells[2:])[1]
+
+    write_cells(tmp_path, cells)
+    write_summary(tmp_path)
+    table = (tmp_path / "table-by-seed.md").read_text().splitlines()
+    assert len(table) == 2 + 4
+    assert table[4] == (
+        "| 0.8 | e-dpo-min | 0 | 1 | 1.000 [1.000, 1.000] | +1.000 [+1.000, +1.000] | better than baseline "
+        "| 31.000 | 0.300 | -0.120 | 412 |"
+    )
+    assert table[5].startswith("| 0.8 | e-dpo-min | 0 | 2 | 0.500 [0.500, 0.500] | +0.000 [+0.000, +0.000] |")
+    # The pooled table still has one row per arm.
+    assert len((tmp_path / "table.md").read_text().splitlines()) == 2 + 2
 
 
 def test_write_summary_refuses_a_folder_without_cells(tmp_path):

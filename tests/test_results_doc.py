@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.experiment.aggregate import TABLE_FILE, load_cells, render_markdown, summarize
+from ray_jobs.experiment.aggregate import (
+    SEED_TABLE_FILE,
+    TABLE_FILE,
+    load_cells,
+    render_markdown,
+    summarize,
+    summarize_by_seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
@@ -42,8 +49,11 @@ def test_quoted_tables_finds_each_table_whole_and_nothing_else():
 @pytest.mark.parametrize("position,folder", list(enumerate(FOLDERS)))
 def test_results_md_quotes_each_table_exactly_as_its_cells_give_it(position, folder):
     cells_dir = ROOT / "docs" / "results" / folder
-    rebuilt = render_markdown(summarize(load_cells(cells_dir))).strip()
+    cells = load_cells(cells_dir)
+    rebuilt = render_markdown(summarize(cells)).strip()
     assert (cells_dir / TABLE_FILE).read_text().strip() == rebuilt, f"{folder}/{TABLE_FILE} is stale: re-run the table"
+    by_seed = render_markdown(summarize_by_seed(cells)).strip()
+    assert (cells_dir / SEED_TABLE_FILE).read_text().strip() == by_seed, f"{folder}/{SEED_TABLE_FILE} is stale"
     tables = quoted_tables(RESULTS.read_text())
     assert len(tables) == len(FOLDERS)
     assert tables[position] == rebuilt

@@ -29,8 +29,9 @@ import numpy as np
 
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
+SEED_TABLE_FILE = "table-by-seed.md"
 PLOT_FILE = "win_rate_vs_rho.png"
-OUTPUT_FILES = (SUMMARY_FILE, TABLE_FILE, PLOT_FILE)
+OUTPUT_FILES = (SUMMARY_FILE, TABLE_FILE, SEED_TABLE_FILE, PLOT_FILE)
 
 _CHUNK = 1 << 20  # bootstrap index draws held in memory at once, per stratum
 
@@ -198,6 +199,22 @@ def summarize(
     return rows
 
 
+def summarize_by_seed(
+    cells: Iterable[dict[str, Any]], baseline_arm: str = "dpo", n_boot: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One row per cell: each seed's cells summarised on their own, as :func:`summarize` would with only that seed.
+
+    The pooled table answers whether an effect holds over seeds; this one shows whether it holds on each, which is
+    what a write-up quoting one seed's figure needs to point at.
+    """
+    by_seed: dict[Any, list[dict[str, Any]]] = {}
+    for cell in cells:
+        by_seed.setdefault(_params(cell)[3], []).append(cell)
+    rows = [row for s in by_seed for row in summarize(by_seed[s], baseline_arm=baseline_arm, n_boot=n_boot, seed=seed)]
+    rows.sort(key=_row_order)
+    return rows
+
+
 def verdict(row: dict[str, Any]) -> str:
     """What the paired interval says: better or worse than the baseline only when it excludes zero."""
     if row.get("is_baseline"):
@@ -213,7 +230,7 @@ def verdict(row: dict[str, Any]) -> str:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], baseline_arm: str | None = None) -> str:
-    """The experiment's table as GitHub markdown, rows by rho then arm then alpha, measurements to 3 decimals.
+    """The experiment's table as GitHub markdown, rows by rho, arm, alpha, then seeds, measurements to 3 decimals.
 
     The Δ column is named after the baseline arm the rows were compared with (``baseline_arm`` overrides it).
     """
@@ -292,7 +309,7 @@ def plot_win_rate(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) 
 def write_summary(
     folder: str | os.PathLike[str], baseline_arm: str = "dpo", n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
-    """Aggregate the cells in ``folder`` and write summary.json, table.md and win_rate_vs_rho.png beside them.
+    """Aggregate the cells in ``folder`` and write summary.json, table.md, table-by-seed.md and win_rate_vs_rho.png.
 
     summary.json holds the returned object ``{"rows": [...], "cells": <number of cells>}``. Re-running is safe:
     the outputs are not cell results, so they are not read back as input.
@@ -305,6 +322,8 @@ def write_summary(
     summary = {"rows": rows, "cells": len(cells)}
     _write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     _write_text(folder / TABLE_FILE, render_markdown(rows, baseline_arm=baseline_arm))
+    by_seed = summarize_by_seed(cells, baseline_arm=baseline_arm, n_boot=n_boot, seed=seed)
+    _write_text(folder / SEED_TABLE_FILE, render_markdown(by_seed, baseline_arm=baseline_arm))
     plot_win_rate(rows, folder / PLOT_FILE)
     return summary
 
@@ -383,7 +402,8 @@ def _sort_value(value: Any) -> tuple[int, Any]:
 
 
 def _row_order(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (_sort_value(row.get("rho")), str(row["arm"]), _sort_value(row.get("alpha")))
+    seeds = tuple(_sort_value(s) for s in row["seeds"])
+    return (_sort_value(row.get("rho")), str(row["arm"]), _sort_value(row.get("alpha")), seeds)
 
 
 def _param(value: Any) -> str:
