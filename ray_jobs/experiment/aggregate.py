@@ -31,7 +31,6 @@ SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
 SEED_TABLE_FILE = "table-by-seed.md"
 PLOT_FILE = "win_rate_vs_rho.png"
-OUTPUT_FILES = (SUMMARY_FILE, TABLE_FILE, SEED_TABLE_FILE, PLOT_FILE)
 
 _CHUNK = 1 << 20  # bootstrap index draws held in memory at once, per stratum
 
