@@ -174,6 +174,15 @@ class Client:
         """A finished job's {"data": data summary, "evaluate": evaluation report with per-sample scores}."""
         return self._request("GET", f"/v1/jobs/{job_id}/results").json()
 
+    def succeeded(self, job_id: str) -> bool:
+        """Whether this caller's job `job_id` exists and succeeded (an experiment reuses such a group leader)."""
+        try:
+            return self.get(job_id)["state"] == "succeeded"
+        except RmdistillError as err:
+            if err.status == 404:
+                return False
+            raise
+
     def run(self, spec: dict[str, Any]) -> tuple[str, str]:
         """Submit a spec and wait for it to end: (job id, final state). With `results`, a runner for experiments."""
         job = self.submit(spec)

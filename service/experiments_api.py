@@ -58,6 +58,10 @@ class _ServiceJobs:
             raise ApiError(404, f"job {job_id} not found")
         return job_results(job).model_dump()
 
+    def succeeded(self, job_id: str) -> bool:
+        job = self.state.store.get_job(job_id, self.owner)
+        return job is not None and job.state == "succeeded"
+
 
 class _Run:
     def __init__(self, thread: threading.Thread, stop: threading.Event):

@@ -88,6 +88,18 @@ def test_cli_runs_the_grid_as_jobs_and_resumes(server: Server, tmp_path: Path) -
     with server.client() as client:
         assert client.list(limit=100)["total"] == jobs_before  # nothing resubmitted
 
+    # A run resumed after its group's leader finished starts from the leader's job, not from scratch: the dpo cell
+    # cannot lead (it takes no KL samples), so without that it would refit and rescore on its own.
+    (results / "rho1-dpo-a0-s0.json").unlink()
+    third = run_cli(server, "experiment", str(spec_file), "--results", str(results))
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"(reusing {edpo['job_id']})" in third.stdout
+    redone = json.loads((results / "rho1-dpo-a0-s0.json").read_text())
+    assert redone["job_id"] != dpo["job_id"] and redone["samples"]["reference"] == dpo["samples"]["reference"]
+    with server.client() as client:
+        assert client.get(redone["job_id"])["spec"]["reuse"]["pairs"] == client.get(edpo["job_id"])["job_dir"]
+        assert client.list(limit=100)["total"] == jobs_before + 1
+
 
 def test_the_service_runs_an_experiment_over_rest(server: Server) -> None:
     with server.client() as client:

@@ -3,8 +3,9 @@
 The folder of cell files *is* the experiment's state: a cell whose file exists is done and is skipped, so a run
 stopped at any point (a crash, a Ctrl-C, the end of a session) resumes where it stopped when started again on the
 same folder, and the folder can be committed as it grows. Cells of one (ρ, seed) share the data, reward models and
-scored pairs of the first of them that runs (`reuse.pairs`); a cell whose group leader finished in an earlier run
-simply computes them again, from the same seeds.
+scored pairs of the first of them that runs (`reuse.pairs`). A resumed run starts a group from the job of a leader
+that finished earlier, while the service still holds that job; otherwise (another service, the job deleted) the
+group's first cell computes them again, from the same seeds.
 
 Jobs run one after another on purpose: cells are each sized to use the cluster, and running them in turn keeps
 their wall times comparable. The same loop runs in the CLI (jobs submitted over REST) and in the service
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ray_jobs.experiment.aggregate import write_summary
-from ray_jobs.experiment.grid import Cell, ExperimentSpec, expand, experiment_id, groups
+from ray_jobs.experiment.grid import Cell, ExperimentSpec, Group, expand, experiment_id, groups
 
 EXPERIMENT_FILE = "experiment.json"
 FAILURES_FILE = "failures.json"
@@ -35,6 +36,10 @@ class JobRunner(Protocol):
 
     def results(self, job_id: str) -> dict[str, Any]:
         """A finished job's {"data": data/summary.json, "evaluate": evaluate/report.json}."""
+        ...
+
+    def succeeded(self, job_id: str) -> bool:
+        """Whether the caller still has this job and it succeeded (False for an unknown or deleted one)."""
         ...
 
 
@@ -130,7 +135,7 @@ def run_experiment(
     todo = pending_cells(cells, folder)
     log(f"{experiment.name}: {len(cells)} cells, {len(cells) - len(todo)} already done")
     for group in groups(cells):
-        shared: str | None = None
+        shared = _earlier_leader(group, folder, runner)
         for cell in group.ordered():
             if (folder / f"{cell.id}.json").exists():
                 continue
@@ -155,6 +160,23 @@ def run_experiment(
             _write_json(folder / f"{cell.id}.json", result)
             log(f"cell {cell.id}: win rate {result['win_rate']['rate']:.3f} ({job_id})")
     return _finish(folder, cells, failures)
+
+
+def _earlier_leader(group: Group, folder: Path, runner: JobRunner) -> str | None:
+    """The job of a leader cell finished in an earlier run, if the service still holds it.
+
+    Without it a resumed group's first cell refits the reward models and rescores the pairs (on 2 CPU cores a
+    quarter of an hour) only to get what that job already has; the score stage still refuses pairs that do not
+    match the cell's spec.
+    """
+    for cell in group.ordered():
+        done = folder / f"{cell.id}.json"
+        if not (group.can_lead(cell) and done.exists()):
+            continue
+        job_id = json.loads(done.read_text(encoding="utf-8")).get("job_id")
+        if job_id and runner.succeeded(job_id):
+            return job_id
+    return None
 
 
 def _finish(folder: Path, cells: list[Cell], failures: dict[str, str]) -> dict[str, Any]:
