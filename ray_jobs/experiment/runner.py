@@ -5,7 +5,7 @@ stopped at any point (a crash, a Ctrl-C, the end of a session) resumes where it 
 same folder, and the folder can be committed as it grows. Cells of one (ρ, seed) share the data, reward models and
 scored pairs of the first of them that runs (`reuse.pairs`). A resumed run starts a group from the job of a leader
 that finished earlier, while the service still holds that job; otherwise (another service, the job deleted) the
-group's first cell computes them again, from the same seeds.
+next cell able to lead computes them again, from the same seeds, and any cell before it computes what it needs.
 
 Jobs run one after another on purpose: cells are each sized to use the cluster, and running them in turn keeps
 their wall times comparable. The same loop runs in the CLI (jobs submitted over REST) and in the service
