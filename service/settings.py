@@ -159,8 +159,9 @@ class Settings(BaseModel):
     artifacts: str | None = Field(
         None,
         description="Artifact root: a filesystem URI (s3://bucket/prefix, gs://..., any pyarrow or fsspec one) that "
-        "keeps every job's published stages, spec, event log and checkpoints (ray_jobs/artifact_store.py); job "
-        "folders are then caches, refilled from it when a file is missing. Credentials come from the environment "
+        "keeps every job's published stages, spec and event log, and a running job's checkpoints "
+        "(ray_jobs/artifact_store.py); job folders are then caches, refilled from it when a file is missing. "
+        "Credentials come from the environment "
         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...), never from here. None = job folders only.",
     )
     ray_address: str | None = Field(

@@ -185,6 +185,8 @@ def test_ray_train_run_resumes_after_a_crash_and_publishes_a_policy(
     assert [e["resumed_step"] for e in resumed] == [2]
     steps = [e["step"] for e in events if e["kind"] == "metrics" and e["stage"] == "distill"]
     assert steps == [1, 2, 3, 4]  # steps 1-2 ran once: the retry started at the checkpoint, not at 0
+    # The checkpoint the retry resumed from is gone with the rest of the run's storage once the policy is published.
+    assert not JobLayout(job).checkpoints.exists()
     last = [e for e in events if e["kind"] == "metrics"][-1]["values"]
     assert len(last["member_losses"]) == 3 and sum(last["member_argmin_counts"]) == 1
     assert "forward_kl" in last

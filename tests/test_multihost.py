@@ -232,15 +232,17 @@ def test_a_job_spreads_over_three_hosts_with_the_store_in_postgresql(tmp_path: P
         ]
         assert not [text for text in answers + files if hub["HF_TOKEN"] in text or s3.secret_key in text]
 
-        # Every stage is complete in the bucket, with the event log; the distillation workers' checkpoints, written
-        # from both worker hosts, are there and not in the job folder. The folders the members and rank 0 handed
-        # over to the driver through the bucket are gone from it.
+        # Every stage is complete in the bucket, with the event log; the distillation workers wrote their
+        # checkpoints there, not into the job folder, and they left with the run once the policy was published. The
+        # folders the members and rank 0 handed over to the driver through the bucket are gone from it.
         objects = s3.objects("multihost", f"root/jobs/{job['id']}/")
         markers = {k.rsplit("/", 1)[1].removesuffix(".complete") for k in objects if k.endswith(".complete")}
         assert markers == set(final["artifacts"]) and len(markers) == 6
         assert objects[f"root/jobs/{job['id']}/events.jsonl"] == (job_dir / "events.jsonl").read_bytes()
-        assert any("/checkpoints/distill/" in k and k.endswith("/state.pt") for k in objects)
-        assert not (job_dir / "checkpoints" / "distill").exists()
+        written = [p.split("?")[0] for m, p in s3.requests() if m in ("PUT", "POST")]
+        assert any(f"/jobs/{job['id']}/checkpoints/distill/" in p and p.endswith("/state.pt") for p in written)
+        assert not [k for k in objects if "/checkpoints/" in k]
+        assert not (job_dir / "checkpoints").exists()
         assert not [k for k in objects if "/.partial/" in k]
 
         if not separate:

@@ -329,9 +329,13 @@ class TestEmbedded:
         assert {"config.json", "rmdistill.json"} <= {k.rsplit("/", 1)[1] for k in objects if "/distill/" in k}
         assert objects[f"{prefix}/events.jsonl"] == (job_dir / "events.jsonl").read_bytes()
         assert objects[f"{prefix}/spec.json"] == (job_dir / "spec.json").read_bytes()
-        # Ray Train's checkpoints went to the bucket, not into the job folder.
-        assert any(k.startswith(f"{prefix}/checkpoints/distill/") and k.endswith("/state.pt") for k in objects)
-        assert not (job_dir / "checkpoints" / "distill").exists()
+        # Ray Train's checkpoints went to the bucket, not into the job folder, and left it once the policy was
+        # published.
+        written = [p.split("?")[0] for m, p in s3.requests() if m in ("PUT", "POST")]
+        assert any(p.startswith(f"/svc-artifacts/{prefix}/checkpoints/distill/") for p in written)
+        assert any(p.endswith("/state.pt") for p in written if "/checkpoints/distill/" in p)
+        assert not [k for k in objects if "/checkpoints/" in k]
+        assert not (job_dir / "checkpoints").exists()
         uploads = [e.get("message", "") for e in completed["events"] if e.get("message", "").startswith("uploaded ")]
         assert sorted(uploads) == sorted(f"uploaded {s}/ to s3://svc-artifacts/root" for s in job["artifacts"])
         with embedded.client() as client:

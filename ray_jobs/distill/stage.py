@@ -5,7 +5,9 @@ workers read the pairs (and the reference samples when alpha > 0) as Ray Data sh
 ``<job>/checkpoints/`` (outside staging, so they survive a crash), or under the job in the artifact root when
 ``RMDISTILL_ARTIFACTS`` sets one (every worker node reaches it, and a resume on another node finds them): Ray
 Train restarts failed workers up to ``distill.max_failures`` times from the newest one, and a re-run of the stage
-with the same job folder restores the run by its name. FSDP comes from
+with the same job folder restores the run by its name. Once the policy is published the checkpoints are deleted:
+nothing reads them after, and a 135M policy's two kept checkpoints (weights and AdamW state) are 1.5 GB a job,
+which filled a disk halfway through the robustness grid. FSDP comes from
 `ray.train.torch.prepare_model(parallel_strategy="fsdp")`.
 """
 
@@ -16,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.artifact_store import dataset_source, run_storage
+from ray_jobs.artifact_store import dataset_source, remove_run_storage, run_storage
 from ray_jobs.cluster import current_resources, distill_worker_cpus
 from ray_jobs.distill.card import write_policy_card
 from ray_jobs.distill.data import PairsError, keep_labelled, read_pairs, read_ref_samples
@@ -125,4 +127,5 @@ def run(spec: JobSpec, job_dir: str | Path, events: EventLog) -> dict[str, Any]:
         take_over(layout, out)  # rank 0 trained on another node
         info = json.loads((out / layout.policy_info.name).read_text(encoding="utf-8"))
         write_policy_card(layout, out)
+    remove_run_storage(layout, layout.checkpoints)
     return {"policy": str(layout.policy), "pairs": rows, "steps": info["steps"], "final_metrics": info["final_metrics"]}
